@@ -1,0 +1,67 @@
+"""fiber-plugins: sample what a model does not see.
+
+For a representation phi of a subject model (neuron, channel, SAE feature, logits, embedding) and a
+reference image x*, sample diverse natural images x with phi(x) = phi(x*) (the *fiber*) by guiding a
+pretrained diffusers prior with the fiber loss d(phi(x), phi(x*)).
+
+Quick start::
+
+    import fiber_plugins as fp
+    prior = fp.load_prior("path/to/diffusers-folder")
+    objective = fp.FiberObjective(model, layer="layer4", index=7, reduction="spatial_mean")
+    result = fp.NDTMSampler(prior, objective, num_steps=50, inner_steps=4).sample(
+        references=["cat.png"], n=8)
+    result.save("runs/cat")
+"""
+
+from __future__ import annotations
+
+from .objectives import IDENTITY, FiberObjective, Preprocess, WeightedSum
+from .priors import DiffusionPrior, load_prior
+from .samplers import FiberResult, GuidanceSchedule, NDTMConfig, NDTMSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FiberObjective",
+    "WeightedSum",
+    "Preprocess",
+    "IDENTITY",
+    "DiffusionPrior",
+    "load_prior",
+    "NDTMSampler",
+    "NDTMConfig",
+    "GuidanceSchedule",
+    "FiberResult",
+    "sample_fiber",
+    "__version__",
+]
+
+
+def sample_fiber(
+    prior,
+    objective: FiberObjective,
+    references=None,
+    targets=None,
+    n: int = 4,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **ndtm_settings,
+) -> FiberResult:
+    """One call: NDTM fiber samples of ``objective`` for each reference (or explicit target).
+
+    ``prior`` is a :class:`DiffusionPrior` or anything :func:`load_prior` accepts;
+    ``ndtm_settings`` are :class:`NDTMConfig` fields (num_steps, inner_steps, guidance, ...).
+    """
+    if not isinstance(prior, DiffusionPrior):
+        prior = load_prior(prior)
+    sampler = NDTMSampler(prior, objective, NDTMConfig.from_dict(ndtm_settings))
+    return sampler.sample(
+        references=references,
+        targets=targets,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -1,0 +1,64 @@
+"""Small helpers shared across the package: lazy toolkit imports, name suggestions, seeding."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Iterable
+from types import ModuleType
+
+import torch
+
+# toolkit module -> pip extra that installs it
+_EXTRAS = {
+    "captum": "captum",
+    "zennit": "zennit",
+    "crp": "zennit",
+    "vit_prisma": "prisma",
+    "transformer_lens": "lens",
+    "timm": "timm",
+    "torchmetrics": "metrics",
+    "scipy": "metrics",
+    "matplotlib": "metrics",
+    "mlxtend": "data",
+}
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional toolkit, or raise an ImportError that names the pip extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        top = module.split(".")[0]
+        extra = _EXTRAS.get(top)
+        hint = f"pip install 'fiber-plugins[{extra}]'" if extra else f"pip install {top}"
+        raise ImportError(f"{module!r} is not installed; install it with: {hint}") from err
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """A short 'did you mean' fragment for an unknown name (empty string if nothing is close)."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.4)
+    if not close:
+        # fall back to names that share the prefix up to the first dot
+        head = name.split(".")[0]
+        close = [c for c in choices if c.startswith(head)][:n]
+    return f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+
+
+def row_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator for one (reference, sample) row: results do not depend on batch size."""
+    g = torch.Generator(device="cpu")
+    h = int(seed) & 0xFFFFFFFF
+    for k in keys:
+        h = (h * 1_000_003 + int(k) + 0x9E3779B9) & 0x7FFFFFFFFFFFFFFF
+    g.manual_seed(h)
+    return g
+
+
+def randn_rows(
+    generators: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float32
+) -> torch.Tensor:
+    """Stack one standard-normal draw of `shape` per generator: (len(generators), *shape)."""
+    out = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    return out.to(device=device, dtype=dtype)

@@ -1,0 +1,1 @@
+"""The ``fiber-plugins`` command line."""

@@ -1,0 +1,198 @@
+"""``fiber-plugins``: sample, info, demo, train.
+
+User errors (bad names, paths, shapes) print one line ``fiber-plugins: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)
+
+
+def _load_prior(spec: str, device: str | None):
+    from ..priors import load_prior
+
+    if spec.startswith("zoo:"):
+        from .. import zoo
+
+        return zoo.load(spec[4:], device=device)
+    return load_prior(spec, device=device)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _guidance(args):
+    from ..samplers import GuidanceSchedule
+
+    low, high = args.interval
+    return GuidanceSchedule(
+        kind=args.schedule, strength=args.guidance, low=low, high=high, final=args.final_guidance
+    )
+
+
+def cmd_sample(args) -> int:
+    from ..objectives.spec import objective_from_spec
+    from ..samplers import NDTMConfig, NDTMSampler
+    from .subjects import load_subject
+
+    device = _device(args.device)
+    model, pre = load_subject(args.subject, args.weights)
+    prior = _load_prior(args.prior, device)
+    model.to(device)
+    objective = objective_from_spec(model, args.target, preprocess=pre, distance=args.distance)
+    config = NDTMConfig(
+        num_steps=args.steps,
+        inner_steps=args.inner_steps,
+        guidance=_guidance(args),
+        lr_start=args.lr[0],
+        lr_end=args.lr[1],
+        kappa=args.kappa,
+        tau=args.tau,
+        eta=args.eta,
+        target=args.target_mode,
+        autocast=args.bf16,
+    )
+    result = NDTMSampler(prior, objective, config).sample(
+        references=args.reference, n=args.n, seed=args.seed, batch_size=args.batch_size
+    )
+    out = result.save(args.out)
+    print(result.summary())
+    print(f"wrote {out / 'grid.png'}, {out / 'samples.safetensors'}, {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from .. import __version__
+
+    print(f"fiber-plugins {__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}")
+    for pkg in ("diffusers", "captum", "zennit", "zennit-crp", "vit-prisma", "transformer-lens", "timm", "torchmetrics"):
+        try:
+            ver = md.version(pkg)
+        except md.PackageNotFoundError:
+            ver = "not installed"
+        print(f"  {pkg:18s} {ver}")
+    if torch.cuda.is_available():
+        print(f"device: cuda ({torch.cuda.get_device_name(0)})")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    out = run_demo(args.out, n=args.n, steps=args.steps, seed=args.seed, device=_device(args.device))
+    print(f"wrote {out / 'report.html'} and {out / 'grid.png'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..zoo import training
+
+    root = Path(args.out) if args.out else None
+    default = Path(__file__).resolve().parents[1] / "assets" / "color_mnist"
+    folder = {"prior": "prior", "prior-ood": "prior_ood", "autoencoder": "autoencoder", "classifier": "classifier"}[args.model]
+    out = root or default / folder
+    kw = {"seed": args.seed, "device": args.device}
+    if args.steps:
+        kw["steps"] = args.steps
+    if args.model in ("prior", "prior-ood"):
+        meta = training.train_prior(out, ood=args.model == "prior-ood", **kw)
+    elif args.model == "autoencoder":
+        meta = training.train_autoencoder(out, **kw)
+    else:
+        meta = training.train_classifier(out, **kw)
+    print({k: v for k, v in meta.items() if not isinstance(v, dict)})
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fiber-plugins",
+        description="Sample what a model does not see: images on the fiber phi(x) = phi(x*).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="NDTM fiber samples of a subject model for a reference image")
+    s.add_argument("--subject", required=True, help="timm:NAME | module:pkg.mod:factory | zoo:NAME")
+    s.add_argument("--weights", help="local weights file for the subject (safetensors or torch)")
+    s.add_argument(
+        "--target",
+        default="logits",
+        help="logits | logits:INDEX | layer:NAME | layer:NAME:CHANNEL | embedding",
+    )
+    s.add_argument("--prior", required=True, help="diffusers folder, Hub id, or zoo:NAME")
+    s.add_argument("--reference", required=True, nargs="+", help="reference image file(s)")
+    s.add_argument("-n", type=int, default=4, help="samples per reference")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps T")
+    s.add_argument("--inner-steps", type=int, default=4, help="NDTM inner Adam steps N")
+    s.add_argument("--guidance", type=float, default=1.0, help="guidance strength gamma")
+    s.add_argument("--schedule", default="constant", choices=["constant", "interval", "ramp"])
+    s.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    s.add_argument("--final-guidance", type=float, default=None)
+    s.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.01), metavar=("START", "END"))
+    s.add_argument("--kappa", type=float, default=1e-4)
+    s.add_argument("--tau", type=float, default=0.0)
+    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--distance", default="l2", choices=["l2", "l1", "cosine", "kl"])
+    s.add_argument("--target-mode", default="static", choices=["static", "reapprox"])
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="runs/fiber", help="output folder")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("info", help="versions and device")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="offline demo on the shipped Color-MNIST models")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("-n", type=int, default=4)
+    d.add_argument("--steps", type=int, default=25)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a shipped Color-MNIST model (seeded, reproducible)")
+    t.add_argument("model", choices=["prior", "prior-ood", "autoencoder", "classifier"])
+    t.add_argument("--out", default=None, help="output folder (default: the package's assets)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"fiber-plugins: error: {msg}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fiber-plugins: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

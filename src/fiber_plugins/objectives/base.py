@@ -1,0 +1,351 @@
+"""`FiberObjective`: the one central abstraction.
+
+An objective maps a batch of images in the prior's image space ([-1, 1], (B, C, H, W)) to
+features phi(x) of shape (B, K), compares them with a target y* = phi(x*) by a distance d, and
+returns one fiber loss per sample. Samplers only call :meth:`FiberObjective.loss` inside
+:meth:`FiberObjective.attached`; adapters only build objectives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import suggest
+from .distances import Distance, get_distance
+from .preprocess import Preprocess, as_preprocess
+from .selection import Index, check_reduction, reduce, select
+
+Target = Any  # a (B, K) tensor for a single objective, a tuple of them for a sum
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to skip the rest of the subject model (its output is unused)."""
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """Look up a submodule by dotted name, with a 'closest names' hint when it does not exist."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise KeyError(
+            f"unknown layer {name!r} in {type(model).__name__}{suggest(name, [n for n in modules if n])}"
+        )
+    return modules[name]
+
+
+class FiberObjective:
+    """phi(x) from a callable, a model's output, or a model's layer, plus target and distance.
+
+    Parameters
+    ----------
+    subject:
+        An ``nn.Module`` (the subject model) or any callable ``f(x) -> Tensor``.
+    layer:
+        For a module subject: a dotted submodule name (``"layer4.1"``) or the submodule itself.
+        Its output (or input, with ``capture="input"``) is recorded with a forward hook;
+        ``None`` uses the model's output.
+    index:
+        Selection after the reduction: int / list of ints (channels), slice, tuple (one index per
+        non-batch dimension) or a callable.
+    reduction:
+        'none', 'spatial_mean', 'spatial_max', 'cls', 'token_mean', 'token_max'.
+    distance:
+        'l2' (squared L2 summed per sample, the paper's Eq. 3), 'l1', 'cosine', 'kl' or a callable
+        ``d(features, target) -> (B,)``.
+    preprocess:
+        :class:`Preprocess` from the prior's space into the subject's input (default: [-1, 1] ->
+        [0, 1], same size). Pass ``IDENTITY`` to feed [-1, 1] images unchanged.
+    name:
+        Label used in logs and reports.
+
+    Examples
+    --------
+    >>> obj = FiberObjective(resnet, layer="layer4", index=1656, reduction="spatial_mean")  # doctest: +SKIP
+    >>> y_star = obj.target(reference)            # (1, K)
+    >>> with obj.attached():
+    ...     loss = obj.loss(images, y_star)      # (B,)
+    """
+
+    def __init__(
+        self,
+        subject: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+        layer: str | nn.Module | None = None,
+        index: Index = None,
+        reduction: str = "none",
+        distance: str | Distance = "l2",
+        preprocess: Preprocess | dict | None = None,
+        capture: str = "output",
+        name: str | None = None,
+    ):
+        if not callable(subject):
+            raise TypeError(
+                f"subject must be an nn.Module or a callable, got {type(subject).__name__}"
+            )
+        if capture not in ("output", "input"):
+            raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+        self.subject = subject
+        self.model = subject if isinstance(subject, nn.Module) else None
+        if layer is not None and self.model is None:
+            raise TypeError("layer= needs an nn.Module subject, not a plain callable")
+        self.layer_name: str | None = None
+        self.layer: nn.Module | None = None
+        if isinstance(layer, str):
+            self.layer_name = layer
+            self.layer = find_module(self.model, layer)
+        elif isinstance(layer, nn.Module):
+            names = {id(m): n for n, m in self.model.named_modules()}
+            if id(layer) not in names:
+                raise ValueError(f"layer {type(layer).__name__} is not a submodule of the subject")
+            self.layer, self.layer_name = layer, names[id(layer)]
+        elif layer is not None:
+            raise TypeError(f"layer must be a name or a module, got {type(layer).__name__}")
+        self.index = index
+        self.reduction = check_reduction(reduction)
+        self.distance_name = distance if isinstance(distance, str) else getattr(
+            distance, "__name__", "custom"
+        )
+        self.distance = get_distance(distance)
+        self.preprocess = as_preprocess(preprocess)
+        self.capture = capture
+        self.name = name or self._default_name()
+        self._depth = 0
+        self._handle = None
+        self._saved: list = []
+        self._value: torch.Tensor | None = None
+        self._capturing = False
+
+    def _default_name(self) -> str:
+        base = type(self.subject).__name__ if self.model is not None else getattr(
+            self.subject, "__name__", "phi"
+        )
+        if self.layer_name is not None:
+            base += f":{self.layer_name}" + (":input" if self.capture == "input" else "")
+        if self.index is not None and not callable(self.index):
+            base += f"[{self.index}]"
+        return base
+
+    @property
+    def where(self) -> str:
+        return f"layer {self.layer_name!r}" if self.layer_name is not None else "the output"
+
+    # ------------------------------------------------------------------ hooks and model state
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[FiberObjective]:
+        """Install the capture hook and put the model in eval mode without parameter gradients.
+
+        Everything is undone in ``finally``: the hook is removed and each module's train/eval flag
+        and each parameter's ``requires_grad`` are restored, also when the body raises.
+        Re-entrant: nested uses install once.
+        """
+        if self.model is None or self._depth > 0:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._depth += 1
+        try:
+            if model.training:
+                warnings.warn(
+                    f"{type(model).__name__} is in train mode; sampling runs it in eval mode "
+                    "(dropout off, batch-norm statistics frozen) and restores train mode after",
+                    stacklevel=3,
+                )
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)
+            if self.layer is not None:
+                if self.capture == "input":
+                    self._handle = self.layer.register_forward_pre_hook(self._pre_hook)
+                else:
+                    self._handle = self.layer.register_forward_hook(self._hook)
+            yield self
+        finally:
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
+            for m, mode in modes:
+                m.training = mode
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self._value = None
+            self._depth -= 1
+
+    # the hooks act only while this objective runs its own forward, so several objectives can be
+    # attached to one model at once (a weighted sum of layers)
+    def _hook(self, module, args, output):
+        if self._capturing:
+            self._value = output[0] if isinstance(output, (tuple, list)) else output
+            raise _StopForward
+
+    def _pre_hook(self, module, args):
+        if self._capturing:
+            self._value = args[0] if isinstance(args, (tuple, list)) else args
+            raise _StopForward
+
+    # ------------------------------------------------------------------ phi
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw activation (before reduction/selection) for prior-space images ``x``."""
+        with self.attached():
+            inp = self.preprocess(x)
+            if self.layer is None:
+                out = self.subject(inp)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                elif hasattr(out, "logits"):
+                    out = out.logits
+            else:
+                self._value = None
+                self._capturing = True
+                try:
+                    self.subject(inp)
+                except _StopForward:
+                    pass
+                finally:
+                    self._capturing = False
+                out, self._value = self._value, None
+                if out is None:
+                    raise RuntimeError(
+                        f"{self.where} was not called during the forward pass of "
+                        f"{type(self.subject).__name__}; pick a layer on the path to the output"
+                    )
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"phi must return a tensor, got {type(out).__name__}")
+            return out
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x): (B, K) features of prior-space images x (B, C, H, W) in [-1, 1]."""
+        act = self.activation(x)
+        if act.dim() == 0 or act.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"phi returned shape {tuple(act.shape)} for a batch of {x.shape[0]} images; "
+                "it must keep the batch dimension first"
+            )
+        act = reduce(act, self.reduction, self.where)
+        act = select(act, self.index, self.where)
+        return act.reshape(act.shape[0], -1).float()
+
+    def target(self, reference: torch.Tensor) -> torch.Tensor:
+        """y* = phi(x*) for reference images (R, C, H, W) in the prior's space; no gradient."""
+        with torch.no_grad():
+            return self.features(reference).detach()
+
+    def check_target(self, target: torch.Tensor, width: int) -> torch.Tensor:
+        """Validate an explicit target against the feature width and return it as (R, K)."""
+        t = torch.as_tensor(target, dtype=torch.float32)
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if t.dim() != 2 or t.shape[1] != width:
+            raise ValueError(
+                f"target has shape {tuple(t.shape)} but {self.name} gives {width} features per "
+                f"image; pass a ({width},) or (R, {width}) tensor"
+            )
+        return t
+
+    def loss(self, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """Fiber loss d(phi(x), y*) per sample: (B,). ``target`` is (B, K) or (1, K)."""
+        return self.distance(self.features(x), target)
+
+    def distance_between(self, features, target) -> torch.Tensor:
+        return self.distance(features, target)
+
+    # ------------------------------------------------------------------ composition
+    def terms(self) -> list[tuple[float, FiberObjective]]:
+        return [(1.0, self)]
+
+    def __mul__(self, weight: float) -> WeightedSum:
+        return WeightedSum([(float(weight) * w, o) for w, o in self.terms()])
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: FiberObjective) -> WeightedSum:
+        if not isinstance(other, FiberObjective):
+            return NotImplemented
+        return WeightedSum(self.terms() + other.terms())
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "layer": self.layer_name,
+            "capture": self.capture,
+            "index": None if self.index is None or callable(self.index) else repr(self.index),
+            "reduction": self.reduction,
+            "distance": self.distance_name,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+    def __repr__(self) -> str:
+        return f"FiberObjective({self.name!r}, reduction={self.reduction!r}, distance={self.distance_name!r})"
+
+
+class WeightedSum(FiberObjective):
+    """sum_i w_i d_i(phi_i(x), y*_i): built with ``2.0 * obj_a + obj_b``. Targets are tuples."""
+
+    def __init__(self, terms: list[tuple[float, FiberObjective]]):
+        if not terms:
+            raise ValueError("a weighted sum needs at least one objective")
+        self._terms = list(terms)
+        self.name = " + ".join(f"{w:g}*{o.name}" for w, o in self._terms)
+
+    def terms(self) -> list[tuple[float, FiberObjective]]:
+        return list(self._terms)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[WeightedSum]:
+        with contextlib.ExitStack() as stack:
+            for _, o in self._terms:
+                stack.enter_context(o.attached())
+            yield self
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(o.features(x) for _, o in self._terms)
+
+    def target(self, reference: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(o.target(reference) for _, o in self._terms)
+
+    def check_target(self, target, width) -> tuple[torch.Tensor, ...]:
+        if not isinstance(target, (tuple, list)) or len(target) != len(self._terms):
+            raise ValueError(
+                f"a sum of {len(self._terms)} objectives needs a tuple of {len(self._terms)} targets"
+            )
+        return tuple(o.check_target(t, w) for (_, o), t, w in zip(self._terms, target, width))
+
+    def loss(self, x: torch.Tensor, target) -> torch.Tensor:
+        return self.distance_between(self.features(x), target)
+
+    def distance_between(self, features, target) -> torch.Tensor:
+        return sum(w * o.distance(f, t) for (w, o), f, t in zip(self._terms, features, target))
+
+    def describe(self) -> dict:
+        return {"sum": [{"weight": w, **o.describe()} for w, o in self._terms]}
+
+    def __repr__(self) -> str:
+        return f"WeightedSum({self.name!r})"
+
+
+def target_rows(target, rows: torch.Tensor):
+    """Index the reference dimension of a target (tensor or tuple) by ``rows``."""
+    if isinstance(target, tuple):
+        return tuple(t[rows] for t in target)
+    return target[rows]
+
+
+def target_width(target):
+    if isinstance(target, tuple):
+        return tuple(t.shape[-1] for t in target)
+    return target.shape[-1]
+
+
+def target_to(target, device):
+    if isinstance(target, tuple):
+        return tuple(t.to(device) for t in target)
+    return target.to(device)

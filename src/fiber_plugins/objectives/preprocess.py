@@ -1,0 +1,107 @@
+"""Map images from the prior's space ([-1, 1], its size) into a subject model's input space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+_MODES = ("bilinear", "bicubic", "nearest", "area")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Differentiable preprocessing: [-1, 1] -> resize -> value range -> (x - mean) / std.
+
+    Parameters
+    ----------
+    size:
+        Subject input size (int or (H, W)); ``None`` keeps the prior's size.
+    value_range:
+        Range the subject expects before normalisation, e.g. (0, 1) for torchvision/timm models,
+        (-1, 1) for models trained on [-1, 1] inputs, (0, 255) for raw pixels.
+    mean, std:
+        Per-channel normalisation applied after the value range (timm's ``resolve_data_config``).
+    channels:
+        Number of channels the subject expects; 1 averages RGB to grey, 3 repeats a grey image.
+    interpolation:
+        One of 'bilinear', 'bicubic', 'nearest', 'area'; antialiased when shrinking.
+    """
+
+    size: int | tuple[int, int] | None = None
+    value_range: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    channels: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.interpolation not in _MODES:
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; choose one of {list(_MODES)}"
+            )
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        x = (x + 1.0) * 0.5
+        if self.channels is not None and x.shape[1] != self.channels:
+            if self.channels == 1:
+                x = x.mean(1, keepdim=True)
+            elif x.shape[1] == 1:
+                x = x.expand(-1, self.channels, -1, -1)
+            else:
+                raise ValueError(f"cannot map {x.shape[1]} channels to {self.channels}")
+        if self.size is not None:
+            size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+            if tuple(x.shape[-2:]) != size:
+                shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+                kw = {}
+                if self.interpolation in ("bilinear", "bicubic"):
+                    kw = {"align_corners": False, "antialias": shrink}
+                x = F.interpolate(x, size=size, mode=self.interpolation, **kw)
+        lo, hi = self.value_range
+        if (lo, hi) != (0.0, 1.0):
+            x = lo + (hi - lo) * x
+        if self.mean is not None:
+            mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_timm(cls, model) -> Preprocess:
+        """Input size, interpolation and mean/std from ``timm.data.resolve_data_config``."""
+        from .._utils import require
+
+        timm_data = require("timm.data")
+        cfg = timm_data.resolve_data_config({}, model=model)
+        interp = cfg.get("interpolation", "bilinear")
+        return cls(
+            size=tuple(cfg["input_size"][-2:]),
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=interp if interp in _MODES else "bilinear",
+        )
+
+
+IDENTITY = Preprocess(value_range=(-1.0, 1.0))
+
+
+def as_preprocess(p: Preprocess | dict | Sequence | None) -> Preprocess:
+    if p is None:
+        return Preprocess()
+    if isinstance(p, Preprocess):
+        return p
+    if isinstance(p, dict):
+        return Preprocess(**p)
+    raise TypeError(f"preprocess must be a Preprocess or dict, got {type(p).__name__}")

@@ -1,0 +1,213 @@
+"""`DiffusionPrior`: what a guided sampler needs from a pretrained diffusers model.
+
+A prior is three parts: a *denoiser* (UNet2DModel, UNet2DConditionModel with a fixed empty
+conditioning, or DiTTransformer2DModel with the null class), a *schedule* (DDPM-family or flow
+matching, see :mod:`fiber_plugins.priors.schedules`) and an optional *VAE* for latent priors.
+No diffusers pipeline is used: pipelines run under ``no_grad`` and schedulers step statefully,
+while guidance differentiates through the network and revisits the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .schedules import DDPMSchedule, FlowSchedule, Step, ddim_update, split_prediction
+
+DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
+class DiffusionPrior:
+    """A pretrained diffusion or flow-matching prior, used functionally.
+
+    Parameters
+    ----------
+    denoiser:
+        ``UNet2DModel``, ``UNet2DConditionModel`` or ``DiTTransformer2DModel``.
+    scheduler:
+        A diffusers scheduler or its config dict (as in ``scheduler_config.json``); a
+        ``FlowMatch*`` scheduler selects the flow-matching schedule, any other the DDPM/DDIM one.
+        Only its config is used (spacing, offsets, shifts); stepping is done functionally.
+    vae:
+        ``AutoencoderKL`` for latent priors, ``None`` for pixel priors.
+    conditioning:
+        For ``UNet2DConditionModel``: the fixed (1, seq, dim) encoder hidden states, e.g. the
+        text encoder's embedding of the empty prompt. Zeros when not given.
+    class_label:
+        For DiT: the class fed to the transformer; default its null class (unconditional).
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        scheduler,
+        vae: nn.Module | None = None,
+        conditioning: torch.Tensor | None = None,
+        class_label: int | None = None,
+    ):
+        name = type(denoiser).__name__
+        if name not in DENOISERS:
+            raise TypeError(f"unsupported denoiser {name}; supported: {list(DENOISERS)}")
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        if hasattr(scheduler, "config"):
+            scheduler_config = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
+        else:
+            scheduler_config = dict(scheduler)
+        cls = str(scheduler_config.get("_class_name", ""))
+        self.schedule = (
+            FlowSchedule(scheduler_config)
+            if cls.startswith("FlowMatch")
+            else DDPMSchedule(scheduler_config)
+        )
+        self.denoiser_type = name
+        cfg = denoiser.config
+        self.latent_channels = int(cfg.in_channels)
+        size = cfg.sample_size
+        self.latent_size = tuple(size) if isinstance(size, (list, tuple)) else (int(size),) * 2
+        self._out_channels = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        self.conditioning = None
+        if name == "UNet2DConditionModel":
+            if conditioning is None:
+                dim = cfg.cross_attention_dim
+                dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+                conditioning = torch.zeros(1, 1, int(dim))
+            self.conditioning = conditioning
+        self.class_label = None
+        if name == "DiTTransformer2DModel":
+            self.class_label = int(
+                cfg.num_embeds_ada_norm if class_label is None else class_label
+            )
+        if self.vae is not None:
+            vcfg = self.vae.config
+            self.scaling_factor = float(getattr(vcfg, "scaling_factor", 1.0) or 1.0)
+            self.shift_factor = float(getattr(vcfg, "shift_factor", 0.0) or 0.0)
+            factor = 2 ** (len(vcfg.block_out_channels) - 1)
+            self.image_size = tuple(s * factor for s in self.latent_size)
+            self.image_channels = int(vcfg.out_channels)
+        else:
+            self.image_size = self.latent_size
+            self.image_channels = self.latent_channels
+
+    # ------------------------------------------------------------------ description
+    @property
+    def kind(self) -> str:
+        """'pixel', 'latent', 'flow' (pixel flow matching) or 'latent-flow'."""
+        flow = self.schedule.family == "flow"
+        if self.vae is None:
+            return "flow" if flow else "pixel"
+        return "latent-flow" if flow else "latent"
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, *self.latent_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> DiffusionPrior:
+        self.denoiser.to(device=device, dtype=dtype)
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=dtype)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionPrior(kind={self.kind!r}, denoiser={self.denoiser_type}, "
+            f"prediction={self.schedule.prediction_type!r}, image={self.image_channels}x"
+            f"{self.image_size[0]}x{self.image_size[1]}, latent={self.latent_shape})"
+        )
+
+    # ------------------------------------------------------------------ the sampler's interface
+    def timesteps(self, num_steps: int) -> list[Step]:
+        """The sampling grid: ``num_steps`` transitions from pure noise to data."""
+        return self.schedule.grid(num_steps)
+
+    def model_output(self, x: torch.Tensor, step: Step | float) -> torch.Tensor:
+        """The raw network output at (x_t, t): epsilon, v, x0 or velocity, per the config."""
+        t = step.timestep if isinstance(step, Step) else float(step)
+        b = x.shape[0]
+        if self.schedule.family == "flow":
+            tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
+        else:
+            tt = torch.full((b,), int(round(t)), device=x.device, dtype=torch.long)
+        if self.denoiser_type == "UNet2DModel":
+            out = self.denoiser(x, tt).sample
+        elif self.denoiser_type == "UNet2DConditionModel":
+            ctx = self.conditioning.to(device=x.device, dtype=x.dtype).expand(b, -1, -1)
+            out = self.denoiser(x, tt, encoder_hidden_states=ctx).sample
+        else:
+            labels = torch.full((b,), self.class_label, device=x.device, dtype=torch.long)
+            out = self.denoiser(x, timestep=tt, class_labels=labels).sample
+        if out.shape[1] == 2 * self.latent_channels:  # learned-variance models (DiT, ADM)
+            out = out[:, : self.latent_channels]
+        return out
+
+    def predict(
+        self, x: torch.Tensor, step: Step, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat): the noise estimate and Tweedie's estimate of the clean latent."""
+        if out is None:
+            out = self.model_output(x, step)
+        return split_prediction(out, x, step.a_t, step.s_t, self.schedule.prediction_type)
+
+    def update(
+        self,
+        x0_hat: torch.Tensor,
+        eps_hat: torch.Tensor,
+        step: Step,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One DDIM (eta=0) / DDPM-like (eta=1) / Euler (flow) update x_t -> x_s, functionally."""
+        if self.schedule.clip_sample:
+            r = self.schedule.clip_sample_range
+            x0_hat = x0_hat.clamp(-r, r)
+        return ddim_update(x0_hat, eps_hat, step, eta=eta, noise=noise)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step: Step | float) -> torch.Tensor:
+        """Sample q(x_t | x0) = a_t x0 + s_t eps with the given eps."""
+        if isinstance(step, Step):
+            a, s = step.a_t, step.s_t
+        else:
+            a, s = self.schedule.coefficients(step)
+        return a * x0 + s * noise
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent -> image in [-1, 1] (identity for pixel priors). Differentiable."""
+        if self.vae is None:
+            return z
+        z = z / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z).sample
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> latent (the posterior mean; identity for pixel priors)."""
+        if self.vae is None:
+            return image
+        z = self.vae.encode(image).latent_dist.mean
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def sample_unguided(
+        self,
+        noise: torch.Tensor,
+        num_steps: int = 50,
+        eta: float = 0.0,
+        step_noises: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Plain sampling from x_T = noise; returns images in [-1, 1]."""
+        x = noise
+        with torch.no_grad():
+            for i, step in enumerate(self.timesteps(num_steps)):
+                eps, x0 = self.predict(x, step)
+                z = step_noises[i] if step_noises is not None else None
+                if eta > 0 and z is None:
+                    z = torch.randn_like(x)
+                x = self.update(x0, eps, step, eta=eta, noise=z)
+            return self.decode(x)

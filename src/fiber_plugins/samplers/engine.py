@@ -1,0 +1,268 @@
+"""The shared sampling engine: references -> targets, batching, seeds, progress, failures.
+
+Every sampler subclasses :class:`FiberSampler` and implements only :meth:`FiberSampler.run_batch`
+(its algorithm on one batch of rows). The engine owns everything else, so all samplers share the
+same result type, batching of many references x many samples, per-row seeding (results do not
+depend on the batch size), progress bars, non-finite handling and out-of-memory back-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._utils import randn_rows, row_generator
+from ..objectives.base import FiberObjective, target_rows, target_to, target_width
+from ..priors.prior import DiffusionPrior
+from .result import FiberResult
+
+
+def load_image(source, size: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+    """An image path / PIL image / tensor -> (C, H, W) float in [0, 1], resized to ``size``."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference image {str(path)!r} does not exist")
+        try:
+            source = Image.open(path)
+            source.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(
+                f"cannot read reference image {str(path)!r} ({type(err).__name__}); "
+                "give a PNG/JPEG file"
+            ) from None
+    if isinstance(source, Image.Image):
+        source = source.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(source, dtype=np.float32) / 255.0
+        t = torch.from_numpy(arr)
+        t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    elif isinstance(source, torch.Tensor):
+        t = source.detach().float().cpu()
+        if t.dim() != 3:
+            raise ValueError(f"a reference tensor must be (C, H, W), got {tuple(t.shape)}")
+        if t.min() < -1e-3 or t.max() > 1 + 1e-3:
+            raise ValueError(
+                f"reference tensors must be in [0, 1], got values in [{t.min():.3g}, {t.max():.3g}]"
+            )
+    else:
+        raise TypeError(f"cannot use {type(source).__name__} as a reference image")
+    if t.shape[0] != channels:
+        if t.shape[0] == 1:
+            t = t.expand(channels, -1, -1)
+        elif channels == 1:
+            t = t.mean(0, keepdim=True)
+        else:
+            raise ValueError(f"reference has {t.shape[0]} channels, the prior makes {channels}")
+    if size is not None and tuple(t.shape[-2:]) != tuple(size):
+        t = torch.nn.functional.interpolate(
+            t[None], size=size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
+    return t.clamp(0, 1)
+
+
+def as_reference_batch(references, size, channels) -> torch.Tensor:
+    if isinstance(references, torch.Tensor) and references.dim() == 4:
+        return torch.stack([load_image(r, size, channels) for r in references])
+    if isinstance(references, (list, tuple)):
+        return torch.stack([load_image(r, size, channels) for r in references])
+    return load_image(references, size, channels)[None]
+
+
+@dataclass
+class Batch:
+    """What an algorithm sees for one batch of rows (one row = one reference x one sample)."""
+
+    rows: list[tuple[int, int]]
+    generators: list[torch.Generator]
+    x_T: torch.Tensor  # (B, *latent) initial noise
+    target: object  # (B, K) tensor or tuple of them: the static target y*
+    ref_latent: torch.Tensor | None  # (B, *latent) encoded reference, for re-approximated targets
+    alive: torch.Tensor  # (B,) bool, cleared when a sample hits a non-finite value
+
+    def step_noise(self, like: torch.Tensor) -> torch.Tensor:
+        return randn_rows(self.generators, tuple(like.shape[1:]), like.device, like.dtype)
+
+
+class FiberSampler:
+    """Base class: run an algorithm over references x samples and collect a :class:`FiberResult`."""
+
+    name = "base"
+
+    def __init__(self, prior: DiffusionPrior, objective: FiberObjective, config):
+        if not isinstance(prior, DiffusionPrior):
+            raise TypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
+        if not isinstance(objective, FiberObjective):
+            raise TypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
+        self.prior = prior
+        self.objective = objective
+        self.config = config
+
+    # ------------------------------------------------------------------ to implement
+    def run_batch(self, batch: Batch, progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (final images in [-1, 1] (B, C, H, W), loss trace (B, T))."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def num_trace_steps(self) -> int:
+        return self.config.num_steps
+
+    # ------------------------------------------------------------------ shared helpers
+    @property
+    def device(self) -> torch.device:
+        return self.prior.device
+
+    def autocast(self):
+        if getattr(self.config, "autocast", False) and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def fiber_loss(self, images: torch.Tensor, target) -> torch.Tensor:
+        """d(phi(images), y*) per sample in fp32."""
+        with self.autocast():
+            feats = self.objective.features(images)
+        feats = tuple(f.float() for f in feats) if isinstance(feats, tuple) else feats.float()
+        return self.objective.distance_between(feats, target).float()
+
+    # ------------------------------------------------------------------ the public call
+    def sample(
+        self,
+        references=None,
+        targets=None,
+        n: int = 4,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> FiberResult:
+        """Sample ``n`` fiber samples for each reference (or explicit target).
+
+        Parameters
+        ----------
+        references:
+            Image paths, PIL images, a (R, C, H, W) / (C, H, W) tensor in [0, 1]; resized to the
+            prior's image size. The target is y* = phi(reference) at that size.
+        targets:
+            Instead of references: explicit targets, (K,) or (R, K) (a tuple for summed objectives).
+        n: samples per reference.
+        seed: base seed; each (reference, sample) row has its own generator.
+        batch_size: rows per batch (default: all rows, at most 16); halved on CUDA out-of-memory.
+        progress: show a tqdm bar with the running median fiber loss.
+        """
+        if (references is None) == (targets is None):
+            raise ValueError("give either references= or targets=, not both or neither")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        start = time.perf_counter()
+        prior, device = self.prior, self.device
+        refs = None
+        with self.objective.attached():
+            if references is not None:
+                refs = as_reference_batch(references, prior.image_size, prior.image_channels)
+                with torch.no_grad(), self.autocast():
+                    y = self.objective.target(refs.to(device) * 2 - 1)
+                y = tuple(t.float() for t in y) if isinstance(y, tuple) else y.float()
+            else:
+                with torch.no_grad():
+                    probe = torch.zeros(1, prior.image_channels, *prior.image_size, device=device)
+                    width = target_width(self.objective.features(probe))
+                y = self.objective.check_target(targets, width)
+            y = target_to(y, device)
+            num_refs = (y[0] if isinstance(y, tuple) else y).shape[0]
+            if getattr(self.config, "target", "static") == "reapprox" and refs is None:
+                raise ValueError("target='reapprox' needs reference images, not explicit targets")
+            ref_latents = None
+            if refs is not None and getattr(self.config, "target", "static") == "reapprox":
+                with torch.no_grad():
+                    ref_latents = prior.encode(refs.to(device, prior.dtype) * 2 - 1).float()
+
+            rows = [(r, m) for r in range(num_refs) for m in range(n)]
+            bs = batch_size or min(len(rows), 16)
+            if bs < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            T = self.num_trace_steps()
+            images = torch.zeros(num_refs, n, prior.image_channels, *prior.image_size)
+            losses = torch.full((num_refs, n), math.nan)
+            traces = torch.full((num_refs, n, T), math.nan)
+            failed = torch.zeros(num_refs, n, dtype=torch.bool)
+            bar = tqdm(
+                total=len(rows) * T, desc=self.name, unit="step", disable=not progress, leave=False
+            )
+            done = 0
+            try:
+                while done < len(rows):
+                    chunk = rows[done : done + bs]
+                    try:
+                        out = self._run_rows(chunk, y, ref_latents, seed, bar)
+                    except torch.OutOfMemoryError:
+                        if bs == 1:
+                            raise
+                        bs = max(1, bs // 2)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        bar.write(f"out of memory: retrying with batch size {bs}")
+                        continue
+                    img, loss, trace, bad = out
+                    for k, (r, m) in enumerate(chunk):
+                        images[r, m], losses[r, m], traces[r, m], failed[r, m] = (
+                            img[k], loss[k], trace[k], bad[k]
+                        )
+                    done += len(chunk)
+            finally:
+                bar.close()
+        images[failed] = 0.0
+        losses[failed] = math.nan
+        cfg = {
+            "sampler": self.name,
+            "settings": self.config.to_dict(),
+            "objective": self.objective.describe(),
+            "prior": repr(prior),
+            "seed": seed,
+            "batch_size": bs,
+            "device": str(device),
+        }
+        return FiberResult(
+            images=images,
+            references=refs,
+            fiber_loss=losses,
+            loss_trace=traces,
+            failed=failed,
+            config=cfg,
+            wall_time=time.perf_counter() - start,
+            targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
+        )
+
+    def _run_rows(self, chunk, y, ref_latents, seed, bar):
+        prior, device = self.prior, self.device
+        gens = [row_generator(seed, r, m) for r, m in chunk]
+        x_T = randn_rows(gens, prior.latent_shape, device)
+        idx = torch.tensor([r for r, _ in chunk], device=device)
+        batch = Batch(
+            rows=chunk,
+            generators=gens,
+            x_T=x_T,
+            target=target_rows(y, idx),
+            ref_latent=ref_latents[idx] if ref_latents is not None else None,
+            alive=torch.ones(len(chunk), dtype=torch.bool, device=device),
+        )
+        img, trace = self.run_batch(batch, bar)
+        with torch.no_grad():
+            img = img.float().clamp(-1, 1)
+            loss = self.fiber_loss(img, batch.target)
+        bad = ~batch.alive | ~torch.isfinite(loss)
+        return ((img.cpu() + 1) / 2), loss.cpu(), trace.cpu(), bad.cpu()
+
+
+def mark_nonfinite(x: torch.Tensor, alive: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+    """Clear ``alive`` for rows where x or any per-row value is non-finite; zero those rows of x."""
+    ok = torch.isfinite(x).flatten(1).all(1)
+    for v in values:
+        ok = ok & torch.isfinite(v)
+    alive &= ok
+    return torch.where(alive.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
