@@ -61,13 +61,41 @@ def cmd_sample(args) -> int:
         target=args.target_mode,
         autocast=args.bf16,
     )
+    if (args.reference is None) == (args.target_vector is None):
+        raise ValueError("give --reference IMAGE... or --target-vector FILE (one of them)")
+    targets = _read_vector(args.target_vector) if args.target_vector else None
     result = NDTMSampler(prior, objective, config).sample(
-        references=args.reference, n=args.n, seed=args.seed, batch_size=args.batch_size
+        references=args.reference,
+        targets=targets,
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
     )
     out = result.save(args.out)
     print(result.summary())
     print(f"wrote {out / 'grid.png'}, {out / 'samples.safetensors'}, {out / 'metrics.json'}")
     return 0
+
+
+def _read_vector(path: str):
+    """A target vector from .safetensors (first tensor), .npy or .pt (weights_only)."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"target vector file {path!r} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(p))
+        if not tensors:
+            raise ValueError(f"{path!r} holds no tensor")
+        return next(iter(tensors.values())).float()
+    if p.suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(p)).float()
+    return torch.load(p, map_location="cpu", weights_only=True).float()
 
 
 def cmd_info(args) -> int:
@@ -138,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="logits | logits:INDEX | layer:NAME | layer:NAME:CHANNEL | embedding",
     )
     s.add_argument("--prior", required=True, help="diffusers folder, Hub id, or zoo:NAME")
-    s.add_argument("--reference", required=True, nargs="+", help="reference image file(s)")
+    s.add_argument("--reference", nargs="+", help="reference image file(s)")
+    s.add_argument(
+        "--target-vector",
+        help="instead of --reference: an explicit target phi(x*) (.safetensors, .npy or .pt)",
+    )
     s.add_argument("-n", type=int, default=4, help="samples per reference")
     s.add_argument("--steps", type=int, default=50, help="sampling steps T")
     s.add_argument("--inner-steps", type=int, default=4, help="NDTM inner Adam steps N")

@@ -1,0 +1,102 @@
+"""The fiber-plugins command line: a real run and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fiber_plugins.cli.main import main
+
+SUBJECT = "module:tests.conftest:make_subject"
+
+
+@pytest.fixture
+def ref_png(tmp_path):
+    arr = (np.random.default_rng(0).random((20, 20, 3)) * 255).astype("uint8")
+    path = tmp_path / "ref.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _args(prior_dir, ref, out, *extra):
+    return [
+        "sample", "--subject", SUBJECT, "--prior", str(prior_dir), "--reference", str(ref),
+        "-n", "2", "--steps", "3", "--inner-steps", "1", "--out", str(out), "--device", "cpu",
+        *extra,
+    ]
+
+
+def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(_args(pixel_prior_dir, ref_png, out, "--target", "layer:conv1:3"))
+    assert code == 0
+    assert (out / "grid.png").exists() and (out / "samples.safetensors").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and metrics["config"]["objective"]["layer"] == "conv1"
+    assert "median fiber loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--target", "layer:conv3"], "unknown layer 'conv3'"),
+        (["--target", "layer:conv1:99"], "channel 99 is out of range for layer 'conv1' with size 8"),
+        (["--target", "pixels"], "unknown target 'pixels'; valid forms"),
+        (["--target", "logits:x"], "must be an integer"),
+        (["--target", "embedding"], "needs a timm-style model"),
+    ],
+)
+def test_bad_targets_one_line_exit_2(pixel_prior_dir, ref_png, tmp_path, capsys, extra, message):
+    code = main(_args(pixel_prior_dir, ref_png, tmp_path / "run", *extra))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_paths_one_line_exit_2(pixel_prior_dir, ref_png, tmp_path, capsys):
+    bad_img = tmp_path / "bad.png"
+    bad_img.write_text("not a png")
+    cases = [
+        (_args(pixel_prior_dir, bad_img, tmp_path / "r"), "cannot read reference image"),
+        (_args(tmp_path / "no-prior", ref_png, tmp_path / "r"), "does not exist"),
+        (_args(tmp_path, ref_png, tmp_path / "r"), "missing 'scheduler/scheduler_config.json'"),
+        (["sample", "--subject", "module:tests.conftest:nothing", "--prior", str(pixel_prior_dir),
+          "--reference", str(ref_png)], "has no attribute 'nothing'"),
+        (["sample", "--subject", "onnx:model", "--prior", str(pixel_prior_dir),
+          "--reference", str(ref_png)], "unknown subject 'onnx:model'"),
+    ]
+    for argv, message in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_target_vector_width_mismatch(pixel_prior_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    vec = tmp_path / "target.safetensors"
+    save_file({"target": torch.zeros(5)}, str(vec))
+    argv = ["sample", "--subject", SUBJECT, "--prior", str(pixel_prior_dir), "--target-vector", str(vec),
+            "-n", "1", "--steps", "2", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "gives 6 features" in capsys.readouterr().err
+    save_file({"target": torch.zeros(6)}, str(vec))
+    assert main(argv) == 0
+
+
+def test_console_script_exit_code_and_info():
+    bad = subprocess.run(
+        [sys.executable, "-m", "fiber_plugins.cli.main", "sample", "--subject", "x:y", "--prior", "nowhere/at/all",
+         "--reference", "none.png"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    info = subprocess.run([sys.executable, "-m", "fiber_plugins.cli.main", "info"], capture_output=True, text=True)
+    assert info.returncode == 0 and "diffusers" in info.stdout and "device:" in info.stdout
