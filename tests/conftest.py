@@ -74,9 +74,9 @@ def pixel_prior_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pixel_prior")
     tiny_unet().save_pretrained(root / "unet")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(
-        root / "scheduler"
-    )
+    DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False
+    ).save_pretrained(root / "scheduler")
     return root
 
 
@@ -105,7 +105,9 @@ def trained_prior(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     unet = tiny_unet()
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True
+    )
     opt = torch.optim.Adam(unet.parameters(), 3e-3)
     acp = sched.alphas_cumprod
     for _ in range(300):

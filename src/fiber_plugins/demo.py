@@ -15,29 +15,11 @@ import torch
 
 from . import zoo
 from .data import color_mnist as cm
+from .evaluation.color_mnist_bench import BENCH_NDTM, consistency
+from .evaluation.metrics import NearestNeighbourBaseline
 from .objectives import FiberObjective
 from .reporting.html import Page
-from .samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
-
-# settings tuned on the shipped models (see docs/color_mnist.md)
-DEMO_CONFIG = dict(
-    inner_steps=3,
-    guidance=GuidanceSchedule("constant", 1.0),
-    lr_start=0.1,
-    lr_end=0.02,
-    kappa=1e-4,
-)
-
-
-def nearest_neighbour_loss(objective, targets: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """Fiber loss of the dataset image closest to each target in phi space: (R,)."""
-    feats = []
-    with torch.no_grad():
-        for i in range(0, pool.shape[0], 500):
-            feats.append(objective.features(pool[i : i + 500] * 2 - 1))
-    feats = torch.cat(feats)
-    d = torch.cdist(targets, feats).pow(2)
-    return d.min(1).values
+from .samplers import NDTMConfig, NDTMSampler
 
 
 def run_demo(
@@ -59,14 +41,14 @@ def run_demo(
     refs, _ = cm.make_colored(g_test[pick], torch.Generator().manual_seed(seed))
 
     t0 = time.perf_counter()
-    sampler = NDTMSampler(prior, objective, NDTMConfig(num_steps=steps, **DEMO_CONFIG))
+    sampler = NDTMSampler(prior, objective, NDTMConfig(num_steps=steps, **BENCH_NDTM))
     result = sampler.sample(references=refs, n=n, seed=seed)
     result.save(out)
     sample_time = time.perf_counter() - t0
 
     g_train, _ = cm.load_digits("train")
     pool, _ = cm.make_colored(g_train, torch.Generator().manual_seed(99))
-    nn_loss = nearest_neighbour_loss(objective, result.targets, pool.to(device)).cpu()
+    nn_loss, _ = NearestNeighbourBaseline(objective, pool)(result.targets)
 
     page = Page("fiber-plugins demo: what E(decolorize(x)) does not see")
     page.text(
@@ -96,9 +78,15 @@ def run_demo(
     page.heading("Consistency: background colours of the samples vs the known mixture")
     _colour_histogram(result, out / "colours.png")
     page.image("colours.png", "recovered background colours against the mixture density")
+    cons = consistency(result.images[~result.failed])
+    page.text(
+        f"Colour KL to the mixture: {cons['kl']:.3f}; Wasserstein-1: {cons['w1']:.3f} "
+        f"({cons['num_colours']} channel colours; few samples make these estimates noisy: "
+        "the benchmark uses more)."
+    )
     page.text(
         f"{result.num_references * n} samples in {sample_time:.1f} s on {device}; "
-        f"settings: T={steps}, {DEMO_CONFIG}.",
+        f"settings: T={steps}, {BENCH_NDTM}.",
         cls="note",
     )
     page.write(out / "report.html")

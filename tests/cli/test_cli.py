@@ -25,8 +25,23 @@ def ref_png(tmp_path):
 
 def _args(prior_dir, ref, out, *extra):
     return [
-        "sample", "--subject", SUBJECT, "--prior", str(prior_dir), "--reference", str(ref),
-        "-n", "2", "--steps", "3", "--inner-steps", "1", "--out", str(out), "--device", "cpu",
+        "sample",
+        "--subject",
+        SUBJECT,
+        "--prior",
+        str(prior_dir),
+        "--reference",
+        str(ref),
+        "-n",
+        "2",
+        "--steps",
+        "3",
+        "--inner-steps",
+        "1",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
         *extra,
     ]
 
@@ -45,7 +60,10 @@ def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_pa
     "extra, message",
     [
         (["--target", "layer:conv3"], "unknown layer 'conv3'"),
-        (["--target", "layer:conv1:99"], "channel 99 is out of range for layer 'conv1' with size 8"),
+        (
+            ["--target", "layer:conv1:99"],
+            "channel 99 is out of range for layer 'conv1' with size 8",
+        ),
         (["--target", "pixels"], "unknown target 'pixels'; valid forms"),
         (["--target", "logits:x"], "must be an integer"),
         (["--target", "embedding"], "needs a timm-style model"),
@@ -65,10 +83,30 @@ def test_bad_paths_one_line_exit_2(pixel_prior_dir, ref_png, tmp_path, capsys):
         (_args(pixel_prior_dir, bad_img, tmp_path / "r"), "cannot read reference image"),
         (_args(tmp_path / "no-prior", ref_png, tmp_path / "r"), "does not exist"),
         (_args(tmp_path, ref_png, tmp_path / "r"), "missing 'scheduler/scheduler_config.json'"),
-        (["sample", "--subject", "module:tests.conftest:nothing", "--prior", str(pixel_prior_dir),
-          "--reference", str(ref_png)], "has no attribute 'nothing'"),
-        (["sample", "--subject", "onnx:model", "--prior", str(pixel_prior_dir),
-          "--reference", str(ref_png)], "unknown subject 'onnx:model'"),
+        (
+            [
+                "sample",
+                "--subject",
+                "module:tests.conftest:nothing",
+                "--prior",
+                str(pixel_prior_dir),
+                "--reference",
+                str(ref_png),
+            ],
+            "has no attribute 'nothing'",
+        ),
+        (
+            [
+                "sample",
+                "--subject",
+                "onnx:model",
+                "--prior",
+                str(pixel_prior_dir),
+                "--reference",
+                str(ref_png),
+            ],
+            "unknown subject 'onnx:model'",
+        ),
     ]
     for argv, message in cases:
         code = main(argv)
@@ -83,8 +121,21 @@ def test_target_vector_width_mismatch(pixel_prior_dir, tmp_path, capsys):
 
     vec = tmp_path / "target.safetensors"
     save_file({"target": torch.zeros(5)}, str(vec))
-    argv = ["sample", "--subject", SUBJECT, "--prior", str(pixel_prior_dir), "--target-vector", str(vec),
-            "-n", "1", "--steps", "2", "--out", str(tmp_path / "r")]
+    argv = [
+        "sample",
+        "--subject",
+        SUBJECT,
+        "--prior",
+        str(pixel_prior_dir),
+        "--target-vector",
+        str(vec),
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(argv) == 2
     assert "gives 6 features" in capsys.readouterr().err
     save_file({"target": torch.zeros(6)}, str(vec))
@@ -93,10 +144,23 @@ def test_target_vector_width_mismatch(pixel_prior_dir, tmp_path, capsys):
 
 def test_console_script_exit_code_and_info():
     bad = subprocess.run(
-        [sys.executable, "-m", "fiber_plugins.cli.main", "sample", "--subject", "x:y", "--prior", "nowhere/at/all",
-         "--reference", "none.png"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fiber_plugins.cli.main",
+            "sample",
+            "--subject",
+            "x:y",
+            "--prior",
+            "nowhere/at/all",
+            "--reference",
+            "none.png",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    info = subprocess.run([sys.executable, "-m", "fiber_plugins.cli.main", "info"], capture_output=True, text=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "fiber_plugins.cli.main", "info"], capture_output=True, text=True
+    )
     assert info.returncode == 0 and "diffusers" in info.stdout and "device:" in info.stdout

@@ -80,7 +80,9 @@ def test_preprocess_matches_hand_computation():
     p = Preprocess(size=4, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), interpolation="area")
     y = p(x)
     ref = torch.nn.functional.adaptive_avg_pool2d((x + 1) / 2, 4)
-    ref = (ref - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    ref = (ref - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.2, 0.25, 0.5]
+    ).view(1, 3, 1, 1)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(IDENTITY(x), x)
     torch.testing.assert_close(Preprocess(value_range=(0, 255))(x), (x + 1) / 2 * 255)
@@ -150,13 +152,17 @@ def test_weighted_sum(subject):
 
 # ---------------------------------------------------------------- errors
 def test_unknown_layer_suggests_close_names(subject):
-    with pytest.raises(KeyError, match=r"unknown layer 'conv3' in TinySubject; closest: 'conv\d', 'conv\d'"):
+    with pytest.raises(
+        KeyError, match=r"unknown layer 'conv3' in TinySubject; closest: 'conv\d', 'conv\d'"
+    ):
         fp.FiberObjective(subject, layer="conv3")
 
 
 def test_channel_out_of_range_gives_layer_size(subject):
     obj = fp.FiberObjective(subject, layer="conv1", index=8, reduction="spatial_mean")
-    with pytest.raises(IndexError, match=r"channel 8 is out of range for layer 'conv1' with size 8"):
+    with pytest.raises(
+        IndexError, match=r"channel 8 is out of range for layer 'conv1' with size 8"
+    ):
         obj.target(torch.zeros(1, 3, 16, 16))
 
 

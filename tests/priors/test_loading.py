@@ -91,7 +91,9 @@ def test_latent_unet_conditional_prior_uses_fixed_empty_conditioning(tmp_path, s
     step = prior.timesteps(5)[1]
     out = prior.model_output(z, step)
     with torch.no_grad():
-        ref = unet(z, torch.tensor([int(step.timestep)] * 2), encoder_hidden_states=cond.expand(2, -1, -1)).sample
+        ref = unet(
+            z, torch.tensor([int(step.timestep)] * 2), encoder_hidden_states=cond.expand(2, -1, -1)
+        ).sample
     torch.testing.assert_close(out, ref)
     res = fp.NDTMSampler(prior, fp.FiberObjective(subject), num_steps=3, inner_steps=1).sample(
         references=torch.rand(1, 3, 8, 8), n=1, progress=False

@@ -40,7 +40,9 @@ def test_unguided_ndtm_matches_diffusers_ddim(prediction_type, clip_sample, subj
     # one step agrees to float32 rounding; a random network amplifies rounding along the chain
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=5e-4)
     one_ref = _ddim_reference(unet, cfg, x_T.clone(), 1)
-    torch.testing.assert_close(prior.sample_unguided(x_T.clone(), num_steps=1), one_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        prior.sample_unguided(x_T.clone(), num_steps=1), one_ref, rtol=1e-5, atol=1e-6
+    )
 
     # the full NDTM sampler with gamma = 0 gives the same images (its x_T comes from the row seeds)
     objective = fp.FiberObjective(subject)

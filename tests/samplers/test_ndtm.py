@@ -49,8 +49,15 @@ def test_reapprox_target_and_schedules_run(pixel_prior, subject, references):
         GuidanceSchedule("interval", 2.0, low=0.2, high=0.8),
         GuidanceSchedule("ramp", 0.5, final=2.0),
     ):
-        res = _sampler(pixel_prior, objective, num_steps=6, inner_steps=2, target="reapprox",
-                       tau=0.1, guidance=guidance).sample(references=references[:1], n=2, progress=False)
+        res = _sampler(
+            pixel_prior,
+            objective,
+            num_steps=6,
+            inner_steps=2,
+            target="reapprox",
+            tau=0.1,
+            guidance=guidance,
+        ).sample(references=references[:1], n=2, progress=False)
         assert res.images.shape == (1, 2, 3, 16, 16)
         assert torch.isfinite(res.fiber_loss).all()
         assert res.config["settings"]["target"] == "reapprox"
@@ -61,7 +68,11 @@ def test_guidance_schedules_values():
     iv = GuidanceSchedule("interval", 2.0, low=0.3, high=0.7, outside=0.1)
     assert iv(0.5) == 2.0 and iv(0.9) == 0.1 and iv(0.1) == 0.1
     rp = GuidanceSchedule("ramp", 1.0, final=3.0)
-    assert rp(1.0) == pytest.approx(1.0) and rp(0.0) == pytest.approx(3.0) and rp(0.5) == pytest.approx(2.0)
+    assert (
+        rp(1.0) == pytest.approx(1.0)
+        and rp(0.0) == pytest.approx(3.0)
+        and rp(0.5) == pytest.approx(2.0)
+    )
     with pytest.raises(ValueError, match="unknown guidance schedule 'cosine'"):
         GuidanceSchedule("cosine")
     with pytest.raises(ValueError, match="0 <= low <= high <= 1"):
@@ -69,10 +80,16 @@ def test_guidance_schedules_values():
 
 
 def test_config_roundtrip_and_lr_decay():
-    cfg = NDTMConfig(num_steps=11, guidance=GuidanceSchedule("interval", 2.0, 0.2, 0.6), lr_start=0.1, lr_end=0.0)
+    cfg = NDTMConfig(
+        num_steps=11, guidance=GuidanceSchedule("interval", 2.0, 0.2, 0.6), lr_start=0.1, lr_end=0.0
+    )
     again = NDTMConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
-    assert cfg.lr(0) == pytest.approx(0.1) and cfg.lr(10) == pytest.approx(0.0) and cfg.lr(5) == pytest.approx(0.05)
+    assert (
+        cfg.lr(0) == pytest.approx(0.1)
+        and cfg.lr(10) == pytest.approx(0.0)
+        and cfg.lr(5) == pytest.approx(0.05)
+    )
     with pytest.raises(ValueError, match="unknown NDTM settings \\['step'\\]"):
         NDTMConfig.from_dict({"step": 3})
     with pytest.raises(ValueError, match="unknown target mode"):
@@ -177,3 +194,23 @@ def test_bad_references(pixel_prior, subject, tmp_path):
         s.sample(references=[tmp_path / "missing.png"], n=1)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         s.sample(references=torch.full((1, 3, 16, 16), 2.0), n=1)
+
+
+def test_bf16_autocast_matches_fp32_fiber_loss_distribution(trained_prior, subject, block_references):
+    """bf16 networks with fp32 control: median fiber loss within a factor 2 of fp32, both far
+    below unguided (stated tolerance; bf16 keeps ~3 significant digits)."""
+    objective = fp.FiberObjective(subject)
+    kw = dict(references=block_references, n=4, seed=0, progress=False)
+    fp32 = _sampler(trained_prior, objective, lr_start=0.1, lr_end=0.02).sample(**kw)
+    bf16 = _sampler(trained_prior, objective, lr_start=0.1, lr_end=0.02, autocast=True).sample(**kw)
+    unguided = _sampler(trained_prior, objective, guidance=0.0).sample(**kw)
+    ratio = bf16.median_loss() / fp32.median_loss()
+    assert 0.5 <= ratio <= 2.0, ratio
+    assert bf16.median_loss() <= 0.5 * unguided.median_loss()
+    assert bf16.images.dtype == torch.float32 and not bf16.failed.any()
+
+
+def test_device_mismatch_is_reported(pixel_prior, subject, references):
+    subject.to("meta")
+    with pytest.raises(ValueError, match="is on meta but the prior on cpu"):
+        _sampler(pixel_prior, fp.FiberObjective(subject)).sample(references=references, n=1)

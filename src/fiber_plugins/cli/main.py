@@ -9,7 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    ImportError,
+)
 
 
 def _load_prior(spec: str, device: str | None):
@@ -108,7 +116,16 @@ def cmd_info(args) -> int:
 
     print(f"fiber-plugins {__version__}")
     print(f"python {platform.python_version()}  torch {torch.__version__}")
-    for pkg in ("diffusers", "captum", "zennit", "zennit-crp", "vit-prisma", "transformer-lens", "timm", "torchmetrics"):
+    for pkg in (
+        "diffusers",
+        "captum",
+        "zennit",
+        "zennit-crp",
+        "vit-prisma",
+        "transformer-lens",
+        "timm",
+        "torchmetrics",
+    ):
         try:
             ver = md.version(pkg)
         except md.PackageNotFoundError:
@@ -124,7 +141,9 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
-    out = run_demo(args.out, n=args.n, steps=args.steps, seed=args.seed, device=_device(args.device))
+    out = run_demo(
+        args.out, n=args.n, steps=args.steps, seed=args.seed, device=_device(args.device)
+    )
     print(f"wrote {out / 'report.html'} and {out / 'grid.png'}")
     return 0
 
@@ -134,7 +153,12 @@ def cmd_train(args) -> int:
 
     root = Path(args.out) if args.out else None
     default = Path(__file__).resolve().parents[1] / "assets" / "color_mnist"
-    folder = {"prior": "prior", "prior-ood": "prior_ood", "autoencoder": "autoencoder", "classifier": "classifier"}[args.model]
+    folder = {
+        "prior": "prior",
+        "prior-ood": "prior_ood",
+        "autoencoder": "autoencoder",
+        "classifier": "classifier",
+    }[args.model]
     out = root or default / folder
     kw = {"seed": args.seed, "device": args.device}
     if args.steps:
@@ -148,6 +172,23 @@ def cmd_train(args) -> int:
     print({k: v for k, v in meta.items() if not isinstance(v, dict)})
     print(f"wrote {out}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from ..evaluation.color_mnist_bench import run_color_mnist_bench
+
+    report = run_color_mnist_bench(
+        args.out,
+        num_references=args.references,
+        num_samples=args.samples,
+        steps=args.steps,
+        inner_steps=args.inner_steps,
+        seed=args.seed,
+        device=_device(args.device),
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.md'}, results.json, fidelity_consistency.png")
+    return 0 if report["rows"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="benchmarks: color-mnist (fidelity vs consistency)")
+    b.add_argument("name", choices=["color-mnist"])
+    b.add_argument("--out", default="bench-out/color-mnist")
+    b.add_argument("--references", type=int, default=16, help="K held-out references")
+    b.add_argument("--samples", type=int, default=4, help="M samples per reference")
+    b.add_argument("--steps", type=int, default=25)
+    b.add_argument("--inner-steps", type=int, default=3)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -118,3 +118,14 @@ class Decolorize(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decolorize(x)
+
+
+def mixture_cdf(b: np.ndarray) -> np.ndarray:
+    """CDF of the background mixture clipped to [0, 1] (point masses at 0 and 1)."""
+    from math import erf, sqrt
+
+    b = np.asarray(b, dtype=np.float64)
+    out = np.zeros_like(b)
+    for w, mu, sd in zip(MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STDS):
+        out += w * 0.5 * (1 + np.vectorize(erf)((b - mu) / (sd * sqrt(2))))
+    return np.where(b >= 1.0, 1.0, np.where(b < 0.0, 0.0, out))

@@ -106,8 +106,8 @@ class FiberObjective:
             raise TypeError(f"layer must be a name or a module, got {type(layer).__name__}")
         self.index = index
         self.reduction = check_reduction(reduction)
-        self.distance_name = distance if isinstance(distance, str) else getattr(
-            distance, "__name__", "custom"
+        self.distance_name = (
+            distance if isinstance(distance, str) else getattr(distance, "__name__", "custom")
         )
         self.distance = get_distance(distance)
         self.preprocess = as_preprocess(preprocess)
@@ -120,8 +120,10 @@ class FiberObjective:
         self._capturing = False
 
     def _default_name(self) -> str:
-        base = type(self.subject).__name__ if self.model is not None else getattr(
-            self.subject, "__name__", "phi"
+        base = (
+            type(self.subject).__name__
+            if self.model is not None
+            else getattr(self.subject, "__name__", "phi")
         )
         if self.layer_name is not None:
             base += f":{self.layer_name}" + (":input" if self.capture == "input" else "")

@@ -44,7 +44,9 @@ def objective_from_spec(
     kind, _, rest = spec.partition(":")
     if kind == "logits":
         index = _int(rest, "the logit index", spec) if rest else None
-        return FiberObjective(model, index=index, preprocess=preprocess, distance=distance, name=spec)
+        return FiberObjective(
+            model, index=index, preprocess=preprocess, distance=distance, name=spec
+        )
     if kind == "layer":
         if not rest:
             raise ValueError(f"target {spec!r} needs a layer name, e.g. 'layer:layer4.1'")
@@ -65,5 +67,7 @@ def objective_from_spec(
                 f"target 'embedding' needs a timm-style model with forward_features/forward_head; "
                 f"{type(model).__name__} has none: use 'layer:NAME' instead"
             )
-        return FiberObjective(_Embedding(model), preprocess=preprocess, distance=distance, name=spec)
+        return FiberObjective(
+            _Embedding(model), preprocess=preprocess, distance=distance, name=spec
+        )
     raise ValueError(f"unknown target {spec!r}; valid forms: {', '.join(TARGET_FORMS)}")

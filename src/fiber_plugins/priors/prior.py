@@ -77,9 +77,7 @@ class DiffusionPrior:
             self.conditioning = conditioning
         self.class_label = None
         if name == "DiTTransformer2DModel":
-            self.class_label = int(
-                cfg.num_embeds_ada_norm if class_label is None else class_label
-            )
+            self.class_label = int(cfg.num_embeds_ada_norm if class_label is None else class_label)
         if self.vae is not None:
             vcfg = self.vae.config
             self.scaling_factor = float(getattr(vcfg, "scaling_factor", 1.0) or 1.0)

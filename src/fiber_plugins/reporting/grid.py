@@ -56,13 +56,17 @@ def fiber_grid(
             pil = Image.fromarray(to_uint8(img)).resize((tw, th), Image.NEAREST)
             canvas.paste(pil, (x, y))
             if j == 0:
-                draw.rectangle([x - 2, y - 2, x + tw + 1, y + th + 1], outline=(220, 40, 40), width=2)
+                draw.rectangle(
+                    [x - 2, y - 2, x + tw + 1, y + th + 1], outline=(220, 40, 40), width=2
+                )
                 continue
             if failed is not None and bool(failed[i, j - 1]):
                 draw.line([x, y, x + tw, y + th], fill=(220, 0, 0), width=3)
                 draw.text((x, y + th + 2), "failed", fill=(220, 0, 0), font=font)
             elif losses is not None:
-                draw.text((x, y + th + 2), f"{float(losses[i, j - 1]):.3g}", fill=(0, 0, 0), font=font)
+                draw.text(
+                    (x, y + th + 2), f"{float(losses[i, j - 1]):.3g}", fill=(0, 0, 0), font=font
+                )
     return canvas
 
 

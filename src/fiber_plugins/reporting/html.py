@@ -38,7 +38,8 @@ class Page:
     def table(self, header: list[str], rows: list[list]) -> Page:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+            for row in rows
         )
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
         return self

@@ -62,7 +62,8 @@ class NDTMConfig:
     tau: weight of ||eps(x_t + gamma u) - eps(x_t)||^2 (paper 0).
     eta: DDIM eta of the update (0 deterministic, 1 DDPM-like).
     target: 'static' (y* = phi(x*)) or 'reapprox' (y*_t = phi(D(x0_hat(x*_t))), paper Eq. 11-12).
-    autocast: bf16 autocast of the networks on CUDA (control variables stay fp32).
+    autocast: bf16 autocast of the networks (meant for CUDA; also honoured on CPU); the control
+        u, the Adam state and the losses stay fp32.
     trace: record the fiber loss of x0_hat at every step (costs one decode + phi forward on
         unguided steps).
     """
@@ -89,7 +90,9 @@ class NDTMConfig:
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
         if self.target not in TARGET_MODES:
-            raise ValueError(f"unknown target mode {self.target!r}; choose one of {list(TARGET_MODES)}")
+            raise ValueError(
+                f"unknown target mode {self.target!r}; choose one of {list(TARGET_MODES)}"
+            )
         if self.lr_start < 0 or self.lr_end < 0:
             raise ValueError("learning rates must be >= 0")
         if not 0.0 <= self.eta <= 1.0:

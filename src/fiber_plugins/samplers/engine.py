@@ -120,8 +120,9 @@ class FiberSampler:
         return self.prior.device
 
     def autocast(self):
-        if getattr(self.config, "autocast", False) and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast of the networks when ``config.autocast`` is set (CUDA, or CPU for tests)."""
+        if getattr(self.config, "autocast", False):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def fiber_loss(self, images: torch.Tensor, target) -> torch.Tensor:
@@ -161,6 +162,7 @@ class FiberSampler:
             raise ValueError(f"n must be >= 1, got {n}")
         start = time.perf_counter()
         prior, device = self.prior, self.device
+        self._check_devices()
         refs = None
         with self.objective.attached():
             if references is not None:
@@ -211,7 +213,10 @@ class FiberSampler:
                     img, loss, trace, bad = out
                     for k, (r, m) in enumerate(chunk):
                         images[r, m], losses[r, m], traces[r, m], failed[r, m] = (
-                            img[k], loss[k], trace[k], bad[k]
+                            img[k],
+                            loss[k],
+                            trace[k],
+                            bad[k],
                         )
                     done += len(chunk)
             finally:
@@ -237,6 +242,17 @@ class FiberSampler:
             wall_time=time.perf_counter() - start,
             targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
         )
+
+    def _check_devices(self) -> None:
+        for _, obj in self.objective.terms():
+            model = obj.model
+            p = next(model.parameters(), None) if model is not None else None
+            if p is not None and p.device != self.device:
+                raise ValueError(
+                    f"the subject {type(model).__name__} is on {p.device} but the prior on "
+                    f"{self.device}; move one of them (model.to('{self.device}') or "
+                    f"prior.to('{p.device}'))"
+                )
 
     def _run_rows(self, chunk, y, ref_latents, seed, bar):
         prior, device = self.prior, self.device

@@ -71,7 +71,8 @@ class FiberResult:
             "median_fiber_loss": self.median_loss(),
             "num_failed": int(self.failed.sum()),
             "wall_time_s": self.wall_time,
-            "seconds_per_sample": self.wall_time / max(1, self.images.shape[0] * self.images.shape[1]),
+            "seconds_per_sample": self.wall_time
+            / max(1, self.images.shape[0] * self.images.shape[1]),
             "samples": per,
             "config": self.config,
         }

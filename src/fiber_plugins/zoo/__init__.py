@@ -36,7 +36,9 @@ def asset_dir(name: str) -> Path:
     if name not in _FOLDERS:
         from .._utils import suggest
 
-        raise KeyError(f"unknown shipped model {name!r}{suggest(name, NAMES)}; available: {list(NAMES)}")
+        raise KeyError(
+            f"unknown shipped model {name!r}{suggest(name, NAMES)}; available: {list(NAMES)}"
+        )
     path = Path(str(resources.files("fiber_plugins"))) / "assets" / "color_mnist" / _FOLDERS[name]
     if not path.is_dir() or not any(path.rglob("*.safetensors")):
         raise FileNotFoundError(
@@ -74,4 +76,12 @@ def load(name: str, device: str | torch.device | None = None):
     return model.to(device) if device is not None else model
 
 
-__all__ = ["NAMES", "load", "asset_dir", "training_info", "AutoEncoder", "DigitCNN", "ColorMNISTSubject"]
+__all__ = [
+    "NAMES",
+    "load",
+    "asset_dir",
+    "training_info",
+    "AutoEncoder",
+    "DigitCNN",
+    "ColorMNISTSubject",
+]

@@ -170,7 +170,9 @@ def train_autoencoder(
         mse = torch.nn.functional.mse_loss(ae(gt), gt).item()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(out / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in ae.state_dict().items()}, str(out / "model.safetensors")
+    )
     meta = {
         "model": "color-mnist autoencoder (grey digits)",
         "latent_dim": latent_dim,
@@ -225,7 +227,9 @@ def train_classifier(
     acc = color_mnist_accuracy(net, gt, yt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors")
+    )
     meta = {
         "model": "color-mnist digit CNN",
         "steps": steps,

@@ -1,0 +1,214 @@
+"""``fiber-plugins bench color-mnist``: fidelity and consistency on a data set with a known fiber.
+
+K held-out test digits (coloured with a fixed seed) are the references; each method draws M
+samples per reference. Fidelity is the fiber loss under phi = E(decolorize(x)); consistency is
+the KL divergence and Wasserstein-1 distance between the background colours recovered from the
+samples (their 2-pixel border) and the known colour mixture. Baselines: the nearest training
+image in phi space, augmented copies of the reference, and the unguided prior's own consistency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import zoo
+from ..data import color_mnist as cm
+from ..objectives import FiberObjective
+from ..reporting.grid import save_grid
+from ..samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
+from .metrics import NearestNeighbourBaseline, augmentation_baseline, histogram_kl, wasserstein1
+
+# NDTM settings used by the benchmark and the demo (chosen on the shipped models; docs/color_mnist.md)
+BENCH_NDTM = dict(
+    inner_steps=3,
+    guidance=GuidanceSchedule("constant", 1.0),
+    lr_start=0.1,
+    lr_end=0.02,
+    kappa=1e-4,
+)
+
+
+def consistency(images01: torch.Tensor) -> dict:
+    """KL and W1 between the recovered background colours and the known mixture."""
+    b = cm.border_mean(images01.reshape(-1, *images01.shape[-3:])).flatten().numpy()
+    return {
+        "kl": histogram_kl(b, cm.mixture_pdf),
+        "w1": wasserstein1(b, cm.mixture_cdf),
+        "num_colours": int(b.size),
+    }
+
+
+def run_color_mnist_bench(
+    out: str | Path,
+    num_references: int = 16,
+    num_samples: int = 4,
+    steps: int = 25,
+    inner_steps: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+    priors: tuple[str, ...] = ("color-mnist-prior", "color-mnist-prior-ood"),
+    progress: bool = True,
+) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    subject = zoo.load("color-mnist-subject", device=device)
+    objective = FiberObjective(subject, name="E(decolorize(x))")
+
+    g_test, y_test = cm.load_digits("test")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(g_test.shape[0], generator=gen)[:num_references]
+    refs, _ = cm.make_colored(g_test[pick], torch.Generator().manual_seed(seed + 1))
+    targets = objective.target(refs.to(device) * 2 - 1).cpu()
+
+    g_train, _ = cm.load_digits("train")
+    pool, _ = cm.make_colored(g_train, torch.Generator().manual_seed(seed + 2))
+    nn_loss, _ = NearestNeighbourBaseline(objective, pool)(targets)
+    aug_loss = augmentation_baseline(objective, refs, targets, n=num_samples, seed=seed)
+
+    rows: list[dict] = []
+    grids = {}
+    for prior_name in priors:
+        prior = zoo.load(prior_name, device=device)
+        tag = "OOD prior" if prior_name.endswith("ood") else "prior"
+        for method, guidance in (("NDTM", BENCH_NDTM["guidance"]), ("unguided", 0.0)):
+            cfg = NDTMConfig(
+                num_steps=steps, **{**BENCH_NDTM, "inner_steps": inner_steps, "guidance": guidance}
+            )
+            t0 = time.perf_counter()
+            res = NDTMSampler(prior, objective, cfg).sample(
+                references=refs, n=num_samples, seed=seed, progress=progress
+            )
+            secs = time.perf_counter() - t0
+            ok = ~res.failed
+            losses = res.fiber_loss[ok]
+            name = f"{method} ({tag})"
+            rows.append(
+                {
+                    "method": name,
+                    "median_fiber_loss": float(losses.median()),
+                    "mean_fiber_loss": float(losses.mean()),
+                    "median_over_nn": float(losses.median() / nn_loss.median()),
+                    **consistency(res.images[ok]),
+                    "seconds_per_sample": secs / (num_references * num_samples),
+                    "failed": int(res.failed.sum()),
+                }
+            )
+            if method == "NDTM":
+                grids[name] = res
+                save_grid(
+                    out / f"grid_{'ood' if 'OOD' in tag else 'in'}.png",
+                    res.references[:4],
+                    res.images[:4],
+                    res.fiber_loss[:4],
+                    res.failed[:4],
+                )
+    rows.append(
+        {
+            "method": "nearest neighbour (train split)",
+            "median_fiber_loss": float(nn_loss.median()),
+            "mean_fiber_loss": float(nn_loss.mean()),
+            "median_over_nn": 1.0,
+        }
+    )
+    rows.append(
+        {
+            "method": "augmented reference",
+            "median_fiber_loss": float(aug_loss.median()),
+            "mean_fiber_loss": float(aug_loss.mean()),
+            "median_over_nn": float(aug_loss.median() / nn_loss.median()),
+        }
+    )
+    settings = {
+        "num_references": num_references,
+        "num_samples": num_samples,
+        "steps": steps,
+        "inner_steps": inner_steps,
+        "ndtm": {
+            k: (v.__dict__ if hasattr(v, "__dict__") else v)
+            for k, v in BENCH_NDTM.items()
+            if k != "inner_steps"
+        },
+        "seed": seed,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    report = {"settings": settings, "rows": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(_markdown(report))
+    _plot(rows, out / "fidelity_consistency.png")
+    return report
+
+
+def _fmt(v, digits=4):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        "# Color-MNIST benchmark",
+        "",
+        f"{s['num_references']} held-out references x {s['num_samples']} samples, T={s['steps']}, "
+        f"N={s['inner_steps']}, seed {s['seed']}, device {s['device']} ({s['torch_threads']} threads).",
+        "",
+        "| method | median fiber loss | mean fiber loss | median / NN | colour KL | colour W1 | s / sample | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            "| "
+            + " | ".join(
+                [r["method"]]
+                + [
+                    _fmt(r.get(k))
+                    for k in (
+                        "median_fiber_loss",
+                        "mean_fiber_loss",
+                        "median_over_nn",
+                        "kl",
+                        "w1",
+                        "seconds_per_sample",
+                        "failed",
+                    )
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Fidelity: fiber loss ||phi(x) - phi(x*)||^2 with phi = E(decolorize(x)) (lower is better). "
+        "Consistency: KL(samples || mixture) over 20 bins and W1 between the samples' background "
+        "colours and the known mixture (lower is better); the unguided rows are the prior's own value.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from .._utils import require
+
+    matplotlib = require("matplotlib")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for r in rows:
+        if "kl" not in r:
+            continue
+        marker = "o" if r["method"].startswith("NDTM") else "s"
+        ax.scatter(r["median_fiber_loss"], r["kl"], marker=marker, s=50, label=r["method"])
+    nn_row = next(r for r in rows if r["method"].startswith("nearest"))
+    ax.axvline(nn_row["median_fiber_loss"], color="gray", ls="--", label="nearest neighbour")
+    ax.set_xscale("log")
+    ax.set_xlabel("median fiber loss (fidelity, lower is better)")
+    ax.set_ylabel("colour KL (consistency, lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""Evaluation metrics: fiber-loss baselines and distances between 1-D distributions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..objectives.base import FiberObjective
+
+
+def features_of(
+    objective: FiberObjective, images01: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """phi of [0, 1] images in batches, without gradients: (N, K)."""
+    out = []
+    device = _device_of(objective)
+    with objective.attached(), torch.no_grad():
+        for i in range(0, images01.shape[0], batch_size):
+            out.append(objective.features(images01[i : i + batch_size].to(device) * 2 - 1).cpu())
+    return torch.cat(out)
+
+
+def _device_of(objective: FiberObjective) -> torch.device:
+    model = objective.model
+    if model is not None:
+        p = next(model.parameters(), None)
+        if p is not None:
+            return p.device
+    return torch.device("cpu")
+
+
+class NearestNeighbourBaseline:
+    """Fiber loss of the data-set image closest to each target in phi space (paper Table 5).
+
+    phi of the pool is computed once at construction and reused for every query.
+    """
+
+    def __init__(self, objective: FiberObjective, pool01: torch.Tensor, batch_size: int = 256):
+        self.objective = objective
+        self.features = features_of(objective, pool01, batch_size)
+
+    def __call__(
+        self, targets: torch.Tensor, exclude: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss (R,), index (R,)) of the nearest pool image under the objective's distance."""
+        losses, idx = [], []
+        for r in range(targets.shape[0]):
+            d = self.objective.distance_between(self.features, targets[r : r + 1].cpu())
+            if exclude is not None:
+                d[exclude[r]] = math.inf
+            j = int(torch.argmin(d))
+            losses.append(float(d[j]))
+            idx.append(j)
+        return torch.tensor(losses), torch.tensor(idx)
+
+
+def augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop (scale 0.7-1), horizontal flip, brightness/contrast jitter (+-20%)."""
+    n, _, h, w = images01.shape
+    out = []
+    for i in range(n):
+        x = images01[i : i + 1]
+        s = float(torch.empty(1).uniform_(0.7, 1.0, generator=generator))
+        ch, cw = max(2, round(h * s)), max(2, round(w * s))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+        x = x[..., top : top + ch, left : left + cw]
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        if bool(torch.rand(1, generator=generator) < 0.5):
+            x = x.flip(-1)
+        b = float(torch.empty(1).uniform_(0.8, 1.2, generator=generator))
+        c = float(torch.empty(1).uniform_(0.8, 1.2, generator=generator))
+        mean = x.mean()
+        x = ((x - mean) * c + mean) * b
+        out.append(x.clamp(0, 1))
+    return torch.cat(out)
+
+
+def augmentation_baseline(
+    objective: FiberObjective,
+    references01: torch.Tensor,
+    targets: torch.Tensor,
+    n: int = 8,
+    seed: int = 0,
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+) -> torch.Tensor:
+    """Fiber loss of ``n`` augmented copies of each reference: (R, n)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for r in range(references01.shape[0]):
+        copies = transform(references01[r : r + 1].expand(n, -1, -1, -1).contiguous(), g)
+        feats = features_of(objective, copies)
+        rows.append(objective.distance_between(feats, targets[r : r + 1].cpu()))
+    return torch.stack(rows)
+
+
+def histogram_kl(
+    samples: np.ndarray,
+    pdf: Callable[[np.ndarray], np.ndarray],
+    bins: int = 20,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    eps: float = 1e-3,
+) -> float:
+    """KL(P_samples || P_reference) between binned distributions on [lo, hi].
+
+    The reference's bin masses come from its density (midpoint rule on a fine grid); both
+    histograms get ``eps`` added to every bin before normalising, so empty bins stay finite.
+    """
+    samples = np.clip(np.asarray(samples, dtype=np.float64).ravel(), lo, hi)
+    edges = np.linspace(lo, hi, bins + 1)
+    p, _ = np.histogram(samples, bins=edges)
+    p = p / max(1, p.sum())
+    fine = np.linspace(lo, hi, bins * 50 + 1)
+    mid = 0.5 * (fine[1:] + fine[:-1])
+    mass = pdf(mid) * np.diff(fine)
+    q = mass.reshape(bins, 50).sum(1)
+    q = q / q.sum()
+    p, q = (p + eps) / (p + eps).sum(), (q + eps) / (q + eps).sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def wasserstein1(
+    samples: np.ndarray,
+    cdf: Callable[[np.ndarray], np.ndarray],
+    lo: float = 0.0,
+    hi: float = 1.0,
+    grid: int = 2001,
+) -> float:
+    """W1 = integral of |F_samples(x) - F_reference(x)| dx over [lo, hi]."""
+    samples = np.sort(np.asarray(samples, dtype=np.float64).ravel())
+    x = np.linspace(lo, hi, grid)
+    f_s = np.searchsorted(samples, x, side="right") / max(1, samples.size)
+    return float(np.trapezoid(np.abs(f_s - cdf(x)), x))
+
+
+def diversity(images01: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between images (pixel space)."""
+    flat = images01.flatten(1).float()
+    if flat.shape[0] < 2:
+        return 0.0
+    d = torch.cdist(flat, flat)
+    n = flat.shape[0]
+    return float(d.sum() / (n * (n - 1)))

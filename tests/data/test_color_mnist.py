@@ -1,0 +1,66 @@
+"""Color-MNIST: the construction of DESIGN 5, decolourise, the split, the OOD variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fiber_plugins.data import color_mnist as cm
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return cm.load_digits("test")
+
+
+def test_split_sizes_and_balance():
+    g_tr, y_tr = cm.load_digits("train")
+    g_te, y_te = cm.load_digits("test")
+    assert g_tr.shape == (4000, 1, 32, 32) and g_te.shape == (1000, 1, 32, 32)
+    assert torch.bincount(y_te, minlength=10).min() > 70  # shuffled, every digit present
+    assert g_tr[:, :, :2].abs().sum() == 0 and g_tr[..., -2:].abs().sum() == 0  # zero border
+    with pytest.raises(ValueError, match="unknown split"):
+        cm.load_digits("val")
+
+
+def test_construction_and_decolorize_inverse(digits):
+    g = digits[0][:64]
+    x, b = cm.make_colored(g, torch.Generator().manual_seed(0))
+    f = cm.foreground(b)
+    torch.testing.assert_close((f - b).abs(), torch.full_like(b, 0.5))  # contrast exactly 0.5
+    torch.testing.assert_close(cm.border_mean(x), b)
+    torch.testing.assert_close(x[:, :, 0, 0], b)
+    torch.testing.assert_close(cm.decolorize(x), g, atol=1e-5, rtol=0)
+    # invariance: every colouring of the same digit decolourises to the same grey image
+    x2, _ = cm.make_colored(g, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cm.decolorize(x2), cm.decolorize(x), atol=1e-5, rtol=0)
+
+
+def test_decolorize_is_differentiable(digits):
+    x, _ = cm.make_colored(digits[0][:4], torch.Generator().manual_seed(0))
+    x = x.clone().requires_grad_(True)
+    cm.decolorize(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_mixture_moments_and_cdf():
+    b = cm.sample_mixture((200_000,), torch.Generator().manual_seed(0)).numpy()
+    assert b.min() >= 0 and b.max() <= 1
+    assert abs(b.mean() - (0.3 * 0.2 + 0.7 * 0.65)) < 0.005
+    assert abs((b < 0.4).mean() - cm.mixture_cdf(np.array([0.4]))[0]) < 0.005
+    grid = np.linspace(0, 1, 1001)
+    assert abs(np.trapezoid(cm.mixture_pdf(grid), grid) - 1.0) < 0.01
+
+
+def test_ood_variant_breaks_the_relation(digits):
+    g = digits[0][:256]
+    x, b = cm.make_colored(g, torch.Generator().manual_seed(0), ood=True)
+    fg_pixels = g[:, 0] > 0.99
+    f = torch.stack([x[i, :, fg_pixels[i]].mean(1) for i in range(len(g))])
+    assert (f - cm.foreground(b)).abs().mean() > 0.1
+
+
+def test_data_hash_is_stable():
+    g, _ = cm.load_digits("train")
+    assert cm.data_hash(g) == cm.data_hash(g.clone()) and len(cm.data_hash(g)) == 16

@@ -1,0 +1,26 @@
+"""The Color-MNIST benchmark on 2 references x 4 samples: NDTM beats the nearest neighbour."""
+
+from __future__ import annotations
+
+import json
+
+from fiber_plugins.evaluation.color_mnist_bench import run_color_mnist_bench
+
+
+def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
+    report = run_color_mnist_bench(
+        tmp_path,
+        num_references=2,
+        num_samples=4,
+        steps=10,
+        inner_steps=2,
+        priors=("color-mnist-prior",),
+        progress=False,
+    )
+    rows = {r["method"]: r for r in report["rows"]}
+    ndtm = rows["NDTM (prior)"]
+    assert ndtm["median_fiber_loss"] < rows["nearest neighbour (train split)"]["median_fiber_loss"]
+    assert ndtm["median_fiber_loss"] < rows["unguided (prior)"]["median_fiber_loss"]
+    for f in ("results.md", "results.json", "fidelity_consistency.png", "grid_in.png"):
+        assert (tmp_path / f).is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["num_references"] == 2
