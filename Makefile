@@ -26,6 +26,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+bench: $(STAMP)
+	$(BIN)/fiber-plugins bench color-mnist --out benchmarks/results/color-mnist
+	$(BIN)/python benchmarks/gpu_ndtm.py
+
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests
 

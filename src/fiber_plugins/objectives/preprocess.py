@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -70,8 +71,7 @@ class Preprocess:
         if (lo, hi) != (0.0, 1.0):
             x = lo + (hi - lo) * x
         if self.mean is not None:
-            mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            mean, std = _stats(self.mean, self.std, x.device, x.dtype)
             x = (x - mean) / std
         return x
 
@@ -92,6 +92,14 @@ class Preprocess:
             std=tuple(float(s) for s in cfg["std"]),
             interpolation=interp if interp in _MODES else "bilinear",
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _stats(mean, std, device, dtype):
+    # cached per device: building them from tuples each call is a blocking host-to-device copy
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return m, s
 
 
 IDENTITY = Preprocess(value_range=(-1.0, 1.0))

@@ -9,6 +9,7 @@ while guidance differentiates through the network and revisits the same step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -78,6 +79,14 @@ class DiffusionPrior:
         self.class_label = None
         if name == "DiTTransformer2DModel":
             self.class_label = int(cfg.num_embeds_ada_norm if class_label is None else class_label)
+        if self.vae is not None and self.schedule.clip_sample:
+            warnings.warn(
+                "the scheduler config has clip_sample=True, which clamps the predicted *latent* "
+                f"to [-{self.schedule.clip_sample_range}, {self.schedule.clip_sample_range}] in "
+                "every update (diffusers would do the same); set clip_sample=False in "
+                "scheduler_config.json if that is not intended",
+                stacklevel=2,
+            )
         if self.vae is not None:
             vcfg = self.vae.config
             self.scaling_factor = float(getattr(vcfg, "scaling_factor", 1.0) or 1.0)
