@@ -54,13 +54,13 @@ def test_reapprox_target_and_schedules_run(pixel_prior, subject, references):
             objective,
             num_steps=6,
             inner_steps=2,
-            target="reapprox",
+            target_mode="reapprox",
             tau=0.1,
             guidance=guidance,
         ).sample(references=references[:1], n=2, progress=False)
         assert res.images.shape == (1, 2, 3, 16, 16)
         assert torch.isfinite(res.fiber_loss).all()
-        assert res.config["settings"]["target"] == "reapprox"
+        assert res.config["settings"]["target_mode"] == "reapprox"
 
 
 def test_guidance_schedules_values():
@@ -92,8 +92,8 @@ def test_config_roundtrip_and_lr_decay():
     )
     with pytest.raises(ValueError, match="unknown NDTM settings \\['step'\\]"):
         NDTMConfig.from_dict({"step": 3})
-    with pytest.raises(ValueError, match="unknown target mode"):
-        NDTMConfig(target="dynamic")
+    with pytest.raises(ValueError, match="unknown target_mode"):
+        NDTMConfig(target_mode="dynamic")
 
 
 class _NaNAfter(torch.nn.Module):
@@ -196,7 +196,9 @@ def test_bad_references(pixel_prior, subject, tmp_path):
         s.sample(references=torch.full((1, 3, 16, 16), 2.0), n=1)
 
 
-def test_bf16_autocast_matches_fp32_fiber_loss_distribution(trained_prior, subject, block_references):
+def test_bf16_autocast_matches_fp32_fiber_loss_distribution(
+    trained_prior, subject, block_references
+):
     """bf16 networks with fp32 control: median fiber loss within a factor 2 of fp32, both far
     below unguided (stated tolerance; bf16 keeps ~3 significant digits)."""
     objective = fp.FiberObjective(subject)

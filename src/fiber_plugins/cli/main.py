@@ -66,7 +66,7 @@ def cmd_sample(args) -> int:
         kappa=args.kappa,
         tau=args.tau,
         eta=args.eta,
-        target=args.target_mode,
+        target_mode=args.target_mode,
         autocast=args.bf16,
     )
     if (args.reference is None) == (args.target_vector is None):

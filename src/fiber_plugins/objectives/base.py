@@ -156,9 +156,12 @@ class FiberObjective:
         flags = [(p, p.requires_grad) for p in model.parameters()]
         self._depth += 1
         try:
-            if model.training:
+            training = [
+                m for m in model.modules() if m.training and not getattr(m, "_fiber_wrapper", False)
+            ]
+            if training:
                 warnings.warn(
-                    f"{type(model).__name__} is in train mode; sampling runs it in eval mode "
+                    f"{type(training[0]).__name__} is in train mode; sampling runs it in eval mode "
                     "(dropout off, batch-norm statistics frozen) and restores train mode after",
                     stacklevel=3,
                 )
@@ -226,15 +229,16 @@ class FiberObjective:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x): (B, K) features of prior-space images x (B, C, H, W) in [-1, 1]."""
-        act = self.activation(x)
-        if act.dim() == 0 or act.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"phi returned shape {tuple(act.shape)} for a batch of {x.shape[0]} images; "
-                "it must keep the batch dimension first"
-            )
-        act = reduce(act, self.reduction, self.where)
-        act = select(act, self.index, self.where)
-        return act.reshape(act.shape[0], -1).float()
+        with self.attached():  # an index callable may hold modules too (an SAE)
+            act = self.activation(x)
+            if act.dim() == 0 or act.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"phi returned shape {tuple(act.shape)} for a batch of {x.shape[0]} images; "
+                    "it must keep the batch dimension first"
+                )
+            act = reduce(act, self.reduction, self.where)
+            act = select(act, self.index, self.where)
+            return act.reshape(act.shape[0], -1).float()
 
     def target(self, reference: torch.Tensor) -> torch.Tensor:
         """y* = phi(x*) for reference images (R, C, H, W) in the prior's space; no gradient."""

@@ -86,8 +86,16 @@ class Preprocess:
         timm_data = require("timm.data")
         cfg = timm_data.resolve_data_config({}, model=model)
         interp = cfg.get("interpolation", "bilinear")
+        size = tuple(cfg["input_size"][-2:])
+        # a ViT built with img_size=... keeps the pretrained config's size; its patch embedding
+        # knows the size it actually accepts
+        embed_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if embed_size is not None and not getattr(
+            getattr(model, "patch_embed", None), "dynamic_img_size", False
+        ):
+            size = tuple(embed_size) if isinstance(embed_size, (tuple, list)) else (embed_size,) * 2
         return cls(
-            size=tuple(cfg["input_size"][-2:]),
+            size=size,
             mean=tuple(float(m) for m in cfg["mean"]),
             std=tuple(float(s) for s in cfg["std"]),
             interpolation=interp if interp in _MODES else "bilinear",

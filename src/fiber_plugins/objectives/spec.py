@@ -11,17 +11,6 @@ from .preprocess import Preprocess
 TARGET_FORMS = ("logits", "logits:INDEX", "layer:NAME", "layer:NAME:CHANNEL", "embedding")
 
 
-class _Embedding(nn.Module):
-    """forward_head(forward_features(x), pre_logits=True) of a timm-style model."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-
-
 def _int(text: str, what: str, spec: str) -> int:
     try:
         return int(text)
@@ -67,6 +56,8 @@ def objective_from_spec(
                 f"target 'embedding' needs a timm-style model with forward_features/forward_head; "
                 f"{type(model).__name__} has none: use 'layer:NAME' instead"
             )
+        from ..adapters.timm import _Embedding  # a wrapper only; timm itself is not imported
+
         return FiberObjective(
             _Embedding(model), preprocess=preprocess, distance=distance, name=spec
         )

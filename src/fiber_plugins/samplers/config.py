@@ -61,7 +61,7 @@ class NDTMConfig:
     kappa: weight of ||u||^2 (paper 1e-4).
     tau: weight of ||eps(x_t + gamma u) - eps(x_t)||^2 (paper 0).
     eta: DDIM eta of the update (0 deterministic, 1 DDPM-like).
-    target: 'static' (y* = phi(x*)) or 'reapprox' (y*_t = phi(D(x0_hat(x*_t))), paper Eq. 11-12).
+    target_mode: 'static' (y* = phi(x*)) or 'reapprox' (y*_t = phi(D(x0_hat(x*_t))), paper Eq. 11-12).
     autocast: bf16 autocast of the networks (meant for CUDA; also honoured on CPU); the control
         u, the Adam state and the losses stay fp32.
     trace: record the fiber loss of x0_hat at every step (costs one decode + phi forward on
@@ -76,7 +76,7 @@ class NDTMConfig:
     kappa: float = 1e-4
     tau: float = 0.0
     eta: float = 0.0
-    target: str = "static"
+    target_mode: str = "static"
     autocast: bool = False
     trace: bool = True
 
@@ -89,9 +89,9 @@ class NDTMConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
-        if self.target not in TARGET_MODES:
+        if self.target_mode not in TARGET_MODES:
             raise ValueError(
-                f"unknown target mode {self.target!r}; choose one of {list(TARGET_MODES)}"
+                f"unknown target_mode {self.target_mode!r}; choose one of {list(TARGET_MODES)}"
             )
         if self.lr_start < 0 or self.lr_end < 0:
             raise ValueError("learning rates must be >= 0")

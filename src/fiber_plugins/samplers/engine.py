@@ -177,10 +177,12 @@ class FiberSampler:
                 y = self.objective.check_target(targets, width)
             y = target_to(y, device)
             num_refs = (y[0] if isinstance(y, tuple) else y).shape[0]
-            if getattr(self.config, "target", "static") == "reapprox" and refs is None:
-                raise ValueError("target='reapprox' needs reference images, not explicit targets")
+            if getattr(self.config, "target_mode", "static") == "reapprox" and refs is None:
+                raise ValueError(
+                    "target_mode='reapprox' needs reference images, not explicit targets"
+                )
             ref_latents = None
-            if refs is not None and getattr(self.config, "target", "static") == "reapprox":
+            if refs is not None and getattr(self.config, "target_mode", "static") == "reapprox":
                 with torch.no_grad():
                     ref_latents = prior.encode(refs.to(device, prior.dtype) * 2 - 1).float()
 
