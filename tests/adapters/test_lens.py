@@ -139,7 +139,9 @@ def test_no_hooks_left_after_sampling_and_errors(model, pixel_prior):
     model.train()  # sampling warns, runs in eval mode and restores train mode
     model.mlp_in.weight.requires_grad_(False)
     before, count = flags(model), hook_count(model)
-    obj = lens_objective(model, "hook_resid_post", token="cls")
+    obj = lens_objective(
+        model, "hook_resid_post", token="mean"
+    )  # the CLS token never sees the image here
     refs = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="train mode"):
         result = fp.NDTMSampler(pixel_prior, obj, num_steps=3, inner_steps=1).sample(

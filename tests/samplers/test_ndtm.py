@@ -31,9 +31,10 @@ def test_ndtm_halves_the_unguided_fiber_loss(trained_prior, subject, block_refer
     assert guided.loss_trace[..., -1].median() < guided.loss_trace[..., 0].median()
 
 
-def test_seeded_results_do_not_depend_on_batch_size(pixel_prior, subject, references):
+def test_seeded_results_do_not_depend_on_batch_size(trained_prior, subject, block_references):
     objective = fp.FiberObjective(subject)
-    s = _sampler(pixel_prior, objective, num_steps=5, inner_steps=2, eta=0.5)
+    references = block_references
+    s = _sampler(trained_prior, objective, num_steps=5, inner_steps=2, eta=0.5)
     a = s.sample(references=references, n=3, seed=7, batch_size=6, progress=False)
     b = s.sample(references=references, n=3, seed=7, batch_size=2, progress=False)
     c = s.sample(references=references, n=3, seed=8, batch_size=6, progress=False)

@@ -56,7 +56,14 @@ def cmd_sample(args) -> int:
     model, pre = load_subject(args.subject, args.weights)
     prior = _load_prior(args.prior, device)
     model.to(device)
-    objective = objective_from_spec(model, args.target, preprocess=pre, distance=args.distance)
+    sae = None
+    if args.sae:
+        from ..adapters.sae import SparseAutoencoder
+
+        sae = SparseAutoencoder.load(args.sae).to(device)
+    objective = objective_from_spec(
+        model, args.target, preprocess=pre, distance=args.distance, sae=sae
+    )
     config = NDTMConfig(
         num_steps=args.steps,
         inner_steps=args.inner_steps,
@@ -104,6 +111,26 @@ def _read_vector(path: str):
 
         return torch.from_numpy(np.load(p)).float()
     return torch.load(p, map_location="cpu", weights_only=True).float()
+
+
+def cmd_targets(args) -> int:
+    from ..adapters.lens import list_hook_points
+    from .subjects import load_subject
+
+    model, pre = load_subject(args.subject, args.weights)
+    if args.input_size:
+        shape = (1, *args.input_size)
+    elif pre is not None and pre.size is not None:
+        size = (pre.size, pre.size) if isinstance(pre.size, int) else tuple(pre.size)
+        shape = (1, pre.channels or 3, *size)
+    else:
+        raise ValueError("give the subject's input size, e.g. --input-size 3 224 224")
+    points = list_hook_points(model, shape)
+    width = max((len(n) for n, _ in points), default=10)
+    print(f"{'name':{width}s}  shape (batch 1, input {tuple(shape[1:])})")
+    for name, shp in points:
+        print(f"{name:{width}s}  {tuple(shp)}")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -204,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--target",
         default="logits",
-        help="logits | logits:INDEX | layer:NAME | layer:NAME:CHANNEL | embedding",
+        help="logits | logits:INDEX | layer:NAME[:CHANNEL] | embedding | hook:HOOK | crp:LAYER:IDS | "
+        "sae:HOOK:feature=ID | captum:LAYER:neuron=(c,h,w)",
     )
+    s.add_argument("--sae", help="SAE folder (cfg.json + sae_weights.safetensors) for sae: targets")
     s.add_argument("--prior", required=True, help="diffusers folder, Hub id, or zoo:NAME")
     s.add_argument("--reference", nargs="+", help="reference image file(s)")
     s.add_argument(
@@ -231,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="runs/fiber", help="output folder")
     s.set_defaults(func=cmd_sample)
+
+    tg = sub.add_parser("targets", help="list a subject's layers / hook points with their shapes")
+    tg.add_argument("subject", help="timm:NAME | module:pkg.mod:factory | zoo:NAME")
+    tg.add_argument("--weights", help="local weights file")
+    tg.add_argument("--input-size", type=int, nargs="+", metavar="DIM", help="e.g. 3 224 224")
+    tg.set_defaults(func=cmd_targets)
 
     i = sub.add_parser("info", help="versions and device")
     i.set_defaults(func=cmd_info)

@@ -1,14 +1,41 @@
-"""Target strings shared by the CLI and Python: ``logits``, ``logits:281``, ``layer:layer4.1``,
-``layer:layer4:1656``, ``embedding``."""
+"""One target grammar for Python and the CLI.
+
+=========================================  ===================================================
+form                                       phi
+=========================================  ===================================================
+``logits`` / ``logits:281``                the model output / one output
+``layer:layer4.1`` / ``layer:layer4:1656``  a layer's whole output / one channel (spatial mean)
+``embedding``                              ``forward_head(forward_features(x), pre_logits=True)``
+``hook:blocks.2.hook_resid_post``          a transformer-lens / vit-prisma hook point
+                                           (options ``:token=cls|mean|max|all|INT``)
+``crp:layer4:1656`` / ``crp:layer4:3,7``   zennit-crp condition ``{"layer4": [1656]}``;
+``crp:y:281``                              ``y`` = output logits (spatial mean of channels)
+``sae:blocks.3.hook_resid_post:feature=123``  SAE features at a hook (``feature=all``,
+                                           ``feature=1,5``; options ``:pre``, ``:token=...``)
+``captum:layer4.1:neuron=(5,2,2)``         Captum ``layer`` + ``neuron_selector``
+=========================================  ===================================================
+"""
 
 from __future__ import annotations
+
+import ast
 
 from torch import nn
 
 from .base import FiberObjective
 from .preprocess import Preprocess
 
-TARGET_FORMS = ("logits", "logits:INDEX", "layer:NAME", "layer:NAME:CHANNEL", "embedding")
+TARGET_FORMS = (
+    "logits",
+    "logits:INDEX",
+    "layer:NAME",
+    "layer:NAME:CHANNEL",
+    "embedding",
+    "hook:HOOK[:token=T]",
+    "crp:LAYER:IDS",
+    "sae:HOOK:feature=ID|all[:pre][:token=T]",
+    "captum:LAYER[:neuron=TUPLE]",
+)
 
 
 def _int(text: str, what: str, spec: str) -> int:
@@ -18,39 +45,56 @@ def _int(text: str, what: str, spec: str) -> int:
         raise ValueError(f"{what} in target {spec!r} must be an integer, got {text!r}") from None
 
 
+def _options(parts: list[str], spec: str, allowed: tuple[str, ...]) -> dict:
+    """``key=value`` and bare flags after the name."""
+    opts: dict = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if key not in allowed:
+            raise ValueError(f"unknown option {key!r} in target {spec!r}; allowed: {list(allowed)}")
+        opts[key] = value if eq else True
+    return opts
+
+
+def _token(value, spec: str):
+    if value in (None, True):
+        return "cls"
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def _ids(text: str, spec: str) -> list[int]:
+    return [_int(t, "an id", spec) for t in text.split(",") if t]
+
+
 def objective_from_spec(
     model: nn.Module,
     spec: str,
     preprocess: Preprocess | None = None,
     distance: str = "l2",
+    sae=None,
 ) -> FiberObjective:
-    """Build a :class:`FiberObjective` from a target string.
+    """Build a :class:`FiberObjective` from a target string (see the module docstring).
 
-    ``logits`` (the model output), ``logits:281`` (one output), ``layer:NAME`` (a layer's whole
-    output), ``layer:NAME:CHANNEL`` (one channel, spatially averaged for conv maps),
-    ``embedding`` (timm-style ``forward_head(..., pre_logits=True)``).
+    ``sae`` is needed for ``sae:`` targets (a :class:`~fiber_plugins.adapters.sae.SparseAutoencoder`,
+    a vit-prisma SAE or a SAELens SAE).
     """
     kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    common = {"preprocess": preprocess, "distance": distance}
     if kind == "logits":
-        index = _int(rest, "the logit index", spec) if rest else None
-        return FiberObjective(
-            model, index=index, preprocess=preprocess, distance=distance, name=spec
-        )
+        if len(parts) > 1:
+            raise ValueError(f"target {spec!r}: use 'logits' or 'logits:INDEX'")
+        index = _int(parts[0], "the logit index", spec) if parts else None
+        return FiberObjective(model, index=index, name=spec, **common)
     if kind == "layer":
-        if not rest:
-            raise ValueError(f"target {spec!r} needs a layer name, e.g. 'layer:layer4.1'")
-        name, _, ch = rest.partition(":")
-        index = _int(ch, "the channel", spec) if ch else None
+        if not parts or len(parts) > 2:
+            raise ValueError(f"target {spec!r} must be 'layer:NAME' or 'layer:NAME:CHANNEL'")
+        index = _int(parts[1], "the channel", spec) if len(parts) == 2 else None
+        reduction = "auto" if index is not None else "none"
         return FiberObjective(
-            model,
-            layer=name,
-            index=index,
-            reduction="auto" if index is not None else "none",
-            preprocess=preprocess,
-            distance=distance,
-            name=spec,
+            model, layer=parts[0], index=index, reduction=reduction, name=spec, **common
         )
-    if kind == "embedding" and not rest:
+    if kind == "embedding" and not parts:
         if not (hasattr(model, "forward_head") and hasattr(model, "forward_features")):
             raise ValueError(
                 f"target 'embedding' needs a timm-style model with forward_features/forward_head; "
@@ -58,7 +102,52 @@ def objective_from_spec(
             )
         from ..adapters.timm import _Embedding  # a wrapper only; timm itself is not imported
 
-        return FiberObjective(
-            _Embedding(model), preprocess=preprocess, distance=distance, name=spec
+        return FiberObjective(_Embedding(model), name=spec, **common)
+    if kind == "hook" and parts:
+        from ..adapters.lens import lens_objective
+
+        opts = _options(parts[1:], spec, ("token",))
+        return lens_objective(
+            model, parts[0], token=_token(opts.get("token"), spec), name=spec, **common
         )
+    if kind == "crp" and len(parts) == 2:
+        from ..adapters.crp import crp_objective
+
+        obj = crp_objective(model, {parts[0]: _ids(parts[1], spec)}, **common)
+        obj.name = spec
+        return obj
+    if kind == "sae" and parts:
+        from ..adapters.sae import sae_objective
+
+        if sae is None:
+            raise ValueError(f"target {spec!r} needs an SAE: pass sae=... (CLI: --sae FOLDER)")
+        opts = _options(parts[1:], spec, ("feature", "pre", "token"))
+        feat = opts.get("feature", "all")
+        features = None if feat in ("all", True) else _ids(feat, spec)
+        if features is not None and len(features) == 1:
+            features = features[0]
+        return sae_objective(
+            model,
+            parts[0],
+            sae,
+            features=features,
+            pre_activation=bool(opts.get("pre", False)),
+            token_reduction=_token(opts.get("token"), spec),
+            name=spec,
+            **common,
+        )
+    if kind == "captum" and parts:
+        from ..adapters.captum import captum_objective
+
+        opts = _options(parts[1:], spec, ("neuron",))
+        neuron = None
+        if "neuron" in opts:
+            try:
+                neuron = ast.literal_eval(str(opts["neuron"]))
+            except (ValueError, SyntaxError):
+                raise ValueError(
+                    f"neuron in target {spec!r} must be an int or a tuple like (5,2,2), "
+                    f"got {opts['neuron']!r}"
+                ) from None
+        return captum_objective(model, layer=parts[0], neuron_selector=neuron, name=spec, **common)
     raise ValueError(f"unknown target {spec!r}; valid forms: {', '.join(TARGET_FORMS)}")

@@ -176,6 +176,7 @@ class FiberSampler:
                     width = target_width(self.objective.features(probe))
                 y = self.objective.check_target(targets, width)
             y = target_to(y, device)
+            self._check_gradient_path(refs)
             num_refs = (y[0] if isinstance(y, tuple) else y).shape[0]
             if getattr(self.config, "target_mode", "static") == "reapprox" and refs is None:
                 raise ValueError(
@@ -244,6 +245,34 @@ class FiberSampler:
             wall_time=time.perf_counter() - start,
             targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
         )
+
+    def _check_gradient_path(self, refs: torch.Tensor | None) -> None:
+        """Refuse an objective whose features do not depend on the image (guidance would be a
+        no-op): one subject forward + backward on a reference (or a grey probe)."""
+        prior = self.prior
+        if refs is not None:
+            x = refs[:1].to(self.device) * 2 - 1
+        else:
+            x = torch.zeros(1, prior.image_channels, *prior.image_size, device=self.device)
+        x = (
+            x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
+        ).detach()
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            feats = self.objective.features(x)
+            feats = feats if isinstance(feats, tuple) else (feats,)
+            w = torch.Generator().manual_seed(1)
+            probe = sum((f * torch.randn(f.shape, generator=w).to(f)).sum() for f in feats)
+            if not probe.requires_grad:
+                grad = None
+            else:
+                (grad,) = torch.autograd.grad(probe, x, allow_unused=True)
+        if grad is None or not bool(grad.abs().sum() > 0):
+            raise ValueError(
+                f"phi of {self.objective.name} does not depend on the image: no gradient reaches "
+                "the input, so guidance cannot change anything; pick a layer on the path from the "
+                "input (and check the model for detach()/no_grad)"
+            )
 
     def _check_devices(self) -> None:
         for _, obj in self.objective.terms():
