@@ -18,7 +18,20 @@ from __future__ import annotations
 
 from .objectives import IDENTITY, FiberObjective, Preprocess, WeightedSum
 from .priors import DiffusionPrior, load_prior
-from .samplers import FiberResult, GuidanceSchedule, NDTMConfig, NDTMSampler
+from .samplers import (
+    DPSConfig,
+    DPSSampler,
+    FiberResult,
+    GuidanceSchedule,
+    LatentRefineConfig,
+    NDTMConfig,
+    NDTMSampler,
+    NoiseOptConfig,
+    NoiseOptSampler,
+    PixelInversionConfig,
+    PixelInversionSampler,
+    refine_latent,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +45,14 @@ __all__ = [
     "NDTMSampler",
     "NDTMConfig",
     "GuidanceSchedule",
+    "NoiseOptSampler",
+    "NoiseOptConfig",
+    "DPSSampler",
+    "DPSConfig",
+    "PixelInversionSampler",
+    "PixelInversionConfig",
+    "LatentRefineConfig",
+    "refine_latent",
     "FiberResult",
     "sample_fiber",
     "__version__",

@@ -194,6 +194,11 @@ def cmd_train(args) -> int:
         meta = training.train_prior(out, ood=args.model == "prior-ood", **kw)
     elif args.model == "autoencoder":
         meta = training.train_autoencoder(out, **kw)
+    elif args.model == "vit":
+        meta = training.train_vit(out, **kw)
+    elif args.model == "sae":
+        kw.pop("device")
+        meta = training.train_sae(out, vit_dir=default / "vit", **kw)
     else:
         meta = training.train_classifier(out, **kw)
     print({k: v for k, v in meta.items() if not isinstance(v, dict)})
@@ -279,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a shipped Color-MNIST model (seeded, reproducible)")
-    t.add_argument("model", choices=["prior", "prior-ood", "autoencoder", "classifier"])
+    t.add_argument(
+        "model", choices=["prior", "prior-ood", "autoencoder", "classifier", "vit", "sae"]
+    )
     t.add_argument("--out", default=None, help="output folder (default: the package's assets)")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)

