@@ -65,3 +65,54 @@ def test_augmentation_baseline_shape_and_positive(subject):
     refs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     losses = augmentation_baseline(obj, refs, obj.target(refs * 2 - 1), n=3)
     assert losses.shape == (2, 3) and (losses >= 0).all() and losses.sum() > 0
+
+
+def test_lowpass_curve_shape_and_identity_limit(subject):
+    from fiber_plugins.evaluation import lowpass_curve
+
+    obj = fp.FiberObjective(subject)
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = obj.target(imgs * 2 - 1)
+    curve = lowpass_curve(obj, imgs, y, cutoffs=(0.2, 0.6, 1.0))
+    assert curve.shape == (3, 3)
+    assert curve[-1].abs().max() < 1e-10  # cutoff 1 is the identity: the reference's own loss
+    assert (curve[0] > 0).all()
+
+
+def test_classifier_agreement_hand_computation():
+    from fiber_plugins.evaluation import classifier_agreement
+
+    def model_a(x):  # label = 1 if the mean is above 0.5
+        m = x.mean((1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], 1)
+
+    def model_b(x):  # looks only at the first pixel
+        p = x[:, 0, 0, 0]
+        return torch.stack([0.5 - p, p - 0.5], 1)
+
+    refs = torch.full((1, 1, 2, 2), 0.8)
+    samples = torch.full((1, 4, 1, 2, 2), 0.8)
+    samples[0, :2, 0, 0, 0] = 0.1  # first pixel dark in two samples: mean stays 0.625
+    out = classifier_agreement(model_a, model_b, refs, samples)
+    assert out == {"a": 1.0, "b": 0.5}
+
+
+def test_frechet_distance_matches_hand_computation():
+    import scipy.linalg
+    from fiber_plugins.evaluation import frechet_distance
+
+    class Flat(torch.nn.Module):
+        num_features = 4
+
+        def forward(self, x):
+            return x.flatten(1)[:, :4].double()
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 1, 2, 2, generator=g)
+    fake = torch.rand(64, 1, 2, 2, generator=g) * 0.5 + 0.2
+    a, b = real.flatten(1).double().numpy(), fake.flatten(1).double().numpy()
+    ma, mb = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(ca @ cb).real
+    want = float(((ma - mb) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
+    assert abs(frechet_distance(real, fake, Flat()) - want) < 1e-3 * max(1.0, want)

@@ -88,7 +88,19 @@ def cmd_sample(args) -> int:
     )
     out = result.save(args.out)
     print(result.summary())
-    print(f"wrote {out / 'grid.png'}, {out / 'samples.safetensors'}, {out / 'metrics.json'}")
+    from ..reporting.report import evaluate_run, write_report
+
+    with objective.attached():
+        evaluate_run(result, objective, out)
+    report = write_report(out)
+    print(f"wrote {out / 'grid.png'}, samples.safetensors, metrics.json, evaluation.json, {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..reporting.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
     return 0
 
 
@@ -271,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--weights", help="local weights file")
     tg.add_argument("--input-size", type=int, nargs="+", metavar="DIM", help="e.g. 3 224 224")
     tg.set_defaults(func=cmd_targets)
+
+    r = sub.add_parser("report", help="write report.html for a saved run folder")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("info", help="versions and device")
     i.set_defaults(func=cmd_info)

@@ -145,3 +145,67 @@ def diversity(images01: torch.Tensor) -> float:
     d = torch.cdist(flat, flat)
     n = flat.shape[0]
     return float(d.sum() / (n * (n - 1)))
+
+
+LOWPASS_CUTOFFS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def lowpass_curve(
+    objective: FiberObjective,
+    images01: torch.Tensor,
+    targets,
+    cutoffs: tuple[float, ...] = LOWPASS_CUTOFFS,
+) -> torch.Tensor:
+    """Fiber loss of low-passed images for each cutoff (thesis Sec. 4.4): (len(cutoffs), N).
+
+    ``images01`` (N, C, H, W) in [0, 1]; ``targets`` (N, K) or (1, K). A fiber sample whose
+    invariance hides in imperceptible high frequencies loses it under mild low-passing: its
+    curve rises steeply, while a semantic one stays flat.
+    """
+    from .lowpass import lowpass
+
+    rows = []
+    for c in cutoffs:
+        filtered = lowpass(images01.float(), c).clamp(0, 1)
+        feats = features_of(objective, filtered)
+        rows.append(objective.distance_between(feats, targets.cpu()))
+    return torch.stack(rows)
+
+
+def classifier_agreement(
+    model_a: Callable[[torch.Tensor], torch.Tensor],
+    model_b: Callable[[torch.Tensor], torch.Tensor],
+    references01: torch.Tensor,
+    samples01: torch.Tensor,
+) -> dict:
+    """How often model B keeps model A's label on A's fiber samples (paper Sec. 4.4).
+
+    ``references01`` (R, C, H, W), ``samples01`` (R, M, C, H, W), both in the models' input space.
+    Returns ``{"a": ..., "b": ...}``: the fraction of samples whose argmax under A (resp. B) equals
+    A's label of their reference. A stays near 1 on its own fiber; a low B value means the fiber
+    of A contains images B sees differently.
+    """
+    with torch.no_grad():
+        label = model_a(references01).argmax(1)
+        flat = samples01.reshape(-1, *samples01.shape[2:])
+        expect = label.repeat_interleave(samples01.shape[1])
+        agree_a = (model_a(flat).argmax(1) == expect).float().mean()
+        agree_b = (model_b(flat).argmax(1) == expect).float().mean()
+    return {"a": float(agree_a), "b": float(agree_b)}
+
+
+def frechet_distance(
+    real01: torch.Tensor, fake01: torch.Tensor, feature: torch.nn.Module | int = 2048
+) -> float:
+    """FID through torchmetrics. ``feature`` is an ``nn.Module`` mapping [0, 1] images to (B, D)
+    features (any extractor you have locally), or an Inception feature size, which needs the
+    torch-fidelity Inception weights on disk."""
+    from .._utils import require
+
+    fid_mod = require("torchmetrics.image.fid")
+    metric = fid_mod.FrechetInceptionDistance(
+        feature=feature, normalize=True, input_img_size=tuple(real01.shape[1:])
+    )
+    metric.update(real01.float(), real=True)
+    metric.update(fake01.float(), real=False)
+    return float(metric.compute())
