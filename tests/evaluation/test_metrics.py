@@ -99,6 +99,7 @@ def test_classifier_agreement_hand_computation():
 
 def test_frechet_distance_matches_hand_computation():
     import scipy.linalg
+
     from fiber_plugins.evaluation import frechet_distance
 
     class Flat(torch.nn.Module):
