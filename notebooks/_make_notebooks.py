@@ -6,8 +6,6 @@ import nbformat as nbf
 
 HERE = Path(__file__).parent
 SETUP = """import warnings
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import fiber_plugins as fp
@@ -17,7 +15,7 @@ from fiber_plugins.reporting import fiber_grid
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(0)
 torch.set_num_threads(2)
-SETTINGS = dict(num_steps=20, inner_steps=2, lr_start=0.1, lr_end=0.02)  # small: runs in seconds on a CPU
+SETTINGS = dict(num_steps=20, inner_steps=2, lr_start=0.1, lr_end=0.002)  # small: runs in seconds on a CPU
 
 def show(img, title="", width=9):
     plt.figure(figsize=(width, width * img.size[1] / img.size[0]))

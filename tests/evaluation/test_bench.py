@@ -21,6 +21,12 @@ def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
     ndtm = rows["NDTM (prior)"]
     assert ndtm["median_fiber_loss"] < rows["nearest neighbour (train split)"]["median_fiber_loss"]
     assert ndtm["median_fiber_loss"] < rows["unguided (prior)"]["median_fiber_loss"]
-    for f in ("results.md", "results.json", "fidelity_consistency.png", "grid_in.png"):
+    for f in (
+        "results.md",
+        "results.json",
+        "fidelity_consistency.png",
+        "ndtm_in.png",
+        "unguided_in.png",
+    ):
         assert (tmp_path / f).is_file()
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["num_references"] == 2

@@ -229,6 +229,7 @@ def cmd_bench(args) -> int:
         inner_steps=args.inner_steps,
         seed=args.seed,
         device=_device(args.device),
+        methods=tuple(args.methods),
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, fidelity_consistency.png")
@@ -315,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=4, help="M samples per reference")
     b.add_argument("--steps", type=int, default=25)
     b.add_argument("--inner-steps", type=int, default=3)
+    b.add_argument(
+        "--methods",
+        nargs="+",
+        default=["unguided", "ndtm", "ndtm-reapprox", "dps", "noise-opt", "inversion"],
+        choices=["unguided", "ndtm", "ndtm-reapprox", "dps", "noise-opt", "inversion"],
+        help="methods run with the in-distribution prior (the OOD prior runs unguided and NDTM)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)

@@ -120,9 +120,11 @@ class DiffusionPrior:
         return next(self.denoiser.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> DiffusionPrior:
-        self.denoiser.to(device=device, dtype=dtype)
-        if self.vae is not None:
-            self.vae.to(device=device, dtype=dtype)
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kw:
+            self.denoiser.to(**kw)
+            if self.vae is not None:
+                self.vae.to(**kw)
         return self
 
     def __repr__(self) -> str:
