@@ -14,7 +14,6 @@ from fiber_plugins.data import color_mnist as cm
 from fiber_plugins.reporting import fiber_grid
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(0)
-torch.set_num_threads(2)
 SETTINGS = dict(num_steps=20, inner_steps=2, lr_start=0.1, lr_end=0.002)  # small: runs in seconds on a CPU
 
 def show(img, title="", width=9):
@@ -34,8 +33,8 @@ captum = nb([
     "md:# Captum companion: what the classifier does *not* see\n\n"
     "You have a classifier and an attribution map from Captum. The attribution says which pixels "
     "mattered; the **fiber** shows images the model cannot tell apart from the input. Here: the "
-    "shipped Color-MNIST digit CNN, Integrated Gradients, and NDTM fiber samples of its logits from "
-    "the shipped diffusion prior, with the per-pixel *invariance map*.",
+    "shipped Color-MNIST digit CNN, Integrated Gradients, and NDTM fiber samples from the shipped "
+    "diffusion prior, with the per-pixel *invariance map*.",
     SETUP,
     "from captum.attr import IntegratedGradients\n"
     "from captum.attr import visualization as viz\n"
@@ -48,30 +47,31 @@ captum = nb([
     "print('label', int(y[0]), 'prediction', int(pred))",
     "md:## 1. The attribution you already have",
     "ig = IntegratedGradients(model).attribute(x, target=pred)\n"
-    "fig, _ = viz.visualize_image_attr(ig[0].permute(1, 2, 0).detach().numpy(), x[0].permute(1, 2, 0).numpy(),\n"
-    "                                  method='blended_heat_map', sign='absolute_value', show_colorbar=True,\n"
-    "                                  title='Integrated Gradients', use_pyplot=False)\n"
-    "fig",
-    "md:## 2. The fiber of the logits: same `forward_func`, same `target`",
-    "attr = OutputFiber(model).attribute(x, target=pred, prior=prior, n=6, seed=0, **SETTINGS)\n"
-    "res = attr.result\n"
-    "show(fiber_grid(res.references, res.images, res.fiber_loss), 'reference and fiber samples (fiber loss)')\n"
+    "_ = viz.visualize_image_attr(ig[0].permute(1, 2, 0).detach().numpy(), x[0].permute(1, 2, 0).numpy(),\n"
+    "                             method='blended_heat_map', sign='absolute_value', show_colorbar=True,\n"
+    "                             title='Integrated Gradients for the predicted class')",
+    "md:## 2. The same `target`: the fiber of one logit\n\n"
+    "Captum's `target=pred` selects one number, the logit of the predicted class. Its fiber is every "
+    "image with that same logit value, which is a very large set.",
+    "one = OutputFiber(model).attribute(x, target=pred, prior=prior, n=6, seed=0, **SETTINGS)\n"
+    "show(fiber_grid(one.result.references, one.result.images, one.result.fiber_loss), 'fiber of the predicted logit')\n"
+    "with torch.no_grad():\n"
+    "    print('predictions of the samples:', model(one.result.images[0]).argmax(1).tolist())",
+    "md:Matching a single logit does not keep the class: other logits are free to rise. This is what "
+    "an attribution for one target cannot show you.",
+    "md:## 3. All logits: `target=None`\n\nThe fiber of the whole logit vector keeps the prediction; what "
+    "changes is what the classifier ignores.",
+    "full = OutputFiber(model).attribute(x, prior=prior, n=6, seed=0, **SETTINGS)\n"
+    "res = full.result\n"
+    "show(fiber_grid(res.references, res.images, res.fiber_loss), 'fiber of all ten logits')\n"
     "with torch.no_grad():\n"
     "    p_ref = model(x).softmax(1)[0, pred]\n"
     "    p_samples = model(res.images[0]).softmax(1)[:, pred[0]]\n"
     "print('p(predicted class): reference %.3f, samples %s' % (p_ref, [round(float(p), 3) for p in p_samples]))",
-    "md:The samples keep the digit and its class probability while background and stroke colours "
-    "change: the classifier's logits carry (almost) no colour information. The invariance map shows "
-    "where the samples differ: large values where the model is blind.",
-    "fig, ax = visualize_invariance(attr, index=0)\n"
-    "fig",
-    "md:## 3. Compare: a model that *does* use colour\n\nAn objective that reads colour directly "
-    "(the mean colour of the image) has a much smaller fiber: its samples cannot change the colour.",
-    "colour = fp.FiberObjective(lambda t: t.mean((2, 3)), name='mean colour')\n"
-    "res_c = fp.NDTMSampler(prior, colour, **SETTINGS).sample(references=x, n=6, progress=False)\n"
-    "show(fiber_grid(res_c.references, res_c.images, res_c.fiber_loss), 'fiber of the mean colour')\n"
-    "spread = lambda r: float(r.images[0].std(0).mean())\n"
-    "print('mean per-pixel spread: logits fiber %.3f, colour fiber %.3f' % (spread(res), spread(res_c)))",
+    "md:The samples keep the digit while background and stroke colours change: the logits carry "
+    "(almost) no colour information. The invariance map is bright where the samples differ, i.e. "
+    "where the model is blind; compare it with the attribution above.",
+    "fig, ax = visualize_invariance(full, index=0)",
 ])
 
 sae = nb([
@@ -156,6 +156,10 @@ crp = nb([
     "print('channel activation: reference %.3f, samples %s' % (a_ref, [round(float(a), 3) for a in a_smp]))\n"
     "print('classifier predictions of the samples:', preds.tolist())\n"
     "print('fraction still classified as 0: %.2f' % float((preds == 0).float().mean()))",
+    "plt.figure(figsize=(6, 2.5))\n"
+    "plt.bar(range(len(a_smp)), a_smp.numpy(), label='fiber samples')\n"
+    "plt.axhline(float(a_ref), color='r', ls='--', label='reference')\n"
+    "plt.xlabel('sample'); plt.ylabel(f'channel {channel} activation'); plt.legend(); plt.show()",
     "md:Read the result against the label: samples that reach the reference's activation but are "
     "not zeros show that the channel responds to something broader than 'zero' (for example round "
     "strokes); samples that are all zeros support the label. Either way the evidence is images at "
