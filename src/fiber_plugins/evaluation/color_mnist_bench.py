@@ -72,9 +72,9 @@ def _make_sampler(method: str, prior, objective, steps: int, inner_steps: int):
     return PixelInversionSampler(prior, objective, PixelInversionConfig(**BENCH_INVERSION))
 
 
-BENCH_DPS = dict(guidance=GuidanceSchedule("constant", 1.0), normalize=True)
+BENCH_DPS = dict(guidance=GuidanceSchedule("constant", 5.0), normalize=True)
 BENCH_NOISE_OPT = dict(
-    num_steps=8, max_iters=20, optimiser="adam", lr=0.05, lowpass=0.5, threshold=None
+    num_steps=8, max_iters=20, optimiser="adam", lr=1.0, lowpass=0.5, threshold=None
 )
 BENCH_INVERSION = dict(num_steps=200, lr=0.05, tv_weight=1e-3)
 
