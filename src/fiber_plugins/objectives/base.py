@@ -212,9 +212,8 @@ class FiberObjective:
                 self._value = None
                 self._capturing = True
                 try:
-                    self.subject(inp)
-                except _StopForward:
-                    pass
+                    with contextlib.suppress(_StopForward):  # the hook ends the forward early
+                        self.subject(inp)
                 finally:
                     self._capturing = False
                 out, self._value = self._value, None

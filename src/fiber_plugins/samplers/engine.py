@@ -8,6 +8,7 @@ depend on the batch size), progress bars, non-finite handling and out-of-memory 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import time
@@ -92,7 +93,7 @@ class Batch:
         return randn_rows(self.generators, tuple(like.shape[1:]), like.device, like.dtype)
 
 
-class FiberSampler:
+class FiberSampler(abc.ABC):
     """Base class: run an algorithm over references x samples and collect a :class:`FiberResult`."""
 
     name = "base"
@@ -107,9 +108,9 @@ class FiberSampler:
         self.config = config
 
     # ------------------------------------------------------------------ to implement
+    @abc.abstractmethod
     def run_batch(self, batch: Batch, progress: tqdm | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (final images in [-1, 1] (B, C, H, W), loss trace (B, T))."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def num_trace_steps(self) -> int:
         return self.config.num_steps

