@@ -117,3 +117,10 @@ def test_frechet_distance_matches_hand_computation():
     covmean = scipy.linalg.sqrtm(ca @ cb).real
     want = float(((ma - mb) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
     assert abs(frechet_distance(real, fake, Flat()) - want) < 1e-3 * max(1.0, want)
+
+
+def test_diversity_in_a_feature_space():
+    x = torch.zeros(2, 1, 1, 2)
+    x[1, 0, 0, 0] = 3.0
+    # features double the first pixel: distance 6
+    assert abs(diversity(x, features=lambda t: t[..., :1] * 2) - 6.0) < 1e-6

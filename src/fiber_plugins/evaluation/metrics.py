@@ -137,8 +137,14 @@ def wasserstein1(
     return float(np.trapezoid(np.abs(f_s - cdf(x)), x))
 
 
-def diversity(images01: torch.Tensor) -> float:
-    """Mean pairwise L2 distance between images (pixel space)."""
+def diversity(
+    images01: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> float:
+    """Mean pairwise L2 distance between images, in pixel space or in the feature space of
+    ``features`` (any map from [0, 1] images (N, C, H, W) to (N, ...), e.g. an encoder)."""
+    if features is not None:
+        with torch.no_grad():
+            images01 = features(images01)
     flat = images01.flatten(1).float()
     if flat.shape[0] < 2:
         return 0.0
