@@ -60,6 +60,10 @@ class _Refiner(FiberSampler):
 
     name = "latent_refine"
 
+    def run_batch(self, batch, progress):
+        # refinement starts from given images, not from noise rows: refine_latent owns the loop
+        raise TypeError("latent refinement starts from given images: call refine_latent(...)")
+
 
 def refine_latent(
     prior: DiffusionPrior,
