@@ -164,3 +164,13 @@ def test_console_script_exit_code_and_info():
         [sys.executable, "-m", "fiber_plugins.cli.main", "info"], capture_output=True, text=True
     )
     assert info.returncode == 0 and "diffusers" in info.stdout and "device:" in info.stdout
+
+
+@pytest.mark.parametrize("model", ["prior", "autoencoder", "classifier", "vit", "sae"])
+def test_train_commands_write_weights_and_record(model, tmp_path, capsys):
+    out = tmp_path / model
+    assert main(["train", model, "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 2 and record["seed"] == 0 and record["data_hash"]
+    assert list(out.rglob("*.safetensors"))
+    assert "wrote" in capsys.readouterr().out

@@ -197,6 +197,8 @@ def cmd_train(args) -> int:
         "prior-ood": "prior_ood",
         "autoencoder": "autoencoder",
         "classifier": "classifier",
+        "vit": "vit",
+        "sae": "vit_sae",
     }[args.model]
     out = root or default / folder
     kw = {"seed": args.seed, "device": args.device}
