@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..objectives.base import FiberObjective
-from ..priors.prior import DiffusionPrior
 from ._common import SettingsMixin, check_int
 from .config import GuidanceSchedule
 from .engine import Batch, FiberSampler, mark_nonfinite
@@ -76,17 +74,7 @@ class DPSSampler(FiberSampler):
 
     name = "dps"
 
-    def __init__(
-        self,
-        prior: DiffusionPrior,
-        objective: FiberObjective,
-        config: DPSConfig | None = None,
-        **overrides,
-    ):
-        config = config or DPSConfig()
-        if overrides:
-            config = DPSConfig.from_dict({**config.to_dict(), **overrides})
-        super().__init__(prior, objective, config)
+    config_class = DPSConfig
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
         cfg, prior = self.config, self.prior

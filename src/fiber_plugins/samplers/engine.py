@@ -98,7 +98,16 @@ class FiberSampler(abc.ABC):
 
     name = "base"
 
-    def __init__(self, prior: DiffusionPrior, objective: FiberObjective, config):
+    config_class: type | None = None  # the algorithm's config dataclass (to_dict / from_dict)
+
+    def __init__(self, prior: DiffusionPrior, objective: FiberObjective, config=None, **overrides):
+        """``config`` (default: ``config_class()``), with ``overrides`` as keyword settings."""
+        if self.config_class is not None:
+            config = config or self.config_class()
+            if overrides:
+                config = self.config_class.from_dict({**config.to_dict(), **overrides})
+        elif overrides:
+            raise TypeError(f"{type(self).__name__} takes no settings {sorted(overrides)}")
         if not isinstance(prior, DiffusionPrior):
             raise TypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
         if not isinstance(objective, FiberObjective):

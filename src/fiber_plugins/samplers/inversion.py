@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..objectives.base import FiberObjective
-from ..priors.prior import DiffusionPrior
 from ._common import (
     OPTIMISERS,
     RowOptimiser,
@@ -94,17 +92,7 @@ class PixelInversionSampler(FiberSampler):
 
     name = "pixel_inversion"
 
-    def __init__(
-        self,
-        prior: DiffusionPrior,
-        objective: FiberObjective,
-        config: PixelInversionConfig | None = None,
-        **overrides,
-    ):
-        config = config or PixelInversionConfig()
-        if overrides:
-            config = PixelInversionConfig.from_dict({**config.to_dict(), **overrides})
-        super().__init__(prior, objective, config)
+    config_class = PixelInversionConfig
 
     def initial_images(self, batch: Batch) -> torch.Tensor:
         """Per-row noise in image space, scaled and clamped to [-1, 1]: x_T itself for pixel

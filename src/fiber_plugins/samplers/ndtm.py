@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..objectives.base import FiberObjective
-from ..priors.prior import DiffusionPrior
 from .config import NDTMConfig
 from .engine import Batch, FiberSampler, mark_nonfinite
 
@@ -38,17 +36,7 @@ class NDTMSampler(FiberSampler):
 
     name = "ndtm"
 
-    def __init__(
-        self,
-        prior: DiffusionPrior,
-        objective: FiberObjective,
-        config: NDTMConfig | None = None,
-        **overrides,
-    ):
-        config = config or NDTMConfig()
-        if overrides:
-            config = NDTMConfig.from_dict({**config.to_dict(), **overrides})
-        super().__init__(prior, objective, config)
+    config_class = NDTMConfig
 
     def _step_target(self, batch: Batch, step, noise_ref: torch.Tensor | None):
         """The static y*, or the re-approximated y*_t = phi(D(x0_hat(x*_t)))."""

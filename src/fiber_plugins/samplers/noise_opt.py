@@ -21,8 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..evaluation.lowpass import lowpass as lowpass_filter
-from ..objectives.base import FiberObjective, target_rows
-from ..priors.prior import DiffusionPrior
+from ..objectives.base import target_rows
 from ..priors.schedules import Step
 from ._common import (
     OPTIMISERS,
@@ -125,17 +124,7 @@ class NoiseOptSampler(FiberSampler):
 
     name = "noise_opt"
 
-    def __init__(
-        self,
-        prior: DiffusionPrior,
-        objective: FiberObjective,
-        config: NoiseOptConfig | None = None,
-        **overrides,
-    ):
-        config = config or NoiseOptConfig()
-        if overrides:
-            config = NoiseOptConfig.from_dict({**config.to_dict(), **overrides})
-        super().__init__(prior, objective, config)
+    config_class = NoiseOptConfig
 
     def num_trace_steps(self) -> int:
         return self.config.max_iters
