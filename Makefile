@@ -6,7 +6,20 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.fiber-plugins-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-all lint bench clean-venv
+# SAELens overlay, for tests/adapters/test_sae.py::test_saelens_sae only. Every sae-lens release
+# requires transformer-lens<4 and `import sae_lens` imports transformer_lens.HookedTransformer, so
+# it cannot live in .venv next to the transformer-lens 4.x of the `lens` extra. To test the SAE
+# adapter against the real SAELens classes anyway, the pinned sae-lens, a transformer-lens 3.x and
+# the few pure-Python packages they need that .venv lacks are installed with --no-deps into their
+# own folder (everything else -- torch, transformers, datasets, ... -- comes from .venv). The test
+# runs its check in a subprocess with PYTHONPATH=$(SAELENS_OVERLAY), where that transformer_lens
+# shadows 4.x; .venv's own packages are never changed. Rebuilt from scratch when the pins change.
+SAELENS_OVERLAY := $(VENV)/saelens-overlay
+SAELENS_STAMP   := $(VENV)/.saelens-overlay-installed
+SAELENS_PINS    := sae-lens==6.54.12 transformer-lens==3.9.0 \
+                   better-abc==0.0.3 simple-parsing==0.1.9 docstring-parser==0.18.0
+
+.PHONY: demo test test-all lint bench clean-venv saelens-overlay
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,13 +30,21 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[all,dev]"
 	touch $(STAMP)
 
+$(SAELENS_STAMP): $(STAMP) Makefile
+	rm -rf $(SAELENS_OVERLAY) $(SAELENS_STAMP)
+	$(BIN)/python -m pip install -q --no-deps --only-binary=:all: \
+		--target $(SAELENS_OVERLAY) $(SAELENS_PINS)
+	touch $(SAELENS_STAMP)
+
+saelens-overlay: $(SAELENS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/fiber-plugins demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) $(SAELENS_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(SAELENS_STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 bench: $(STAMP)
