@@ -430,6 +430,35 @@ def test_missing_captum_names_the_extra(monkeypatch, subject):
     captum_objective(subject, target=1)  # building an objective does not need Captum
 
 
+def test_public_names_and_signatures_stay_in_the_adapter_module():
+    import inspect
+
+    import fiber_plugins.adapters.captum as mod
+
+    names = "captum_objective OutputFiber LayerFiber NeuronFiber FiberAttribution invariance_map"
+    assert mod.__all__ == [*names.split(), "visualize_invariance"]
+    assert mod.PerExampleTargetObjective is PerExampleTargetObjective and mod.NeuronSelector
+    sampling = ["prior", "n", "seed", "batch_size", "progress", "preprocess", "distance", "config"]
+    layer_kw = ["attribute_to_layer_input"]
+    expected = {
+        OutputFiber: (["inputs", "target", "additional_forward_args"], sampling),
+        LayerFiber: (["inputs", "additional_forward_args"], sampling + layer_kw),
+        NeuronFiber: (
+            ["inputs", "neuron_selector", "additional_forward_args"],
+            sampling + layer_kw,
+        ),
+    }
+    for cls, (positional, keywords) in expected.items():
+        params = list(inspect.signature(cls.attribute).parameters.values())[1:]
+        kinds = inspect.Parameter
+        assert [p.name for p in params if p.kind is kinds.POSITIONAL_OR_KEYWORD] == positional
+        assert {p.name for p in params if p.kind is kinds.KEYWORD_ONLY} == set(keywords)
+        assert params[-1].kind is kinds.VAR_KEYWORD and params[-1].name == "ndtm_settings"
+        defaults = {p.name: p.default for p in params}
+        assert defaults["n"] == 8 and defaults["seed"] == 0 and defaults["distance"] == "l2"
+        assert defaults["prior"] is inspect.Parameter.empty
+
+
 def test_importing_the_adapters_does_not_import_the_toolkits():
     code = (
         "import sys, fiber_plugins, fiber_plugins.adapters, fiber_plugins.adapters.captum, "
