@@ -10,6 +10,10 @@ target and settings:
   result is comparable with the engine's.
 - ``engine``: ``fiber_plugins.NDTMSampler(...).sample(targets=..., batch_size=B)`` -- batched rows,
   bf16 autocast on CUDA.
+- ``engine[VARIANT]`` (``--variants``): the engine again with one speed setting changed --
+  ``bf16-weights`` (prior weights cast to bf16 once), ``channels-last``, ``compile-blocks``
+  (``prior.accelerate(compile="blocks")``; the compile time is reported separately and not
+  counted), ``auto-batch`` (``batch_size="auto"``: the batch fitted to free GPU memory).
 - ``floor``:  the networks alone at the engine's batch size and precision -- one prior
   forward+input-gradient backward through decode (if latent) and the subject, plus one prior
   forward -- multiplied out to NDTM's per-sample cost ``T x (N x fwd_bwd + 1 fwd) / B``.
@@ -32,6 +36,7 @@ The table goes to stdout and, as markdown + JSON, to
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime as _dt
 import gc
@@ -51,6 +56,7 @@ from fiber_plugins._utils import randn_rows, row_generator
 
 WORKLOADS = ("adm256-resnet50", "dit-xl2-sdvae-resnet50", "adm256-dinov2")
 METHODS = ("naive", "engine", "floor")
+VARIANTS = ("bf16-weights", "channels-last", "compile-blocks", "auto-batch")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -552,16 +558,78 @@ def run_workload(wl: Workload, args, device: torch.device) -> dict:
     }
     rec["floor_components_ms_per_image"] = comps
 
+    # (d) engine variants: one speed setting changed each, on a copy of the prior
+    for variant in args.variants:
+        methods[f"engine[{variant}]"] = run_variant(wl, args, device, cfg, target, variant)
+
     for m in methods.values():
         s = m["s_per_sample"]
         m["samples_per_hour"] = 3600.0 / s if s > 0 else math.inf
         m["TFLOP_per_sample"] = flops_sample / 1e12
         m["TFLOP_per_s"] = flops_sample / 1e12 / s if s > 0 else math.inf
-    eng = methods["engine"]["s_per_sample"]
-    if "naive" in methods:
-        methods["engine"]["speedup_vs_naive"] = methods["naive"]["s_per_sample"] / eng
-    methods["engine"]["x_floor"] = eng / methods["floor"]["s_per_sample"]
+    for name, m in methods.items():
+        if not name.startswith("engine"):
+            continue
+        if "naive" in methods:
+            m["speedup_vs_naive"] = methods["naive"]["s_per_sample"] / m["s_per_sample"]
+        m["x_floor"] = m["s_per_sample"] / methods["floor"]["s_per_sample"]
     return rec
+
+
+def run_variant(wl: Workload, args, device, cfg, target, variant: str) -> dict:
+    """The engine with one speed setting changed, timed like the plain engine row."""
+    prior = wl.prior
+    batch: int | str = args.batch_size
+    compile_s = None
+    precision = "bf16 autocast" if cfg.autocast else "fp32"
+    if variant in ("bf16-weights", "channels-last", "compile-blocks"):
+        prior = copy.deepcopy(wl.prior)
+    if variant == "bf16-weights":
+        prior.accelerate(weights="bf16")
+        precision = "bf16 weights"
+    elif variant == "channels-last":
+        prior.accelerate(channels_last=True)
+    elif variant == "compile-blocks":
+        torch._dynamo.reset()
+        prior.accelerate(compile="blocks", compile_backend=args.compile_backend)
+    elif variant == "auto-batch":
+        batch = "auto"
+    sampler = fp.NDTMSampler(prior, wl.objective, cfg)
+    n = args.samples
+    warm_n = n if variant == "auto-batch" else min(args.batch_size, n)
+    t0 = time.perf_counter()
+    # warm-up (compiles the blocks for compile-blocks: forward and backward at this batch)
+    warm = fp.NDTMSampler(prior, wl.objective, dataclasses.replace(cfg, num_steps=1))
+    warm_res = warm.sample(
+        targets=target, n=warm_n, batch_size=batch, seed=args.seed, progress=False
+    )
+    _sync(device)
+    if variant == "compile-blocks":
+        compile_s = time.perf_counter() - t0
+    with PeakMemory(device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        result = sampler.sample(
+            targets=target, n=n, batch_size=batch, seed=args.seed, progress=False
+        )
+        _sync(device)
+        dt = time.perf_counter() - t0
+    out = {
+        "batch": int(result.config["batch_size"]),
+        "s_per_sample": dt / n,
+        "peak_mem_gib": mem.value_gib,
+        "precision": precision,
+        "failed": int(result.failed.sum()),
+        "final_fiber_loss_median": float(result.fiber_loss.nanmedian()),
+        "warmup_batch": int(warm_res.config["batch_size"]),
+    }
+    if compile_s is not None:
+        out["compile_and_warmup_s"] = compile_s
+    del sampler, warm, prior
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -607,7 +675,9 @@ HEADER = (
 def table_rows(records: list[dict]) -> list[list[str]]:
     rows = []
     for rec in records:
-        for name in METHODS:
+        order = [n for n in METHODS if n != "floor"]
+        order += [n for n in rec["methods"] if n.startswith("engine[")] + ["floor"]
+        for name in order:
             m = rec["methods"].get(name)
             if m is None:
                 continue
@@ -672,6 +742,18 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
             f"TFLOP/sample (the naive code executes {fl['naive_executed_TFLOP_per_sample']:.4g})",
             f"- floor components, ms per image at batch {rec['methods']['floor']['batch']}: {comps}",
         ]
+        for name, m in rec["methods"].items():
+            if name.startswith("engine["):
+                extra = (
+                    f"; compile + warm-up {m['compile_and_warmup_s']:.1f} s (not counted)"
+                    if "compile_and_warmup_s" in m
+                    else ""
+                )
+                lines.append(
+                    f"- {name}: batch {m['batch']}, median final fiber loss "
+                    f"{m['final_fiber_loss_median']:.3g} (plain engine "
+                    f"{rec['methods']['engine']['final_fiber_loss_median']:.3g}){extra}"
+                )
         if "naive_vs_engine_max_abs_diff" in rec:
             lines.append(
                 "- naive vs engine, same x_T: max |image difference| "
@@ -715,6 +797,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="engine and floor bf16 autocast (auto: on CUDA)",
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated engine variants from {list(VARIANTS)}, 'all' or 'none' "
+        "(default: all on CUDA, none on the CPU)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compile-blocks variant (aot_eager: trace only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-save", action="store_true", help="print only")
@@ -747,6 +840,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)} or 'all'")
     # the two ADM workloads share a UNet: run them next to each other
     args.workloads = sorted(dict.fromkeys(names), key=lambda n: (n.startswith("dit"), n))
+    if args.variants is None:
+        args.variants = "all" if args.device.startswith("cuda") else "none"
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if variants == ["all"]:
+        variants = list(VARIANTS)
+    elif variants == ["none"]:
+        variants = []
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}, 'all' or 'none'")
+    args.variants = variants
     for name in ("steps", "inner_steps", "batch_size", "samples", "floor_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -780,6 +884,8 @@ def main(argv=None) -> dict:
             "samples": args.samples,
             "naive_samples": args.naive_samples,
             "floor_repeats": args.floor_repeats,
+            "variants": args.variants,
+            "compile_backend": args.compile_backend,
             "seed": args.seed,
             "workloads": args.workloads,
         },

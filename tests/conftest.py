@@ -80,6 +80,17 @@ def pixel_prior_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def latent_prior():
+    """A random latent prior: 4x8x8 latent UNet + a 2-level VAE (16 px images)."""
+    from diffusers import DDIMScheduler
+
+    unet = tiny_unet(sample_size=8, channels=4)
+    return fp.DiffusionPrior(
+        unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=False), tiny_vae()
+    )
+
+
 @pytest.fixture(scope="session")
 def pixel_prior(pixel_prior_dir):
     return fp.load_prior(pixel_prior_dir)

@@ -73,6 +73,34 @@ def test_tiny_run_writes_table(harness, tmp_path):
     assert json.loads(js.read_text())["records"][0]["methods"]["engine"]["s_per_sample"] > 0
 
 
+def test_engine_variants(harness, tmp_path):
+    """Every speed variant runs on the latent workload (DiT blocks and VAE decoder blocks
+    compiled; aot_eager traces without generating code) and lands in the table."""
+    out = harness.main(
+        ["--tiny", "--device", "cpu", "--workload", "dit-xl2-sdvae-resnet50", "-T", "2", "-N", "1"]
+        + ["-B", "2", "--floor-repeats", "1", "--naive-samples", "0", "--variants", "all"]
+        + ["--compile-backend", "aot_eager", "--out-dir", str(tmp_path)]
+    )
+    (rec,) = out["records"]
+    variants = {f"engine[{v}]" for v in harness.VARIANTS}
+    assert set(rec["methods"]) == {"engine", "floor"} | variants
+    for v in variants:
+        m = rec["methods"][v]
+        assert m["failed"] == 0 and m["x_floor"] > 0 and math.isfinite(m["s_per_sample"])
+    # on the CPU "auto" takes every row (here the 2 samples); the compile time is kept apart
+    assert rec["methods"]["engine[auto-batch]"]["batch"] == 2
+    assert rec["methods"]["engine[compile-blocks]"]["compile_and_warmup_s"] > 0
+    assert rec["methods"]["engine[bf16-weights]"]["precision"] == "bf16 weights"
+    text = out["markdown_path"].read_text()
+    assert "| engine[compile-blocks] |" in text and "compile + warm-up" in text
+
+
 def test_cli_rejects_unknown_workload(harness):
     with pytest.raises(SystemExit):
         harness.parse_args(["--workload", "nope"])
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--variants", "bf16-weights,turbo"])
+    assert harness.parse_args(["--device", "cpu"]).variants == []
+    assert harness.parse_args(["--device", "cpu", "--variants", "all"]).variants == list(
+        harness.VARIANTS
+    )

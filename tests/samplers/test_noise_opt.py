@@ -15,7 +15,7 @@ import fiber_plugins as fp
 from fiber_plugins.priors.prior import DiffusionPrior
 from fiber_plugins.samplers import NoiseOptConfig, NoiseOptSampler
 
-from ..conftest import tiny_unet, tiny_vae
+from ..conftest import tiny_unet
 
 
 def _sampler(prior, objective, **kw):
@@ -121,16 +121,6 @@ def test_checkpointing_keeps_memory_flat_in_num_steps(pixel_prior, subject):
     # checkpointing changes memory, not the gradient
     torch.testing.assert_close(g5, g5_raw, rtol=1e-4, atol=1e-7)
     assert torch.isfinite(g20).all() and g20.abs().sum() > 0
-
-
-@pytest.fixture(scope="module")
-def latent_prior():
-    from diffusers import DDIMScheduler
-
-    unet = tiny_unet(sample_size=8, channels=4)
-    return DiffusionPrior(
-        unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=False), tiny_vae()
-    )
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,7 @@ import pytest
 import torch
 
 import fiber_plugins as fp
-from fiber_plugins.priors.prior import DiffusionPrior
 from fiber_plugins.samplers import LatentRefineConfig, NoiseOptSampler, refine_latent
-
-from ..conftest import tiny_unet, tiny_vae
-
-
-@pytest.fixture(scope="module")
-def latent_prior():
-    from diffusers import DDIMScheduler
-
-    unet = tiny_unet(sample_size=8, channels=4)
-    return DiffusionPrior(
-        unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=False), tiny_vae()
-    )
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,18 @@ def _device(name: str) -> str:
     return name
 
 
+def _batch_size(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def _guidance(args):
     from ..samplers import GuidanceSchedule
 
@@ -55,6 +67,11 @@ def cmd_sample(args) -> int:
     device = _device(args.device)
     model, pre = load_subject(args.subject, args.weights)
     prior = _load_prior(args.prior, device)
+    prior.accelerate(
+        weights=args.prior_dtype,
+        channels_last=True if args.channels_last else None,
+        compile=args.compile if args.compile != "off" else "keep",
+    )
     model.to(device)
     sae = None
     if args.sae:
@@ -275,7 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--distance", default="l2", choices=["l2", "l1", "cosine", "kl"])
     s.add_argument("--target-mode", default="static", choices=["static", "reapprox"])
     s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument(
+        "--prior-dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="cast the prior's weights once (half weights imply autocast in that dtype)",
+    )
+    s.add_argument(
+        "--compile",
+        choices=["off", "blocks", "full"],
+        default="off",
+        help="torch.compile the prior's blocks or whole networks (see docs/performance.md)",
+    )
+    s.add_argument(
+        "--channels-last", action="store_true", help="channels_last memory format for the prior"
+    )
+    s.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        help="rows per batch: an int, or 'auto' (fit the free GPU memory; default: all, <= 16)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="runs/fiber", help="output folder")

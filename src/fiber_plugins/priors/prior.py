@@ -64,6 +64,7 @@ class DiffusionPrior:
             else DDPMSchedule(scheduler_config)
         )
         self.denoiser_type = name
+        self.acceleration = {"weights": "fp32", "channels_last": False, "compile": None}
         cfg = denoiser.config
         self.latent_channels = int(cfg.in_channels)
         size = cfg.sample_size
@@ -125,7 +126,40 @@ class DiffusionPrior:
             self.denoiser.to(**kw)
             if self.vae is not None:
                 self.vae.to(**kw)
+        if dtype is not None:
+            names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+            self.acceleration = {**self.acceleration, "weights": names.get(dtype, str(dtype))}
         return self
+
+    def accelerate(
+        self,
+        weights: str | None = None,
+        channels_last: bool | None = None,
+        compile: str | None = "keep",
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
+        dynamic: bool = False,
+    ) -> DiffusionPrior:
+        """Speed settings of the networks, in place: ``weights`` ('fp32' / 'bf16' / 'fp16', cast
+        once), ``channels_last``, ``compile`` ('blocks', 'full', ``None`` to undo). See
+        :mod:`fiber_plugins.priors.acceleration`; the current settings are in
+        ``prior.acceleration``.
+
+        >>> prior.to("cuda").accelerate(weights="bf16", compile="blocks")  # doctest: +SKIP
+        """
+        from .acceleration import accelerate
+
+        return accelerate(
+            self, weights, channels_last, compile, compile_mode, compile_backend, dynamic
+        )
+
+    def _net_input(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """x in the networks' weight dtype and memory format (no copy when they already match)."""
+        dtype = self.dtype if module is self.denoiser else next(module.parameters()).dtype
+        x = x.to(dtype)
+        if self.acceleration.get("channels_last") and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def __repr__(self) -> str:
         return (
@@ -136,15 +170,21 @@ class DiffusionPrior:
 
     # ------------------------------------------------------------------ the sampler's interface
     def timesteps(self, num_steps: int) -> list[Step]:
-        """The sampling grid: ``num_steps`` transitions from pure noise to data."""
-        return self.schedule.grid(num_steps)
+        """The sampling grid: ``num_steps`` transitions from pure noise to data (computed once
+        per ``num_steps`` from the schedule's host-side tables)."""
+        grids = self.__dict__.setdefault("_grids", {})
+        if num_steps not in grids:
+            grids[num_steps] = self.schedule.grid(num_steps)
+        return list(grids[num_steps])
 
     def model_output(self, x: torch.Tensor, step: Step | float) -> torch.Tensor:
         """The raw network output at (x_t, t): epsilon, v, x0 or velocity, per the config."""
         t = step.timestep if isinstance(step, Step) else float(step)
         b = x.shape[0]
+        x_dtype = x.dtype
+        x = self._net_input(x, self.denoiser)
         if self.schedule.family == "flow":
-            tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
+            tt = torch.full((b,), t, device=x.device, dtype=torch.float32)
         else:
             tt = torch.full((b,), int(round(t)), device=x.device, dtype=torch.long)
         if self.denoiser_type == "UNet2DModel":
@@ -157,7 +197,7 @@ class DiffusionPrior:
             out = self.denoiser(x, timestep=tt, class_labels=labels).sample
         if out.shape[1] == 2 * self.latent_channels:  # learned-variance models (DiT, ADM)
             out = out[:, : self.latent_channels]
-        return out
+        return out.to(x_dtype)  # the caller's dtype (fp32 state with half weights / autocast)
 
     def predict(
         self, x: torch.Tensor, step: Step, out: torch.Tensor | None = None
@@ -194,13 +234,13 @@ class DiffusionPrior:
         if self.vae is None:
             return z
         z = z / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z).sample
+        return self.vae.decode(self._net_input(z, self.vae)).sample.to(z.dtype)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> latent (the posterior mean; identity for pixel priors)."""
         if self.vae is None:
             return image
-        z = self.vae.encode(image).latent_dist.mean
+        z = self.vae.encode(self._net_input(image, self.vae)).latent_dist.mean.to(image.dtype)
         return (z - self.shift_factor) * self.scaling_factor
 
     def sample_unguided(

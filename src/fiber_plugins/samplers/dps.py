@@ -12,7 +12,7 @@ as in Chung et al. (Alg. 1), where the gradient taken at x_t is applied to the u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -75,6 +75,10 @@ class DPSSampler(FiberSampler):
     name = "dps"
 
     config_class = DPSConfig
+
+    def probe_config(self) -> DPSConfig:
+        """One guided step (a schedule that is off at pure noise would measure too little)."""
+        return replace(self.config, num_steps=1, guidance=1.0)
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
         cfg, prior = self.config, self.prior

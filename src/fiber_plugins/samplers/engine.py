@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,56 @@ def as_reference_batch(references, size, channels) -> torch.Tensor:
     return load_image(references, size, channels)[None]
 
 
+MAX_AUTO_BATCH = 64
+
+
+class _CudaMemory:
+    """Peak-memory counters of one CUDA device, for ``batch_size="auto"``."""
+
+    def __init__(self, device: torch.device, fraction: float = 0.9):
+        self.device, self.fraction = device, fraction
+
+    def reset(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def budget(self) -> int:
+        """What may be allocated in all: what is allocated now + a fraction of the free memory."""
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return torch.cuda.memory_allocated(self.device) + int(self.fraction * free)
+
+
+def _memory_meter(device: torch.device):
+    """A peak-memory meter for ``device``, or None where there is none (the CPU)."""
+    return _CudaMemory(device) if device.type == "cuda" else None
+
+
+def fit_batch_size(
+    peak_bytes: Callable[[int], int], budget_bytes: int, max_rows: int, cap: int = MAX_AUTO_BATCH
+) -> int:
+    """The largest batch whose peak memory fits ``budget_bytes``, from two probe runs.
+
+    ``peak_bytes(b)`` runs the sampler's most memory-hungry unit at batch b and returns the peak
+    memory in bytes (weights included). Peak memory is modelled as ``static + b * per_row``, fitted
+    from b = 1 and b = 2; the answer is clamped to [1, min(max_rows, cap)]. Allocator rounding
+    makes the model approximate, so the engine still halves the batch on out-of-memory.
+    """
+    limit = max(1, min(max_rows, cap))
+    p1 = int(peak_bytes(1))
+    if limit == 1 or p1 >= budget_bytes:
+        return 1
+    p2 = int(peak_bytes(2))
+    per_row = max(p2 - p1, 1)
+    static = p1 - per_row
+    return int(max(1, min(limit, (budget_bytes - static) // per_row)))
+
+
 @dataclass
 class Batch:
     """What an algorithm sees for one batch of rows (one row = one reference x one sample)."""
@@ -124,13 +176,25 @@ class FiberSampler(abc.ABC):
     def num_trace_steps(self) -> int:
         return self.config.num_steps
 
+    def probe_config(self):
+        """Settings of the short run that measures memory for ``batch_size="auto"``: one
+        sampling step (samplers override this when that does not reach their peak)."""
+        if hasattr(self.config, "num_steps"):
+            return dataclasses.replace(self.config, num_steps=1)
+        return self.config
+
     # ------------------------------------------------------------------ shared helpers
     @property
     def device(self) -> torch.device:
         return self.prior.device
 
     def autocast(self):
-        """bf16 autocast of the networks when ``config.autocast`` is set (CUDA, or CPU for tests)."""
+        """Autocast of the networks: bf16 when ``config.autocast`` is set (CUDA, or CPU for
+        tests), and always in the prior's weight dtype when its weights are half precision
+        (``prior.accelerate(weights="bf16")``), so normalisations and softmax stay fp32."""
+        dtype = self.prior.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=dtype)
         if getattr(self.config, "autocast", False):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -149,7 +213,7 @@ class FiberSampler(abc.ABC):
         targets=None,
         n: int = 4,
         seed: int = 0,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         progress: bool = True,
     ) -> FiberResult:
         """Sample ``n`` fiber samples for each reference (or explicit target).
@@ -163,7 +227,11 @@ class FiberSampler(abc.ABC):
             Instead of references: explicit targets, (K,) or (R, K) (a tuple for summed objectives).
         n: samples per reference.
         seed: base seed; each (reference, sample) row has its own generator.
-        batch_size: rows per batch (default: all rows, at most 16); halved on CUDA out-of-memory.
+        batch_size: rows per batch (default: all rows, at most 16). ``"auto"`` measures peak GPU
+            memory on two short probe runs (batch 1 and 2) and takes the largest batch that fits
+            90% of the free memory (at most 64; on the CPU: all rows, at most 16). Whatever the
+            batch size, it is halved and the batch retried on CUDA out-of-memory; finished
+            samples are kept, and seeded results do not depend on it.
         progress: show a tqdm bar with the running median fiber loss.
         """
         if (references is None) == (targets is None):
@@ -198,9 +266,18 @@ class FiberSampler(abc.ABC):
                     ref_latents = prior.encode(refs.to(device, prior.dtype) * 2 - 1).float()
 
             rows = [(r, m) for r in range(num_refs) for m in range(n)]
-            bs = batch_size or min(len(rows), 16)
-            if bs < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            if batch_size == "auto":
+                bs = self._auto_batch_size(rows, y, ref_latents, seed)
+            elif batch_size is None:
+                bs = min(len(rows), 16)
+            elif (
+                isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0
+            ):
+                bs = batch_size
+            else:
+                raise ValueError(
+                    f"batch_size must be a positive int, 'auto' or None, got {batch_size!r}"
+                )
             T = self.num_trace_steps()
             images = torch.zeros(num_refs, n, prior.image_channels, *prior.image_size)
             losses = torch.full((num_refs, n), math.nan)
@@ -213,12 +290,15 @@ class FiberSampler(abc.ABC):
             try:
                 while done < len(rows):
                     chunk = rows[done : done + bs]
+                    bar_before = bar.n
                     try:
                         out = self._run_rows(chunk, y, ref_latents, seed, bar)
                     except torch.OutOfMemoryError:
                         if bs == 1:
                             raise
-                        bs = max(1, bs // 2)
+                        bar.n = bar_before  # the retry counts the rows' steps again
+                        bar.refresh()
+                        bs = max(1, len(chunk) // 2)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         bar.write(f"out of memory: retrying with batch size {bs}")
@@ -244,6 +324,7 @@ class FiberSampler(abc.ABC):
             "seed": seed,
             "batch_size": bs,
             "device": str(device),
+            "acceleration": dict(prior.acceleration),
         }
         return FiberResult(
             images=images,
@@ -255,6 +336,22 @@ class FiberSampler(abc.ABC):
             wall_time=time.perf_counter() - start,
             targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
         )
+
+    def _auto_batch_size(self, rows, y, ref_latents, seed) -> int:
+        meter = _memory_meter(self.device)
+        if meter is None:
+            return min(len(rows), 16)
+        probe = type(self)(self.prior, self.objective, self.probe_config())
+
+        def peak_bytes(b: int) -> int:
+            meter.reset()
+            probe._run_rows([rows[i % len(rows)] for i in range(b)], y, ref_latents, seed, None)
+            return meter.peak()
+
+        try:
+            return fit_batch_size(peak_bytes, meter.budget(), len(rows))
+        except torch.OutOfMemoryError:
+            return 1
 
     def _check_gradient_path(self, refs: torch.Tensor | None) -> None:
         """Refuse an objective whose features do not depend on the image (guidance would be a

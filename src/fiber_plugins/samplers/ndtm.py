@@ -11,6 +11,8 @@ each term summed per sample; then the usual DDIM update is taken from x'_t = x_t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from tqdm.auto import tqdm
 
@@ -37,6 +39,12 @@ class NDTMSampler(FiberSampler):
     name = "ndtm"
 
     config_class = NDTMConfig
+
+    def probe_config(self) -> NDTMConfig:
+        """One guided step with the same inner loop: the peak memory of a whole run."""
+        return replace(
+            self.config, num_steps=1, guidance=1.0, inner_steps=max(1, self.config.inner_steps)
+        )
 
     def _step_target(self, batch: Batch, step, noise_ref: torch.Tensor | None):
         """The static y*, or the re-approximated y*_t = phi(D(x0_hat(x*_t)))."""
@@ -88,10 +96,9 @@ class NDTMSampler(FiberSampler):
     def _control(self, x, step, gamma, lr, target, alive):
         """N Adam steps on u; returns the guided state x + gamma u and the last fiber loss."""
         cfg, prior = self.config, self.prior
+        # tau > 0 needs eps(x_t): the first inner evaluation is at u = 0, i.e. exactly x_t, so it
+        # is taken from there instead of a separate forward (its tau term is 0 with zero gradient)
         eps_ref = None
-        if cfg.tau > 0:
-            with torch.no_grad(), self.autocast():
-                eps_ref = prior.predict(x, step)[0].float()
         u = torch.zeros_like(x)
         m = torch.zeros_like(x)
         v = torch.zeros_like(x)
@@ -106,8 +113,11 @@ class NDTMSampler(FiberSampler):
                     img = prior.decode(x0)
                 fl = self.fiber_loss(img, target)
                 J = fl + cfg.kappa * _flat_sum(u)
-                if eps_ref is not None:
-                    J = J + cfg.tau * _flat_sum(eps.float() - eps_ref)
+                if cfg.tau > 0:
+                    if eps_ref is None:
+                        eps_ref = eps.detach().float()
+                    else:
+                        J = J + cfg.tau * _flat_sum(eps.float() - eps_ref)
                 J = torch.where(alive & torch.isfinite(J), J, torch.zeros_like(J))
                 (grad,) = torch.autograd.grad(J.sum(), u)
             u = u.detach()

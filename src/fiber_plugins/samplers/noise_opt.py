@@ -14,7 +14,7 @@ or pulled there by a norm prior. A row stops as soon as its fiber loss falls bel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -129,13 +129,17 @@ class NoiseOptSampler(FiberSampler):
     def num_trace_steps(self) -> int:
         return self.config.max_iters
 
+    def probe_config(self) -> NoiseOptConfig:
+        """One iteration through the whole chain (memory does not grow with iterations)."""
+        return replace(self.config, max_iters=1, threshold=None)
+
     def sample(
         self,
         references=None,
         targets=None,
         n: int = 4,
         seed: int = 0,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         progress: bool = True,
     ) -> FiberResult:
         """As :meth:`FiberSampler.sample`; adds ``config["iterations"]`` (R, M): the
