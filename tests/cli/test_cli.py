@@ -56,6 +56,23 @@ def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_pa
     assert "median fiber loss" in capsys.readouterr().out
 
 
+def test_sample_speed_flags(pixel_prior_dir, ref_png, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--prior-dtype", "bf16", "--channels-last", "--batch-size", "auto"]
+    assert main(_args(pixel_prior_dir, ref_png, out, *extra)) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["acceleration"]["weights"] == "bf16" and config["acceleration"]["channels_last"]
+    assert config["batch_size"] == 2  # "auto" on the CPU: every row
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "many"])
+def test_bad_batch_size_exit_2(pixel_prior_dir, ref_png, tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        main(_args(pixel_prior_dir, ref_png, tmp_path / "run", "--batch-size", bad))
+    assert exc.value.code == 2
+    assert f"expected a positive integer or 'auto', got '{bad}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
