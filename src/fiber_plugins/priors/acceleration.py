@@ -20,7 +20,7 @@ they compute (up to rounding):
   through (``"reduce-overhead"`` adds CUDA graphs, ``"max-autotune"`` tunes kernels).
   ``compile=None`` undoes an earlier compilation.
 
-Use :meth:`fiber_plugins.DiffusionPrior.accelerate`, which calls :func:`accelerate`.
+Use :meth:`fiber_plugins.DiffusionPrior.accelerate`; this module holds its parts.
 """
 
 from __future__ import annotations
@@ -69,55 +69,26 @@ def _uncompile(prior) -> None:
                 m._compiled_call_impl = None
 
 
-def accelerate(
-    prior,
-    weights: str | None = None,
-    channels_last: bool | None = None,
-    compile: str | None = "keep",
-    compile_mode: str | None = None,
-    compile_backend: str = "inductor",
-    dynamic: bool = False,
-):
-    """Apply speed settings to ``prior`` in place and return it (see the module docstring).
+def set_weights(prior, weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}")
+    prior.to(dtype=WEIGHTS[weights])
 
-    Parameters
-    ----------
-    weights: 'fp32', 'bf16' or 'fp16'; ``None`` keeps the current dtype.
-    channels_last: ``True`` / ``False`` switches the memory format; ``None`` keeps it.
-    compile: 'blocks', 'full', ``None`` (undo compilation) or 'keep' (default: unchanged).
-    compile_mode: torch.compile mode (``None``, 'default', 'reduce-overhead', 'max-autotune',
-        'max-autotune-no-cudagraphs').
-    compile_backend: torch.compile backend ('inductor'; 'aot_eager' checks tracing without
-        generating code).
-    dynamic: let torch.compile generate shape-generic code (default off: the engine's shapes
-        are static apart from the last, smaller batch).
-    """
-    state = dict(prior.acceleration)
-    if weights is not None:
-        if weights not in WEIGHTS:
-            raise ValueError(
-                f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}"
-            )
-        prior.to(dtype=WEIGHTS[weights])
-        state["weights"] = weights
-    if channels_last is not None:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        prior.denoiser.to(memory_format=fmt)
-        if prior.vae is not None:
-            prior.vae.to(memory_format=fmt)
-        state["channels_last"] = bool(channels_last)
-    if compile != "keep":
-        if compile is not None and compile not in COMPILE:
-            raise ValueError(
-                f"unknown compile setting {compile!r}; choose one of {list(COMPILE)} or None"
-            )
-        _uncompile(prior)
-        if compile is not None:
-            for module in compile_targets(prior, compile):
-                kw = {"mode": compile_mode} if compile_mode is not None else {}
-                module.compile(backend=compile_backend, dynamic=dynamic, **kw)
-        state["compile"] = compile
-        state["compile_mode"] = compile_mode if compile else None
-        state["compile_backend"] = compile_backend if compile else None
-    prior.acceleration = state
-    return prior
+
+def set_channels_last(prior, on: bool) -> None:
+    fmt = torch.channels_last if on else torch.contiguous_format
+    for net in (prior.denoiser, prior.vae):
+        if net is not None:
+            net.to(memory_format=fmt)
+
+
+def set_compile(prior, compile: str | None, mode: str | None, backend: str, dynamic: bool) -> None:
+    if compile is not None and compile not in COMPILE:
+        raise ValueError(
+            f"unknown compile setting {compile!r}; choose one of {list(COMPILE)} or None"
+        )
+    _uncompile(prior)
+    if compile is not None:
+        kw = {"mode": mode} if mode is not None else {}
+        for module in compile_targets(prior, compile):
+            module.compile(backend=backend, dynamic=dynamic, **kw)

@@ -140,18 +140,40 @@ class DiffusionPrior:
         compile_backend: str = "inductor",
         dynamic: bool = False,
     ) -> DiffusionPrior:
-        """Speed settings of the networks, in place: ``weights`` ('fp32' / 'bf16' / 'fp16', cast
-        once), ``channels_last``, ``compile`` ('blocks', 'full', ``None`` to undo). See
-        :mod:`fiber_plugins.priors.acceleration`; the current settings are in
-        ``prior.acceleration``.
+        """Speed settings of the networks, in place; returns the prior.
+
+        Parameters
+        ----------
+        weights: 'fp32', 'bf16' or 'fp16' (cast once); ``None`` keeps the dtype.
+        channels_last: ``True`` / ``False`` switches the UNet/VAE memory format; ``None`` keeps it.
+        compile: 'blocks' (each UNet/DiT/VAE-decoder block), 'full' (denoiser and VAE decoder),
+            ``None`` (undo) or 'keep' (default: unchanged).
+        compile_mode: torch.compile mode ('reduce-overhead' adds CUDA graphs, 'max-autotune').
+        compile_backend: 'inductor'; 'aot_eager' traces without generating code.
+        dynamic: shape-generic compiled code (default off: the engine's shapes are static).
+
+        See :mod:`fiber_plugins.priors.acceleration`; the settings are in ``prior.acceleration``.
 
         >>> prior.to("cuda").accelerate(weights="bf16", compile="blocks")  # doctest: +SKIP
         """
-        from .acceleration import accelerate
+        from . import acceleration as acc
 
-        return accelerate(
-            self, weights, channels_last, compile, compile_mode, compile_backend, dynamic
-        )
+        state = dict(self.acceleration)
+        if weights is not None:
+            acc.set_weights(self, weights)
+            state["weights"] = weights
+        if channels_last is not None:
+            acc.set_channels_last(self, channels_last)
+            state["channels_last"] = bool(channels_last)
+        if compile != "keep":
+            acc.set_compile(self, compile, compile_mode, compile_backend, dynamic)
+            state.update(
+                compile=compile,
+                compile_mode=compile_mode if compile else None,
+                compile_backend=compile_backend if compile else None,
+            )
+        self.acceleration = state
+        return self
 
     def _net_input(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """x in the networks' weight dtype and memory format (no copy when they already match)."""
