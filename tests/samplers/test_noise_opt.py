@@ -249,5 +249,6 @@ def test_config_roundtrip_and_validation():
 
 def test_bf16_autocast_and_progress_bar(pixel_prior, subject, references):
     res = _sampler(pixel_prior, fp.FiberObjective(subject), num_steps=2, max_iters=3, autocast=True)
-    res = res.sample(references=references[:1], n=2, progress=True)
+    with pytest.warns(UserWarning, match="bf16/fp16 networks on the CPU"):
+        res = res.sample(references=references[:1], n=2, progress=True)
     assert res.images.dtype == torch.float32 and torch.isfinite(res.fiber_loss).all()

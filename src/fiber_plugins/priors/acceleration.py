@@ -70,9 +70,21 @@ def _uncompile(prior) -> None:
 
 
 def set_weights(prior, weights: str) -> None:
+    """Cast the denoiser and VAE; modules a diffusers model lists in ``_keep_in_fp32_modules``
+    stay fp32 (autocast feeds them), as ``from_pretrained(torch_dtype=...)`` would keep them."""
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}")
-    prior.to(dtype=WEIGHTS[weights])
+    dtype = WEIGHTS[weights]
+    for net in (prior.denoiser, prior.vae):
+        if net is None:
+            continue
+        nn.Module.to(net, dtype=dtype)  # diffusers' own .to(dtype) only adds a warning
+        keep = getattr(net, "_keep_in_fp32_modules", None) or ()
+        for name, module in net.named_modules():
+            if any(k in name.split(".") for k in keep):
+                nn.Module.to(module, dtype=torch.float32)
+    names = {v: k for k, v in WEIGHTS.items()}
+    prior.acceleration = {**prior.acceleration, "weights": names[dtype]}
 
 
 def set_channels_last(prior, on: bool) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,11 @@ class FiberSampler(abc.ABC):
     def device(self) -> torch.device:
         return self.prior.device
 
+    def _half_precision(self) -> bool:
+        return self.prior.dtype in (torch.bfloat16, torch.float16) or bool(
+            getattr(self.config, "autocast", False)
+        )
+
     def autocast(self):
         """Autocast of the networks: bf16 when ``config.autocast`` is set (CUDA, or CPU for
         tests), and always in the prior's weight dtype when its weights are half precision
@@ -241,6 +247,13 @@ class FiberSampler(abc.ABC):
         start = time.perf_counter()
         prior, device = self.prior, self.device
         self._check_devices()
+        if device.type == "cpu" and self._half_precision():
+            warnings.warn(
+                "bf16/fp16 networks on the CPU: CPUs without native bf16 kernels run them many "
+                "times slower than fp32 (see docs/performance.md); use fp32 on the CPU and keep "
+                "half precision for the GPU",
+                stacklevel=2,
+            )
         refs = None
         with self.objective.attached():
             if references is not None:
