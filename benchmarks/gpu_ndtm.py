@@ -13,7 +13,9 @@ target and settings:
 - ``engine[VARIANT]`` (``--variants``): the engine again with one speed setting changed --
   ``bf16-weights`` (prior weights cast to bf16 once), ``channels-last``, ``compile-blocks``
   (``prior.accelerate(compile="blocks")``; the compile time is reported separately and not
-  counted), ``auto-batch`` (``batch_size="auto"``: the batch fitted to free GPU memory).
+  counted), ``checkpointing`` (diffusers' gradient checkpointing of the denoiser and VAE blocks:
+  the price of the memory it saves), ``auto-batch`` (``batch_size="auto"``: the batch fitted to
+  free GPU memory).
 - ``floor``:  the networks alone at the engine's batch size and precision -- one prior
   forward+input-gradient backward through decode (if latent) and the subject, plus one prior
   forward -- multiplied out to NDTM's per-sample cost ``T x (N x fwd_bwd + 1 fwd) / B``.
@@ -56,7 +58,7 @@ from fiber_plugins._utils import randn_rows, row_generator
 
 WORKLOADS = ("adm256-resnet50", "dit-xl2-sdvae-resnet50", "adm256-dinov2")
 METHODS = ("naive", "engine", "floor")
-VARIANTS = ("bf16-weights", "channels-last", "compile-blocks", "auto-batch")
+VARIANTS = ("bf16-weights", "channels-last", "compile-blocks", "checkpointing", "auto-batch")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -582,7 +584,7 @@ def run_variant(wl: Workload, args, device, cfg, target, variant: str) -> dict:
     batch: int | str = args.batch_size
     compile_s = None
     precision = "bf16 autocast" if cfg.autocast else "fp32"
-    if variant in ("bf16-weights", "channels-last", "compile-blocks"):
+    if variant in ("bf16-weights", "channels-last", "compile-blocks", "checkpointing"):
         prior = copy.deepcopy(wl.prior)
     if variant == "bf16-weights":
         prior.accelerate(weights="bf16")
@@ -592,6 +594,8 @@ def run_variant(wl: Workload, args, device, cfg, target, variant: str) -> dict:
     elif variant == "compile-blocks":
         torch._dynamo.reset()
         prior.accelerate(compile="blocks", compile_backend=args.compile_backend)
+    elif variant == "checkpointing":
+        prior.accelerate(checkpointing=True)
     elif variant == "auto-batch":
         batch = "auto"
     sampler = fp.NDTMSampler(prior, wl.objective, cfg)

@@ -58,10 +58,11 @@ def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_pa
 
 def test_sample_speed_flags(pixel_prior_dir, ref_png, tmp_path):
     out = tmp_path / "run"
-    extra = ["--prior-dtype", "bf16", "--channels-last", "--batch-size", "auto"]
+    extra = ["--prior-dtype", "bf16", "--channels-last", "--checkpointing", "--batch-size", "auto"]
     assert main(_args(pixel_prior_dir, ref_png, out, *extra)) == 0
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert config["acceleration"]["weights"] == "bf16" and config["acceleration"]["channels_last"]
+    assert config["acceleration"]["checkpointing"] is True
     assert config["batch_size"] == 2  # "auto" on the CPU: every row
 
 

@@ -2,7 +2,8 @@
 
 What the CPU suite cannot show: no host synchronisation inside the sampling loop (CUDA's sync
 debug mode turns any into an error), automatic batch sizing against real peak-memory counters,
-and bf16 weights / inductor-compiled blocks keeping the fiber-loss distribution on the GPU.
+and bf16 weights / inductor-compiled blocks keeping the fiber-loss distribution on the GPU, and
+gradient checkpointing lowering the real peak memory.
 """
 
 from __future__ import annotations
@@ -88,3 +89,25 @@ def test_fast_settings_keep_the_fiber_loss_distribution(
     ratio = res.median_loss() / fp32.median_loss()
     assert 0.5 <= ratio <= 2.0, ratio
     assert res.median_loss() <= 0.5 * unguided.median_loss()
+
+
+def test_checkpointing_lowers_peak_memory_and_keeps_the_samples(
+    trained_prior, subject, block_references
+):
+    prior, model = _on_cuda(trained_prior, subject)
+    objective = fp.FiberObjective(model)
+    kw = dict(references=block_references, n=4, seed=0, progress=False)
+
+    def run(p):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        res = _sampler(p, objective, num_steps=3, inner_steps=2).sample(**kw)
+        torch.cuda.synchronize()
+        return res, torch.cuda.max_memory_allocated() - base
+
+    plain, plain_peak = run(prior)
+    ckpt, ckpt_peak = run(copy.deepcopy(prior).accelerate(checkpointing=True))
+    assert ckpt_peak < plain_peak, (ckpt_peak, plain_peak)
+    torch.testing.assert_close(ckpt.images, plain.images, rtol=1e-3, atol=5e-3)

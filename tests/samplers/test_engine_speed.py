@@ -142,8 +142,146 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_samples(
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(fp.NDTMSampler, "run_batch", always)
-    with pytest.raises(torch.OutOfMemoryError):
-        sampler.sample(batch_size=2, progress=False, **kw)
+    with pytest.raises(torch.OutOfMemoryError, match="with gradient checkpointing on"):
+        with pytest.warns(UserWarning, match="gradient checkpointing of the prior is on"):
+            sampler.sample(batch_size=2, progress=False, **kw)
+    assert not pixel_prior.denoiser.is_gradient_checkpointing  # switched off again
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+def _kept_activation_bytes(prior):
+    """Bytes autograd keeps between forward and backward for one guided evaluation (x0_hat and
+    decode of a batch of 4): what gradient checkpointing exists to cut. Tensors saved inside a
+    checkpointed block are held by the checkpoint's own hooks, so they are not counted."""
+    x = torch.randn(4, *prior.latent_shape, generator=torch.Generator().manual_seed(0))
+    u = torch.zeros_like(x, requires_grad=True)
+    step = prior.timesteps(10)[5]
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, x0 = prior.predict(x + u, step)
+        loss = prior.decode(x0).pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, u)
+    return sum(kept), grad
+
+
+def test_checkpointing_keeps_the_samples_and_cuts_kept_activations(
+    pixel_prior, latent_prior, subject, references
+):
+    objective = fp.FiberObjective(subject)
+    for base in (pixel_prior, latent_prior):
+        prior = copy.deepcopy(base).accelerate(checkpointing=True)
+        assert prior.acceleration["checkpointing"] is True
+        assert prior.denoiser.is_gradient_checkpointing
+        if prior.vae is not None:
+            assert prior.vae.is_gradient_checkpointing
+        full, grad_full = _kept_activation_bytes(base)
+        ckpt, grad_ckpt = _kept_activation_bytes(prior)
+        assert ckpt * 2 <= full, (ckpt, full)
+        torch.testing.assert_close(grad_ckpt, grad_full)  # recomputed, not approximated
+        kw = dict(references=references[:2], n=2, seed=0, progress=False)
+        plain = _sampler(base, objective, num_steps=3, inner_steps=2).sample(**kw)
+        res = _sampler(prior, objective, num_steps=3, inner_steps=2).sample(**kw)
+        torch.testing.assert_close(res.images, plain.images, rtol=0, atol=1e-5)
+        assert res.config["acceleration"]["checkpointing"] is True
+        prior.accelerate(checkpointing=False)
+        assert not prior.denoiser.is_gradient_checkpointing
+        assert prior.acceleration["checkpointing"] is False
+
+
+def test_checkpointing_needs_a_denoiser_that_has_it(pixel_prior):
+    prior = copy.deepcopy(pixel_prior)
+    prior.denoiser._supports_gradient_checkpointing = False
+    with pytest.raises(ValueError, match="UNet2DModel does not support gradient checkpointing"):
+        prior.accelerate(checkpointing=True)
+    prior.accelerate(checkpointing=False)  # switching off is always possible
+
+
+def _oom_unless_checkpointing(monkeypatch, sizes):
+    real = fp.NDTMSampler.run_batch
+
+    def flaky(self, batch, progress):
+        sizes.append((len(batch.rows), self.prior.denoiser.is_gradient_checkpointing))
+        if not self.prior.denoiser.is_gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch, progress)
+
+    monkeypatch.setattr(fp.NDTMSampler, "run_batch", flaky)
+
+
+def test_out_of_memory_at_batch_one_turns_checkpointing_on_for_the_call(
+    pixel_prior, subject, references, monkeypatch
+):
+    prior = copy.deepcopy(pixel_prior)
+    sampler = _sampler(prior, fp.FiberObjective(subject), num_steps=3, inner_steps=2)
+    kw = dict(references=references[:2], n=2, seed=4, progress=False)
+    plain = sampler.sample(batch_size=1, **kw)
+    sizes = []
+    _oom_unless_checkpointing(monkeypatch, sizes)
+    with pytest.warns(UserWarning, match="gradient checkpointing of the prior is on for this call"):
+        res = sampler.sample(batch_size=4, **kw)
+    # 4 -> 2 -> 1 rows fail without checkpointing; then every row runs at batch 1 with it
+    assert sizes == [(4, False), (2, False), (1, False)] + [(1, True)] * 4
+    assert res.config["acceleration"]["checkpointing"] == "auto"
+    assert res.config["batch_size"] == 1 and not res.failed.any()
+    torch.testing.assert_close(res.images, plain.images, rtol=0, atol=1e-5)
+    # for this call only: the prior is as the user left it
+    assert prior.acceleration["checkpointing"] is False
+    assert not prior.denoiser.is_gradient_checkpointing
+
+
+def test_out_of_memory_with_checkpointing_on_says_what_to_try(
+    pixel_prior, subject, references, monkeypatch
+):
+    prior = copy.deepcopy(pixel_prior).accelerate(checkpointing=True)
+    sampler = _sampler(prior, fp.FiberObjective(subject), num_steps=2, inner_steps=1)
+
+    def always(self, batch, progress):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(fp.NDTMSampler, "run_batch", always)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        sampler.sample(references=references[:1], n=2, batch_size=2, progress=False)
+    msg = str(info.value)
+    assert "simulated" in msg and "batch size 1; with gradient checkpointing on" in msg
+    assert "prior.accelerate(weights='bf16')" in msg
+    assert prior.acceleration["checkpointing"] is True  # the user's own setting stays
+    assert prior.denoiser.is_gradient_checkpointing
+
+
+class _CheckpointAwareMeter(_FakeMeter):
+    """A fake meter whose per-row memory drops 4x when the prior checkpoints its blocks."""
+
+    def __init__(self, prior, **kw):
+        super().__init__(prior, **kw)
+        self.prior = prior
+
+    def peak(self):
+        per_row = self.per_row // (4 if self.prior.denoiser.is_gradient_checkpointing else 1)
+        return self.static + per_row * self.counter.max_batch
+
+
+def test_auto_batch_turns_checkpointing_on_when_one_row_does_not_fit(
+    pixel_prior, subject, references, monkeypatch
+):
+    prior = copy.deepcopy(pixel_prior)
+    # one row needs 10_000 + 4_000 > budget; with checkpointing a row needs 1_000: 3 rows fit
+    meter = _CheckpointAwareMeter(prior, static=10_000, per_row=4_000, budget=13_500)
+    monkeypatch.setattr(engine, "_memory_meter", lambda device: meter)
+    sampler = _sampler(prior, fp.FiberObjective(subject), num_steps=2, inner_steps=1)
+    try:
+        with pytest.warns(UserWarning, match="one row needs more than the"):
+            res = sampler.sample(references=references[:2], n=3, batch_size="auto", progress=False)
+    finally:
+        meter.counter.handle.remove()
+    assert meter.resets == 3  # batch 1 without, then batch 1 and 2 with checkpointing
+    assert res.config["batch_size"] == 3
+    assert res.config["acceleration"]["checkpointing"] == "auto"
+    assert not prior.denoiser.is_gradient_checkpointing
 
 
 # ---------------------------------------------------------------- no host syncs
@@ -237,7 +375,12 @@ def test_accelerate_validates_and_records(pixel_prior):
         prior.accelerate(weights="int8")
     with pytest.raises(ValueError, match=r"unknown compile setting 'everything'; choose one of"):
         prior.accelerate(compile="everything")
-    assert prior.acceleration == {"weights": "fp32", "channels_last": False, "compile": None}
+    assert prior.acceleration == {
+        "weights": "fp32",
+        "channels_last": False,
+        "compile": None,
+        "checkpointing": False,
+    }
     prior.accelerate(weights="bf16", channels_last=True)
     assert prior.dtype == torch.bfloat16
     assert prior.acceleration["weights"] == "bf16" and prior.acceleration["channels_last"]

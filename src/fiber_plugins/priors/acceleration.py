@@ -19,6 +19,11 @@ they compute (up to rounding):
   ``compile="full"`` compiles the whole denoiser and VAE decoder. ``compile_mode`` is passed
   through (``"reduce-overhead"`` adds CUDA graphs, ``"max-autotune"`` tunes kernels).
   ``compile=None`` undoes an earlier compilation.
+- ``checkpointing``: diffusers' gradient checkpointing of the denoiser's and the VAE's blocks:
+  a guided step's backward recomputes each block's forward instead of keeping its activations,
+  which cuts the activation memory of one forward+backward several-fold for about one extra
+  forward of compute. The sampling engine turns it on by itself, for one ``sample`` call, when a
+  single row does not fit into memory without it ("only when memory needs it").
 
 Use :meth:`fiber_plugins.DiffusionPrior.accelerate`; this module holds its parts.
 """
@@ -85,6 +90,31 @@ def set_weights(prior, weights: str) -> None:
                 nn.Module.to(module, dtype=torch.float32)
     names = {v: k for k, v in WEIGHTS.items()}
     prior.acceleration = {**prior.acceleration, "weights": names[dtype]}
+
+
+def supports_checkpointing(prior) -> bool:
+    """Whether the prior's denoiser has diffusers' gradient checkpointing."""
+    return bool(getattr(prior.denoiser, "_supports_gradient_checkpointing", False))
+
+
+def set_checkpointing(prior, on: bool) -> None:
+    """Switch diffusers' gradient checkpointing of the denoiser (and the VAE, where it has it).
+
+    Diffusers checkpoints a block whenever ``torch.is_grad_enabled()`` and its flag is set, so
+    it acts in the guided (gradient) evaluations and costs nothing in no-grad forwards.
+    """
+    if on and not supports_checkpointing(prior):
+        raise ValueError(
+            f"{type(prior.denoiser).__name__} does not support gradient checkpointing "
+            "(its _supports_gradient_checkpointing is False); use a smaller batch or bf16 weights"
+        )
+    for net in (prior.denoiser, prior.vae):
+        if net is None or not getattr(net, "_supports_gradient_checkpointing", False):
+            continue
+        if on:
+            net.enable_gradient_checkpointing()
+        elif net.is_gradient_checkpointing:
+            net.disable_gradient_checkpointing()
 
 
 def set_channels_last(prior, on: bool) -> None:

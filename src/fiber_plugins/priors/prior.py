@@ -64,7 +64,12 @@ class DiffusionPrior:
             else DDPMSchedule(scheduler_config)
         )
         self.denoiser_type = name
-        self.acceleration = {"weights": "fp32", "channels_last": False, "compile": None}
+        self.acceleration = {
+            "weights": "fp32",
+            "channels_last": False,
+            "compile": None,
+            "checkpointing": False,
+        }
         cfg = denoiser.config
         self.latent_channels = int(cfg.in_channels)
         size = cfg.sample_size
@@ -139,6 +144,7 @@ class DiffusionPrior:
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         dynamic: bool = False,
+        checkpointing: bool | None = None,
     ) -> DiffusionPrior:
         """Speed settings of the networks, in place; returns the prior.
 
@@ -151,6 +157,10 @@ class DiffusionPrior:
         compile_mode: torch.compile mode ('reduce-overhead' adds CUDA graphs, 'max-autotune').
         compile_backend: 'inductor'; 'aot_eager' traces without generating code.
         dynamic: shape-generic compiled code (default off: the engine's shapes are static).
+        checkpointing: ``True`` / ``False`` switches diffusers' gradient checkpointing of the
+            denoiser and VAE blocks (less activation memory, ~1 extra forward per guided step);
+            ``None`` keeps it. The engine turns it on for a run by itself when batch 1 does not
+            fit without it.
 
         See :mod:`fiber_plugins.priors.acceleration`; the settings are in ``prior.acceleration``.
 
@@ -165,6 +175,9 @@ class DiffusionPrior:
         if channels_last is not None:
             acc.set_channels_last(self, channels_last)
             state["channels_last"] = bool(channels_last)
+        if checkpointing is not None:
+            acc.set_checkpointing(self, bool(checkpointing))
+            state["checkpointing"] = bool(checkpointing)
         if compile != "keep":
             acc.set_compile(self, compile, compile_mode, compile_backend, dynamic)
             state.update(

@@ -3,7 +3,8 @@
 Every sampler subclasses :class:`FiberSampler` and implements only :meth:`FiberSampler.run_batch`
 (its algorithm on one batch of rows). The engine owns everything else, so all samplers share the
 same result type, batching of many references x many samples, per-row seeding (results do not
-depend on the batch size), progress bars, non-finite handling and out-of-memory back-off.
+depend on the batch size), progress bars, non-finite handling and out-of-memory back-off
+(halve the batch; at batch 1, turn on the prior's gradient checkpointing for the run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .._utils import randn_rows, row_generator
 from ..objectives.base import FiberObjective, target_rows, target_to, target_width
+from ..priors import acceleration as _acc
 from ..priors.prior import DiffusionPrior
 from .result import FiberResult
 
@@ -237,7 +239,10 @@ class FiberSampler(abc.ABC):
             memory on two short probe runs (batch 1 and 2) and takes the largest batch that fits
             90% of the free memory (at most 64; on the CPU: all rows, at most 16). Whatever the
             batch size, it is halved and the batch retried on CUDA out-of-memory; finished
-            samples are kept, and seeded results do not depend on it.
+            samples are kept, and seeded results do not depend on it. When even one row does
+            not fit, the prior's gradient checkpointing is turned on for this call (with a
+            warning; ``config["acceleration"]["checkpointing"] == "auto"`` in the result) and
+            switched off again afterwards.
         progress: show a tqdm bar with the running median fiber loss.
         """
         if (references is None) == (targets is None):
@@ -254,6 +259,16 @@ class FiberSampler(abc.ABC):
                 "half precision for the GPU",
                 stacklevel=2,
             )
+        checkpointing_before = prior.acceleration.get("checkpointing", False)
+        try:
+            return self._sample(references, targets, n, seed, batch_size, progress, start)
+        finally:
+            if prior.acceleration.get("checkpointing") == "auto":  # turned on for this call only
+                _acc.set_checkpointing(prior, bool(checkpointing_before))
+                prior.acceleration = {**prior.acceleration, "checkpointing": checkpointing_before}
+
+    def _sample(self, references, targets, n, seed, batch_size, progress, start) -> FiberResult:
+        prior, device = self.prior, self.device
         refs = None
         with self.objective.attached():
             if references is not None:
@@ -306,15 +321,18 @@ class FiberSampler(abc.ABC):
                     bar_before = bar.n
                     try:
                         out = self._run_rows(chunk, y, ref_latents, seed, bar)
-                    except torch.OutOfMemoryError:
-                        if bs == 1:
-                            raise
+                    except torch.OutOfMemoryError as err:
+                        if bs == 1 and not self._checkpoint_for_memory(
+                            "out of memory with one row (batch size 1)"
+                        ):
+                            raise torch.OutOfMemoryError(_oom_advice(err, prior)) from err
                         bar.n = bar_before  # the retry counts the rows' steps again
                         bar.refresh()
-                        bs = max(1, len(chunk) // 2)
+                        if bs > 1:
+                            bs = max(1, len(chunk) // 2)
+                            bar.write(f"out of memory: retrying with batch size {bs}")
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                        bar.write(f"out of memory: retrying with batch size {bs}")
                         continue
                     img, loss, trace, bad = out
                     for k, (r, m) in enumerate(chunk):
@@ -356,15 +374,47 @@ class FiberSampler(abc.ABC):
             return min(len(rows), 16)
         probe = type(self)(self.prior, self.objective, self.probe_config())
 
-        def peak_bytes(b: int) -> int:
-            meter.reset()
-            probe._run_rows([rows[i % len(rows)] for i in range(b)], y, ref_latents, seed, None)
-            return meter.peak()
+        peaks: dict[int, int] = {}
 
+        def peak_bytes(b: int) -> int:
+            if b not in peaks:
+                meter.reset()
+                chunk = [rows[i % len(rows)] for i in range(b)]
+                probe._run_rows(chunk, y, ref_latents, seed, None)
+                peaks[b] = meter.peak()
+            return peaks[b]
+
+        budget = meter.budget()
         try:
-            return fit_batch_size(peak_bytes, meter.budget(), len(rows))
+            one_row_fits = peak_bytes(1) < budget
+        except torch.OutOfMemoryError:
+            one_row_fits = False
+        if not one_row_fits and self._checkpoint_for_memory(
+            f"one row needs more than the {budget / 2**30:.1f} GiB available"
+        ):
+            peaks.clear()
+        try:
+            return fit_batch_size(peak_bytes, budget, len(rows))
         except torch.OutOfMemoryError:
             return 1
+
+    def _checkpoint_for_memory(self, why: str) -> bool:
+        """Turn on the prior's gradient checkpointing for this call, where it is off and the
+        denoiser has it; True when it did. Only memory decides: it costs ~1 forward per step."""
+        prior = self.prior
+        if prior.acceleration.get("checkpointing") or not _acc.supports_checkpointing(prior):
+            return False
+        _acc.set_checkpointing(prior, True)
+        prior.acceleration = {**prior.acceleration, "checkpointing": "auto"}
+        warnings.warn(
+            f"{why}: gradient checkpointing of the prior is on for this call (less memory, "
+            "about one extra forward per guided step); prior.accelerate(checkpointing=True) "
+            "keeps it on",
+            stacklevel=2,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
 
     def _check_gradient_path(self, refs: torch.Tensor | None) -> None:
         """Refuse an objective whose features do not depend on the image (guidance would be a
@@ -424,6 +474,20 @@ class FiberSampler(abc.ABC):
             loss = self.fiber_loss(img, batch.target)
         bad = ~batch.alive | ~torch.isfinite(loss)
         return ((img.cpu() + 1) / 2), loss.cpu(), trace.cpu(), bad.cpu()
+
+
+def _oom_advice(err: BaseException, prior: DiffusionPrior) -> str:
+    ckpt = prior.acceleration.get("checkpointing")
+    state = (
+        "with gradient checkpointing on"
+        if ckpt
+        else "gradient checkpointing is not available for this denoiser"
+    )
+    return (
+        f"{err}\n-> out of memory with one row (batch size 1; {state}). Cast the prior's weights "
+        "once (prior.accelerate(weights='bf16')), free GPU memory held elsewhere, or use a "
+        "smaller prior or subject input size"
+    )
 
 
 def mark_nonfinite(x: torch.Tensor, alive: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
