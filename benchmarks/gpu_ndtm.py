@@ -32,7 +32,9 @@ Examples::
     python benchmarks/gpu_ndtm.py --flops-only      # full-size FLOP counts on the meta device
 
 The table goes to stdout and, as markdown + JSON, to
-``benchmarks/results/gpu-<device>-<date>.md`` (``cpu-tiny-<date>.md`` for tiny CPU runs).
+``benchmarks/results/gpu-<device>-<date>[-<tag>].md`` (``cpu-tiny-<date>.md`` for tiny CPU runs;
+the tag defaults to the workloads when not all of them run, so one call per workload keeps every
+table).
 """
 
 from __future__ import annotations
@@ -816,6 +818,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument(
+        "--tag",
+        default=None,
+        help="suffix of the saved file names (default: the workloads, when not all of them run)",
+    )
+    p.add_argument(
         "--flops-only",
         action="store_true",
         help="only count FLOPs, on the meta device (full-size workloads without a GPU)",
@@ -918,6 +925,11 @@ def main(argv=None) -> dict:
             stem = f"gpu-{slug(dev_name)}{'-tiny' if args.tiny else ''}-{date}"
         else:
             stem = f"cpu-tiny-{date}" if args.tiny else f"cpu-{slug(dev_name)}-{date}"
+        tag = args.tag
+        if tag is None and set(args.workloads) != set(WORKLOADS):
+            tag = "+".join(args.workloads)
+        if tag:
+            stem += f"-{slug(tag)}"
         args.out_dir.mkdir(parents=True, exist_ok=True)
         md, js = args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.json"
         md.write_text(markdown_report(meta, records))

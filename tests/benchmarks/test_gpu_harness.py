@@ -93,6 +93,8 @@ def test_engine_variants(harness, tmp_path):
     assert rec["methods"]["engine[bf16-weights]"]["precision"] == "bf16 weights"
     text = out["markdown_path"].read_text()
     assert "| engine[compile-blocks] |" in text and "compile + warm-up" in text
+    # one workload of three: its name tags the file, so one call per workload keeps each table
+    assert out["markdown_path"].name.endswith("-dit-xl2-sdvae-resnet50.md")
 
 
 def test_cli_rejects_unknown_workload(harness):

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/performance.md, one MODE per call of a lent GPU machine (each ends well
+# inside the device tool's 10-minute limit). Run from the repository root:
+#
+#   bash benchmarks/device/gpu_checks.sh MODE
+#
+# MODE  env           versions, GPU, and that fiber_plugins + diffusers import (seconds)
+#       tests         pytest -m gpu (tests/samplers/test_cuda.py)
+#       adm           ADM-256 + ResNet50: naive, engine, floor (no variants)
+#       adm-variants  ADM-256 + ResNet50: engine, floor and every engine variant (no naive)
+#       dit           DiT-XL/2 + SD-VAE + ResNet50: naive, engine, floor, variants
+#       dinov2        ADM-256 + DINOv2 ViT-B/14: naive, engine, floor (no variants)
+#       precision     benchmarks/precision_cpu.py on the GPU (Color-MNIST models, inductor)
+#
+# Wheels the machine lacks travel in .whl/ (benchmarks/device/fetch_wheels.sh; name .whl in the
+# call's carry); they are installed into /tmp/site. Tables and logs go to $OUT (the device tool's
+# folder that comes back), or benchmarks/results/device/ when OUT is unset.
+set -euo pipefail
+MODE=${1:?"give a MODE: env | tests | adm | adm-variants | dit | dinov2 | precision"}
+OUT=${OUT:-benchmarks/results/device}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
+HARNESS=("$PY" benchmarks/gpu_ndtm.py --out-dir "$OUT" --steps 50 --inner-steps 4)
+log() { tee "$OUT/$MODE.log"; }
+case "$MODE" in
+    env)
+        (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+         "$PY" -c "import sys, torch, diffusers, timm, fiber_plugins as fp; \
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', \
+torch.cuda.is_available(), '| diffusers', diffusers.__version__, '| timm', timm.__version__, \
+'| fiber_plugins', fp.__version__)") 2>&1 | log ;;
+    tests)
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/samplers/test_cuda.py 2>&1 | log ;;
+    adm)
+        "${HARNESS[@]}" --workload adm256-resnet50 --variants none --batch-size 8 --samples 8 \
+            --naive-samples 1 --tag adm256-resnet50 2>&1 | log ;;
+    adm-variants)
+        "${HARNESS[@]}" --workload adm256-resnet50 --variants all --batch-size 8 --samples 8 \
+            --naive-samples 0 --tag adm256-resnet50-variants 2>&1 | log ;;
+    dit)
+        "${HARNESS[@]}" --workload dit-xl2-sdvae-resnet50 --variants all --batch-size 16 \
+            --samples 16 --naive-samples 1 --tag dit-xl2-sdvae-resnet50 2>&1 | log ;;
+    dinov2)
+        "${HARNESS[@]}" --workload adm256-dinov2 --variants none --batch-size 8 --samples 8 \
+            --naive-samples 1 --tag adm256-dinov2 2>&1 | log ;;
+    precision)
+        "$PY" benchmarks/precision_cpu.py --device cuda --compile-backend inductor \
+            --out-dir "$OUT" 2>&1 | log ;;
+    *)
+        echo "unknown MODE '$MODE'; choose env | tests | adm | adm-variants | dit | dinov2 | precision" >&2
+        exit 2 ;;
+esac
