@@ -234,6 +234,30 @@ def test_out_of_memory_at_batch_one_turns_checkpointing_on_for_the_call(
     assert not prior.denoiser.is_gradient_checkpointing
 
 
+def test_a_last_single_row_that_runs_out_of_memory_goes_straight_to_checkpointing(
+    pixel_prior, subject, references, monkeypatch
+):
+    """3 rows at batch 2: the trailing 1-row chunk is already one row, so its out-of-memory
+    error turns checkpointing on at once instead of retrying the same row at "batch 1"."""
+    prior = copy.deepcopy(pixel_prior)
+    sampler = _sampler(prior, fp.FiberObjective(subject), num_steps=2, inner_steps=1)
+    real = fp.NDTMSampler.run_batch
+    sizes = []
+
+    def flaky(self, batch, progress):
+        ckpt = self.prior.denoiser.is_gradient_checkpointing
+        sizes.append((len(batch.rows), ckpt))
+        if len(batch.rows) == 1 and not ckpt:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch, progress)
+
+    monkeypatch.setattr(fp.NDTMSampler, "run_batch", flaky)
+    with pytest.warns(UserWarning, match="gradient checkpointing of the prior is on"):
+        res = sampler.sample(references=references[:1], n=3, batch_size=2, progress=False)
+    assert sizes == [(2, False), (1, False), (1, True)]
+    assert not res.failed.any() and not prior.denoiser.is_gradient_checkpointing
+
+
 def test_out_of_memory_with_checkpointing_on_says_what_to_try(
     pixel_prior, subject, references, monkeypatch
 ):

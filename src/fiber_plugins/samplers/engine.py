@@ -322,15 +322,15 @@ class FiberSampler(abc.ABC):
                     try:
                         out = self._run_rows(chunk, y, ref_latents, seed, bar)
                     except torch.OutOfMemoryError as err:
-                        if bs == 1 and not self._checkpoint_for_memory(
+                        if len(chunk) > 1:
+                            bs = max(1, len(chunk) // 2)
+                            bar.write(f"out of memory: retrying with batch size {bs}")
+                        elif not self._checkpoint_for_memory(
                             "out of memory with one row (batch size 1)"
                         ):
                             raise torch.OutOfMemoryError(_oom_advice(err, prior)) from err
                         bar.n = bar_before  # the retry counts the rows' steps again
                         bar.refresh()
-                        if bs > 1:
-                            bs = max(1, len(chunk) // 2)
-                            bar.write(f"out of memory: retrying with batch size {bs}")
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
