@@ -4,6 +4,7 @@ here; the script's plumbing (mode check, imports from src/, logs into $OUT) can.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,9 @@ def test_tests_mode_runs_the_gpu_marked_tests(tmp_path):
     res = _run("tests", tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     log = (tmp_path / "tests.log").read_text()
-    # without CUDA every gpu-marked test is collected and skipped, none deselected or failed
-    assert "5 skipped" in log or "5 passed" in log, log
+    # without CUDA every gpu-marked test is collected and skipped; nothing fails or errors
+    assert re.search(r"\b[1-9]\d* (skipped|passed)", log), log
+    assert "failed" not in log and "error" not in log.lower() and "deselected" not in log, log
 
 
 def test_unknown_mode_exits_2(tmp_path):
