@@ -13,19 +13,26 @@
 #       precision     benchmarks/precision_cpu.py on the GPU (Color-MNIST models, inductor)
 #
 # Wheels the machine lacks travel in .whl/ (benchmarks/device/fetch_wheels.sh; name .whl in the
-# call's carry); they are installed into /tmp/site. Tables and logs go to $OUT (the device tool's
-# folder that comes back), or benchmarks/results/device/ when OUT is unset.
+# call's carry); they are installed into $SITE (default /tmp/site). Tables and logs go to $OUT
+# (the device tool's folder that comes back), or benchmarks/results/device/ when OUT is unset.
 set -euo pipefail
 MODE=${1:?"give a MODE: env | tests | adm | adm-variants | dit | dinov2 | precision"}
 OUT=${OUT:-benchmarks/results/device}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+case "$MODE" in
+    env|tests|adm|adm-variants|dit|dinov2|precision) ;;
+    *)
+        echo "unknown MODE '$MODE'; choose env | tests | adm | adm-variants | dit | dinov2 | precision" >&2
+        exit 2 ;;
+esac
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 HARNESS=("$PY" benchmarks/gpu_ndtm.py --out-dir "$OUT" --steps 50 --inner-steps 4)
 log() { tee "$OUT/$MODE.log"; }
 case "$MODE" in

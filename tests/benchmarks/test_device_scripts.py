@@ -14,7 +14,8 @@ SCRIPT = ROOT / "benchmarks" / "device" / "gpu_checks.sh"
 
 
 def _run(mode: str, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SITE": str(out / "site")}
+    env.pop("PYTHONPATH", None)  # as on a fresh machine: the script must not need it set
     return subprocess.run(
         ["bash", str(SCRIPT), mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

@@ -107,7 +107,9 @@ def test_checkpointing_lowers_peak_memory_and_keeps_the_samples(
         torch.cuda.synchronize()
         return res, torch.cuda.max_memory_allocated() - base
 
+    checkpointed = copy.deepcopy(prior).accelerate(checkpointing=True)
+    run(prior)  # warm-up: one-time allocations (cuBLAS/cuDNN workspaces) land outside the peaks
     plain, plain_peak = run(prior)
-    ckpt, ckpt_peak = run(copy.deepcopy(prior).accelerate(checkpointing=True))
-    assert ckpt_peak < plain_peak, (ckpt_peak, plain_peak)
+    ckpt, ckpt_peak = run(checkpointed)
+    assert ckpt_peak <= 0.8 * plain_peak, (ckpt_peak, plain_peak)
     torch.testing.assert_close(ckpt.images, plain.images, rtol=1e-3, atol=5e-3)

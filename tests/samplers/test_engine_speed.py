@@ -197,8 +197,18 @@ def test_checkpointing_needs_a_denoiser_that_has_it(pixel_prior):
     prior = copy.deepcopy(pixel_prior)
     prior.denoiser._supports_gradient_checkpointing = False
     with pytest.raises(ValueError, match="UNet2DModel does not support gradient checkpointing"):
-        prior.accelerate(checkpointing=True)
+        prior.accelerate(checkpointing=True, weights="bf16")
+    assert prior.dtype == torch.float32  # nothing was changed by the refused call
     prior.accelerate(checkpointing=False)  # switching off is always possible
+
+
+def test_a_bad_argument_leaves_the_prior_unchanged(pixel_prior):
+    prior = copy.deepcopy(pixel_prior)
+    before = dict(prior.acceleration)
+    with pytest.raises(ValueError, match="unknown compile setting 'bad'"):
+        prior.accelerate(checkpointing=True, weights="bf16", compile="bad")
+    assert prior.acceleration == before and prior.dtype == torch.float32
+    assert not prior.denoiser.is_gradient_checkpointing
 
 
 def _oom_unless_checkpointing(monkeypatch, sizes):
@@ -219,15 +229,15 @@ def test_out_of_memory_at_batch_one_turns_checkpointing_on_for_the_call(
     prior = copy.deepcopy(pixel_prior)
     sampler = _sampler(prior, fp.FiberObjective(subject), num_steps=3, inner_steps=2)
     kw = dict(references=references[:2], n=2, seed=4, progress=False)
-    plain = sampler.sample(batch_size=1, **kw)
+    plain = sampler.sample(batch_size=4, **kw)
     sizes = []
     _oom_unless_checkpointing(monkeypatch, sizes)
     with pytest.warns(UserWarning, match="gradient checkpointing of the prior is on for this call"):
         res = sampler.sample(batch_size=4, **kw)
-    # 4 -> 2 -> 1 rows fail without checkpointing; then every row runs at batch 1 with it
-    assert sizes == [(4, False), (2, False), (1, False)] + [(1, True)] * 4
+    # 4 -> 2 -> 1 rows fail without checkpointing; with it the first batch size is tried again
+    assert sizes == [(4, False), (2, False), (1, False), (4, True)]
     assert res.config["acceleration"]["checkpointing"] == "auto"
-    assert res.config["batch_size"] == 1 and not res.failed.any()
+    assert res.config["batch_size"] == 4 and not res.failed.any()
     torch.testing.assert_close(res.images, plain.images, rtol=0, atol=1e-5)
     # for this call only: the prior is as the user left it
     assert prior.acceleration["checkpointing"] is False

@@ -168,6 +168,17 @@ class DiffusionPrior:
         """
         from . import acceleration as acc
 
+        # check every argument before changing anything, so a bad one leaves the prior as it was
+        if weights is not None and weights not in acc.WEIGHTS:
+            raise ValueError(
+                f"unknown weights precision {weights!r}; choose one of {list(acc.WEIGHTS)}"
+            )
+        if compile not in ("keep", None) and compile not in acc.COMPILE:
+            raise ValueError(
+                f"unknown compile setting {compile!r}; choose one of {list(acc.COMPILE)} or None"
+            )
+        if checkpointing and not acc.supports_checkpointing(self):
+            acc.set_checkpointing(self, True)  # raises with the reason
         state = dict(self.acceleration)
         if weights is not None:
             acc.set_weights(self, weights)

@@ -84,6 +84,7 @@ def as_reference_batch(references, size, channels) -> torch.Tensor:
 
 
 MAX_AUTO_BATCH = 64
+_DOES_NOT_FIT = 2**62  # the peak "memory" of a probe that ran out of memory
 
 
 class _CudaMemory:
@@ -314,7 +315,7 @@ class FiberSampler(abc.ABC):
             bar = tqdm(
                 total=len(rows) * T, desc=self.name, unit="step", disable=not progress, leave=False
             )
-            done = 0
+            done, first_bs = 0, bs
             try:
                 while done < len(rows):
                     chunk = rows[done : done + bs]
@@ -322,13 +323,18 @@ class FiberSampler(abc.ABC):
                     try:
                         out = self._run_rows(chunk, y, ref_latents, seed, bar)
                     except torch.OutOfMemoryError as err:
+                        if len(chunk) == 1 and not self._may_checkpoint():
+                            raise torch.OutOfMemoryError(_oom_advice(err, prior)) from err
+                        out = None
+                    if out is None:
+                        # out of memory; handled here, after the except block, whose traceback
+                        # holds the failed batch's tensors until it ends
                         if len(chunk) > 1:
                             bs = max(1, len(chunk) // 2)
                             bar.write(f"out of memory: retrying with batch size {bs}")
-                        elif not self._checkpoint_for_memory(
-                            "out of memory with one row (batch size 1)"
-                        ):
-                            raise torch.OutOfMemoryError(_oom_advice(err, prior)) from err
+                        else:
+                            self._checkpoint_for_memory("out of memory with one row (batch size 1)")
+                            bs = first_bs  # with checkpointing a larger batch may fit again
                         bar.n = bar_before  # the retry counts the rows' steps again
                         bar.refresh()
                         if device.type == "cuda":
@@ -380,30 +386,30 @@ class FiberSampler(abc.ABC):
             if b not in peaks:
                 meter.reset()
                 chunk = [rows[i % len(rows)] for i in range(b)]
-                probe._run_rows(chunk, y, ref_latents, seed, None)
-                peaks[b] = meter.peak()
+                try:
+                    probe._run_rows(chunk, y, ref_latents, seed, None)
+                    peaks[b] = meter.peak()
+                except torch.OutOfMemoryError:
+                    peaks[b] = _DOES_NOT_FIT
             return peaks[b]
 
         budget = meter.budget()
-        try:
-            one_row_fits = peak_bytes(1) < budget
-        except torch.OutOfMemoryError:
-            one_row_fits = False
-        if not one_row_fits and self._checkpoint_for_memory(
-            f"one row needs more than the {budget / 2**30:.1f} GiB available"
-        ):
+        if peak_bytes(1) >= budget and self._may_checkpoint():
+            self._checkpoint_for_memory(
+                f"one row needs more than the {budget / 2**30:.1f} GiB available"
+            )
             peaks.clear()
-        try:
-            return fit_batch_size(peak_bytes, budget, len(rows))
-        except torch.OutOfMemoryError:
-            return 1
+        return fit_batch_size(peak_bytes, budget, len(rows))
 
-    def _checkpoint_for_memory(self, why: str) -> bool:
-        """Turn on the prior's gradient checkpointing for this call, where it is off and the
-        denoiser has it; True when it did. Only memory decides: it costs ~1 forward per step."""
+    def _may_checkpoint(self) -> bool:
+        """Whether the engine can still turn on the prior's gradient checkpointing."""
         prior = self.prior
-        if prior.acceleration.get("checkpointing") or not _acc.supports_checkpointing(prior):
-            return False
+        return not prior.acceleration.get("checkpointing") and _acc.supports_checkpointing(prior)
+
+    def _checkpoint_for_memory(self, why: str) -> None:
+        """Turn on the prior's gradient checkpointing for this call (``_may_checkpoint()`` must
+        hold). Only memory decides: it costs about one extra forward per guided step."""
+        prior = self.prior
         _acc.set_checkpointing(prior, True)
         prior.acceleration = {**prior.acceleration, "checkpointing": "auto"}
         warnings.warn(
@@ -414,7 +420,6 @@ class FiberSampler(abc.ABC):
         )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return True
 
     def _check_gradient_path(self, refs: torch.Tensor | None) -> None:
         """Refuse an objective whose features do not depend on the image (guidance would be a
@@ -483,11 +488,10 @@ def _oom_advice(err: BaseException, prior: DiffusionPrior) -> str:
         if ckpt
         else "gradient checkpointing is not available for this denoiser"
     )
-    return (
-        f"{err}\n-> out of memory with one row (batch size 1; {state}). Cast the prior's weights "
-        "once (prior.accelerate(weights='bf16')), free GPU memory held elsewhere, or use a "
-        "smaller prior or subject input size"
-    )
+    tips = ["free GPU memory held elsewhere", "use a smaller prior or subject input size"]
+    if prior.dtype == torch.float32:
+        tips.insert(0, "cast the prior's weights once (prior.accelerate(weights='bf16'))")
+    return f"{err}\n-> out of memory with one row (batch size 1; {state}). Try: " + "; ".join(tips)
 
 
 def mark_nonfinite(x: torch.Tensor, alive: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
