@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -22,6 +25,18 @@ _EXTRAS = {
     "matplotlib": "metrics",
     "mlxtend": "data",
 }
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (the user's line),
+    however deep inside the package the warning is raised."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 = the caller of warn()
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def require(module: str) -> ModuleType:

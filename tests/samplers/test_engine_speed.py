@@ -232,8 +232,12 @@ def test_out_of_memory_at_batch_one_turns_checkpointing_on_for_the_call(
     plain = sampler.sample(batch_size=4, **kw)
     sizes = []
     _oom_unless_checkpointing(monkeypatch, sizes)
-    with pytest.warns(UserWarning, match="gradient checkpointing of the prior is on for this call"):
+    with pytest.warns(
+        UserWarning, match="gradient checkpointing of the prior is on for this call"
+    ) as caught:
         res = sampler.sample(batch_size=4, **kw)
+    # attributed to the user's call (this file), not to a line inside the package
+    assert {w.filename for w in caught} == {__file__}
     # 4 -> 2 -> 1 rows fail without checkpointing; with it the first batch size is tried again
     assert sizes == [(4, False), (2, False), (1, False), (4, True)]
     assert res.config["acceleration"]["checkpointing"] == "auto"

@@ -9,14 +9,13 @@ returns one fiber loss per sample. Samplers only call :meth:`FiberObjective.loss
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._utils import suggest
+from .._utils import suggest, warn
 from .distances import Distance, get_distance
 from .preprocess import Preprocess, as_preprocess
 from .selection import Index, check_reduction, reduce, select
@@ -160,10 +159,9 @@ class FiberObjective:
                 m for m in model.modules() if m.training and not getattr(m, "_fiber_wrapper", False)
             ]
             if training:
-                warnings.warn(
+                warn(
                     f"{type(training[0]).__name__} is in train mode; sampling runs it in eval mode "
-                    "(dropout off, batch-norm statistics frozen) and restores train mode after",
-                    stacklevel=3,
+                    "(dropout off, batch-norm statistics frozen) and restores train mode after"
                 )
             model.eval()
             for p, _ in flags:

@@ -9,12 +9,12 @@ while guidance differentiates through the network and revisits the same step.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .._utils import warn
 from .schedules import DDPMSchedule, FlowSchedule, Step, ddim_update, split_prediction
 
 DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
@@ -86,12 +86,11 @@ class DiffusionPrior:
         if name == "DiTTransformer2DModel":
             self.class_label = int(cfg.num_embeds_ada_norm if class_label is None else class_label)
         if self.vae is not None and self.schedule.clip_sample:
-            warnings.warn(
+            warn(
                 "the scheduler config has clip_sample=True, which clamps the predicted *latent* "
                 f"to [-{self.schedule.clip_sample_range}, {self.schedule.clip_sample_range}] in "
                 "every update (diffusers would do the same); set clip_sample=False in "
-                "scheduler_config.json if that is not intended",
-                stacklevel=2,
+                "scheduler_config.json if that is not intended"
             )
         if self.vae is not None:
             vcfg = self.vae.config

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._utils import randn_rows, row_generator
+from .._utils import randn_rows, row_generator, warn
 from ..objectives.base import FiberObjective, target_rows, target_to, target_width
 from ..priors import acceleration as _acc
 from ..priors.prior import DiffusionPrior
@@ -254,11 +253,10 @@ class FiberSampler(abc.ABC):
         prior, device = self.prior, self.device
         self._check_devices()
         if device.type == "cpu" and self._half_precision():
-            warnings.warn(
+            warn(
                 "bf16/fp16 networks on the CPU: CPUs without native bf16 kernels run them many "
                 "times slower than fp32 (see docs/performance.md); use fp32 on the CPU and keep "
-                "half precision for the GPU",
-                stacklevel=2,
+                "half precision for the GPU"
             )
         checkpointing_before = prior.acceleration.get("checkpointing", False)
         try:
@@ -412,11 +410,10 @@ class FiberSampler(abc.ABC):
         prior = self.prior
         _acc.set_checkpointing(prior, True)
         prior.acceleration = {**prior.acceleration, "checkpointing": "auto"}
-        warnings.warn(
+        warn(
             f"{why}: gradient checkpointing of the prior is on for this call (less memory, "
             "about one extra forward per guided step); prior.accelerate(checkpointing=True) "
-            "keeps it on",
-            stacklevel=2,
+            "keeps it on"
         )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
