@@ -7,8 +7,12 @@
 # MODE  env           versions, GPU, and that fiber_plugins + diffusers import (seconds)
 #       tests         pytest -m gpu (tests/samplers/test_cuda.py)
 #       adm           ADM-256 + ResNet50: naive, engine, floor (no variants)
-#       adm-variants  ADM-256 + ResNet50: engine, floor and every engine variant (no naive)
-#       dit           DiT-XL/2 + SD-VAE + ResNet50: naive, engine, floor, variants
+#       adm-variants  ADM-256 + ResNet50: engine, floor, variants bf16-weights, channels-last,
+#                     checkpointing, auto-batch (no naive)
+#       adm-compile   ADM-256 + ResNet50: engine, floor, compile-blocks (inductor; its compile
+#                     time is printed apart)
+#       dit           DiT-XL/2 + SD-VAE + ResNet50: naive, engine, floor and the four variants
+#       dit-compile   DiT-XL/2 + SD-VAE + ResNet50: engine, floor, compile-blocks
 #       dinov2        ADM-256 + DINOv2 ViT-B/14: naive, engine, floor (no variants)
 #       precision     benchmarks/precision_cpu.py on the GPU (Color-MNIST models, inductor)
 #
@@ -16,15 +20,16 @@
 # call's carry); they are installed into $SITE (default /tmp/site). Tables and logs go to $OUT
 # (the device tool's folder that comes back), or benchmarks/results/device/ when OUT is unset.
 set -euo pipefail
-MODE=${1:?"give a MODE: env | tests | adm | adm-variants | dit | dinov2 | precision"}
+MODES="env | tests | adm | adm-variants | adm-compile | dit | dit-compile | dinov2 | precision"
+MODE=${1:?"give a MODE: $MODES"}
 OUT=${OUT:-benchmarks/results/device}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 case "$MODE" in
-    env|tests|adm|adm-variants|dit|dinov2|precision) ;;
+    env|tests|adm|adm-variants|adm-compile|dit|dit-compile|dinov2|precision) ;;
     *)
-        echo "unknown MODE '$MODE'; choose env | tests | adm | adm-variants | dit | dinov2 | precision" >&2
+        echo "unknown MODE '$MODE'; choose $MODES" >&2
         exit 2 ;;
 esac
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -34,6 +39,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 HARNESS=("$PY" benchmarks/gpu_ndtm.py --out-dir "$OUT" --steps 50 --inner-steps 4)
+FOUR=bf16-weights,channels-last,checkpointing,auto-batch
 log() { tee "$OUT/$MODE.log"; }
 case "$MODE" in
     env)
@@ -48,11 +54,18 @@ torch.cuda.is_available(), '| diffusers', diffusers.__version__, '| timm', timm.
         "${HARNESS[@]}" --workload adm256-resnet50 --variants none --batch-size 8 --samples 8 \
             --naive-samples 1 --tag adm256-resnet50 2>&1 | log ;;
     adm-variants)
-        "${HARNESS[@]}" --workload adm256-resnet50 --variants all --batch-size 8 --samples 8 \
-            --naive-samples 0 --tag adm256-resnet50-variants 2>&1 | log ;;
+        "${HARNESS[@]}" --workload adm256-resnet50 --variants "$FOUR" --batch-size 8 \
+            --samples 8 --naive-samples 0 --tag adm256-resnet50-variants 2>&1 | log ;;
+    adm-compile)
+        "${HARNESS[@]}" --workload adm256-resnet50 --variants compile-blocks --batch-size 8 \
+            --samples 8 --naive-samples 0 --tag adm256-resnet50-compile 2>&1 | log ;;
     dit)
-        "${HARNESS[@]}" --workload dit-xl2-sdvae-resnet50 --variants all --batch-size 16 \
+        "${HARNESS[@]}" --workload dit-xl2-sdvae-resnet50 --variants "$FOUR" --batch-size 16 \
             --samples 16 --naive-samples 1 --tag dit-xl2-sdvae-resnet50 2>&1 | log ;;
+    dit-compile)
+        "${HARNESS[@]}" --workload dit-xl2-sdvae-resnet50 --variants compile-blocks \
+            --batch-size 16 --samples 16 --naive-samples 0 \
+            --tag dit-xl2-sdvae-resnet50-compile 2>&1 | log ;;
     dinov2)
         "${HARNESS[@]}" --workload adm256-dinov2 --variants none --batch-size 8 --samples 8 \
             --naive-samples 1 --tag adm256-dinov2 2>&1 | log ;;
@@ -60,6 +73,6 @@ torch.cuda.is_available(), '| diffusers', diffusers.__version__, '| timm', timm.
         "$PY" benchmarks/precision_cpu.py --device cuda --compile-backend inductor \
             --out-dir "$OUT" 2>&1 | log ;;
     *)
-        echo "unknown MODE '$MODE'; choose env | tests | adm | adm-variants | dit | dinov2 | precision" >&2
+        echo "unknown MODE '$MODE'; choose $MODES" >&2
         exit 2 ;;
 esac

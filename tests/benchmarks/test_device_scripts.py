@@ -41,3 +41,32 @@ def test_unknown_mode_exits_2(tmp_path):
     res = _run("everything", tmp_path)
     assert res.returncode == 2
     assert "unknown MODE 'everything'" in res.stderr
+
+
+def test_every_timing_mode_passes_arguments_the_harness_accepts():
+    """Each timing mode's harness command (the GPU runs themselves cannot happen here) parses,
+    names one workload, and tags its file so the modes do not overwrite each other's tables."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("gpu_ndtm", ROOT / "benchmarks" / "gpu_ndtm.py")
+    harness = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_ndtm"] = harness
+    try:
+        spec.loader.exec_module(harness)
+        text = SCRIPT.read_text()
+        four = re.search(r"\nFOUR=(\S+)", text).group(1)
+        base = shlex.split(re.search(r'HARNESS=\("\$PY" benchmarks/gpu_ndtm.py (.*)\)', text)[1])
+        base = [a.replace("$OUT", "/tmp/out") for a in base]
+        tags = {}
+        for mode, body in re.findall(r"\n    ([a-z0-9-]+)\)\n(.*?);;", text, re.S):
+            if '"${HARNESS[@]}"' not in body:
+                continue
+            cmd = body.split('"${HARNESS[@]}"')[1].split("2>&1")[0].replace("\\\n", " ")
+            args = harness.parse_args([*base, *shlex.split(cmd.replace('"$FOUR"', four))])
+            assert len(args.workloads) == 1 and args.steps == 50 and args.inner_steps == 4, mode
+            tags[mode] = args.tag
+        assert set(tags) == {"adm", "adm-variants", "adm-compile", "dit", "dit-compile", "dinov2"}
+        assert len(set(tags.values())) == len(tags)  # one file per mode
+    finally:
+        sys.modules.pop("gpu_ndtm", None)
