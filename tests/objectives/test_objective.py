@@ -195,8 +195,10 @@ def test_model_unchanged_after_use_and_after_error(subject):
     subject.fc.weight.requires_grad_(False)
     before = _state(subject)
     obj = fp.FiberObjective(subject, layer="conv2", index=1, reduction="spatial_mean")
-    with pytest.warns(UserWarning, match="train mode"):
+    with pytest.warns(UserWarning, match="train mode") as caught:
         obj.target(torch.zeros(1, 3, 16, 16))
+    # raised inside a `with` block of the package: still attributed to this file's line
+    assert {w.filename for w in caught} == {__file__}
     assert _state(subject) == before
     with pytest.raises(RuntimeError, match="boom"):
         with obj.attached():
