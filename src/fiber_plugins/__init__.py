@@ -17,8 +17,10 @@ Quick start::
 from __future__ import annotations
 
 from .objectives import IDENTITY, FiberObjective, Preprocess, WeightedSum
-from .priors import DiffusionPrior, load_prior
+from .priors import ConditionalFiberModel, DiffusionPrior, load_prior, train_fiber_model
 from .samplers import (
+    ConditionalConfig,
+    ConditionalFiberSampler,
     DPSConfig,
     DPSSampler,
     FiberResult,
@@ -42,6 +44,10 @@ __all__ = [
     "IDENTITY",
     "DiffusionPrior",
     "load_prior",
+    "ConditionalFiberModel",
+    "train_fiber_model",
+    "ConditionalFiberSampler",
+    "ConditionalConfig",
     "NDTMSampler",
     "NDTMConfig",
     "GuidanceSchedule",

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fiber_plugins.cli.main import main
@@ -184,7 +185,9 @@ def test_console_script_exit_code_and_info():
     assert info.returncode == 0 and "diffusers" in info.stdout and "device:" in info.stdout
 
 
-@pytest.mark.parametrize("model", ["prior", "autoencoder", "classifier", "vit", "sae"])
+@pytest.mark.parametrize(
+    "model", ["prior", "autoencoder", "classifier", "vit", "sae", "conditional"]
+)
 def test_train_commands_write_weights_and_record(model, tmp_path, capsys):
     out = tmp_path / model
     assert main(["train", model, "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
@@ -192,3 +195,36 @@ def test_train_commands_write_weights_and_record(model, tmp_path, capsys):
     assert record["steps"] == 2 and record["seed"] == 0 and record["data_hash"]
     assert list(out.rglob("*.safetensors"))
     assert "wrote" in capsys.readouterr().out
+
+
+def test_sample_with_a_trained_conditional_fiber_model(ref_png, tmp_path, capsys):
+    """--prior pointing at a conditional fiber model folder samples it conditionally."""
+    import fiber_plugins as fp
+
+    from ..conftest import make_subject
+
+    folder = tmp_path / "fiber-model"
+    fp.train_fiber_model(
+        fp.FiberObjective(make_subject()),
+        lambda b, g: torch.rand(b, 3, 16, 16, generator=g),
+        folder,
+        steps=2,
+        batch_size=4,
+        unet_config={"block_out_channels": (8, 16), "norm_num_groups": 4,
+                     "down_block_types": ("DownBlock2D", "DownBlock2D"),
+                     "up_block_types": ("UpBlock2D", "UpBlock2D")},
+        progress=False,
+    )
+    out = tmp_path / "run"
+    assert main(_args(folder, ref_png, out)) == 0
+    printed = capsys.readouterr().out
+    assert "conditional sampling with 3 steps" in printed and "median fiber loss" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["sampler"] == "conditional" and metrics["num_samples"] == 2
+
+
+def test_bench_method_choices_match_the_benchmark():
+    from fiber_plugins.cli.main import BENCH_METHODS
+    from fiber_plugins.evaluation.color_mnist_bench import METHOD_NAMES
+
+    assert BENCH_METHODS == tuple(METHOD_NAMES)

@@ -97,7 +97,18 @@ def cmd_sample(args) -> int:
     if (args.reference is None) == (args.target_vector is None):
         raise ValueError("give --reference IMAGE... or --target-vector FILE (one of them)")
     targets = _read_vector(args.target_vector) if args.target_vector else None
-    result = NDTMSampler(prior, objective, config).sample(
+    from ..priors import ConditionalFiberModel
+
+    if isinstance(prior, ConditionalFiberModel):  # a trained fiber model: conditional sampling
+        from ..samplers import ConditionalConfig, ConditionalFiberSampler
+
+        print(f"{prior!r}: conditional sampling with {args.steps} steps (no guidance settings)")
+        sampler = ConditionalFiberSampler(
+            prior, objective, ConditionalConfig(num_steps=args.steps, autocast=args.bf16)
+        )
+    else:
+        sampler = NDTMSampler(prior, objective, config)
+    result = sampler.sample(
         references=args.reference,
         targets=targets,
         n=args.n,
@@ -217,6 +228,8 @@ def cmd_train(args) -> int:
         "classifier": "classifier",
         "vit": "vit",
         "sae": "vit_sae",
+        "conditional": "conditional",
+        "conditional-nofiber": "conditional_nofiber",
     }[args.model]
     out = root or default / folder
     kw = {"seed": args.seed, "device": args.device}
@@ -226,6 +239,11 @@ def cmd_train(args) -> int:
         meta = training.train_prior(out, ood=args.model == "prior-ood", **kw)
     elif args.model == "autoencoder":
         meta = training.train_autoencoder(out, **kw)
+    elif args.model in ("conditional", "conditional-nofiber"):
+        weight = 0.0 if args.model == "conditional-nofiber" else args.fiber_weight
+        meta = training.train_conditional(
+            out, fiber_weight=weight, fiber_t_max=args.fiber_t_max, **kw
+        )
     elif args.model == "vit":
         meta = training.train_vit(out, **kw)
     elif args.model == "sae":
@@ -254,6 +272,19 @@ def cmd_bench(args) -> int:
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, fidelity_consistency.png")
     return 0 if report["rows"] else 1
+
+
+# the keys of evaluation.color_mnist_bench.METHOD_NAMES (not imported here: it loads torch)
+BENCH_METHODS = (
+    "unguided",
+    "ndtm",
+    "ndtm-reapprox",
+    "dps",
+    "noise-opt",
+    "inversion",
+    "conditional",
+    "conditional-nofiber",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,10 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a shipped Color-MNIST model (seeded, reproducible)")
     t.add_argument(
-        "model", choices=["prior", "prior-ood", "autoencoder", "classifier", "vit", "sae"]
+        "model",
+        choices=[
+            "prior",
+            "prior-ood",
+            "autoencoder",
+            "classifier",
+            "vit",
+            "sae",
+            "conditional",
+            "conditional-nofiber",
+        ],
     )
     t.add_argument("--out", default=None, help="output folder (default: the package's assets)")
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument(
+        "--fiber-weight",
+        type=float,
+        default=0.01,
+        help="conditional: lambda_fiber, the weight of the fiber loss in training (default 0.01)",
+    )
+    t.add_argument(
+        "--fiber-t-max",
+        type=float,
+        default=1.0,
+        help="conditional: the fiber loss is used at noise levels t <= this (default 1: all)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_train)
@@ -365,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--methods",
         nargs="+",
-        default=["unguided", "ndtm", "ndtm-reapprox", "dps", "noise-opt", "inversion"],
-        choices=["unguided", "ndtm", "ndtm-reapprox", "dps", "noise-opt", "inversion"],
-        help="methods run with the in-distribution prior (the OOD prior runs unguided and NDTM)",
+        default=list(BENCH_METHODS),
+        choices=list(BENCH_METHODS),
+        help="methods run with the in-distribution prior (the OOD prior runs unguided and NDTM); "
+        "conditional* are the shipped trained conditional fiber models",
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto")

@@ -40,6 +40,13 @@ METHOD_NAMES = {
     "dps": "DPS",
     "noise-opt": "noise optimisation",
     "inversion": "pixel inversion",
+    "conditional": "conditional FM with fiber loss",
+    "conditional-nofiber": "conditional FM",
+}
+# trained conditional fiber models (DESIGN 4.3) and the shipped model each method loads
+CONDITIONAL = {
+    "conditional": "color-mnist-conditional",
+    "conditional-nofiber": "color-mnist-conditional-nofiber",
 }
 
 
@@ -55,6 +62,11 @@ def _make_sampler(method: str, prior, objective, steps: int, inner_steps: int):
     )
 
     ndtm = {**BENCH_NDTM, "inner_steps": inner_steps}
+    if method in CONDITIONAL:  # a trained model instead of the prior, same number of steps
+        from ..samplers import ConditionalConfig, ConditionalFiberSampler
+
+        model = zoo.load(CONDITIONAL[method], device=prior.device)
+        return ConditionalFiberSampler(model, objective, ConditionalConfig(num_steps=steps))
     if method == "unguided":
         return NDTMSampler(
             prior, objective, NDTMConfig(num_steps=steps, **{**ndtm, "guidance": 0.0})
@@ -136,9 +148,15 @@ def run_color_mnist_bench(
             secs = time.perf_counter() - t0
             ok = ~res.failed
             losses = res.fiber_loss[ok]
+            label = tag
+            if method in CONDITIONAL:
+                info = zoo.training_info(CONDITIONAL[method])
+                label = f"trained, lambda {info['fiber_weight']:g}"
+                if info["fiber_weight"] > 0:
+                    label += f" for t <= {info['fiber_t_max']:g}"
             rows.append(
                 {
-                    "method": f"{METHOD_NAMES[method]} ({tag})",
+                    "method": f"{METHOD_NAMES[method]} ({label})",
                     "median_fiber_loss": float(losses.median()),
                     "mean_fiber_loss": float(losses.mean()),
                     "median_over_nn": float(losses.median() / nn_loss.median()),
@@ -184,6 +202,13 @@ def run_color_mnist_bench(
         "device": device,
         "torch_threads": torch.get_num_threads(),
     }
+    trained = [m for m in methods if m in CONDITIONAL]
+    if trained:
+        settings["conditional_training_s"] = ", ".join(
+            f"{m}: {zoo.training_info(CONDITIONAL[m]).get('wall_time_s', float('nan')):.0f} s "
+            f"of training on {zoo.training_info(CONDITIONAL[m]).get('device', '?')}"
+            for m in trained
+        )
     report = {"settings": settings, "rows": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(_markdown(report))
@@ -233,6 +258,10 @@ def _markdown(report: dict) -> str:
         "Fidelity: fiber loss ||phi(x) - phi(x*)||^2 with phi = E(decolorize(x)) (lower is better). "
         "Consistency: KL(samples || mixture) over 20 bins and W1 between the samples' background "
         "colours and the known mixture (lower is better); the unguided rows are the prior's own value.",
+        "Conditional FM rows: conditional flow-matching fiber models p(x | phi(x)) trained for this "
+        "subject (DESIGN 4.3), sampled with the same number of steps; their s / sample excludes "
+        "training"
+        + (f" ({s['conditional_training_s']})." if s.get("conditional_training_s") else "."),
         "",
     ]
     return "\n".join(lines)
@@ -248,7 +277,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if "kl" not in r:
             continue
-        marker = "o" if r["method"].startswith("NDTM") else "s"
+        marker = (
+            "o" if r["method"].startswith("NDTM") else "^" if "conditional" in r["method"] else "s"
+        )
         ax.scatter(r["median_fiber_loss"], r["kl"], marker=marker, s=50, label=r["method"])
     nn_row = next(r for r in rows if r["method"].startswith("nearest"))
     ax.axvline(nn_row["median_fiber_loss"], color="gray", ls="--", label="nearest neighbour")

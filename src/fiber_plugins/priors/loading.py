@@ -75,7 +75,9 @@ def load_prior(
     The kind is detected from the folder: a ``FlowMatch*`` scheduler gives a flow-matching prior,
     a ``vae/`` folder a latent prior. For a ``UNet2DConditionModel`` the empty-prompt embedding is
     computed with the folder's ``text_encoder``/``tokenizer`` when both exist (needs
-    ``transformers``), else ``conditioning`` or zeros are used.
+    ``transformers``), else ``conditioning`` or zeros are used. A folder with a ``condition/``
+    subfolder is a trained conditional fiber model and loads as a
+    :class:`~fiber_plugins.priors.ConditionalFiberModel`.
 
     Examples
     --------
@@ -83,6 +85,11 @@ def load_prior(
     >>> prior = load_prior("facebook/DiT-XL-2-256")           # doctest: +SKIP
     """
     root = _resolve(source)
+    from .conditional import ConditionalFiberModel, is_fiber_model_folder
+
+    if is_fiber_model_folder(root):  # a trained conditional fiber model (has condition/)
+        model = ConditionalFiberModel.from_pretrained(root)
+        return model.to(device=device, dtype=dtype) if device or dtype else model
     sched_dir = root / "scheduler"
     sched_file = sched_dir / "scheduler_config.json"
     if not sched_file.exists():

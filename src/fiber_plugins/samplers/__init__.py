@@ -1,5 +1,6 @@
 """Samplers on one shared engine."""
 
+from .conditional import ConditionalConfig, ConditionalFiberSampler
 from .config import GUIDANCE_SCHEDULES, GuidanceSchedule, NDTMConfig
 from .dps import DPSConfig, DPSSampler
 from .engine import FiberSampler, load_image
@@ -18,6 +19,8 @@ __all__ = [
     "DPSSampler",
     "DPSConfig",
     "PixelInversionSampler",
+    "ConditionalFiberSampler",
+    "ConditionalConfig",
     "PixelInversionConfig",
     "total_variation",
     "refine_latent",

