@@ -24,7 +24,7 @@ def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
     assert ndtm["median_fiber_loss"] < rows["unguided (prior)"]["median_fiber_loss"]
     # the trained conditional model (DESIGN 4.3) carries the condition; NDTM gets closer (paper)
     cond = next(r for m, r in rows.items() if m.startswith("conditional FM with fiber loss"))
-    assert "lambda 0.01" in cond["method"] and cond["kl"] >= 0
+    assert "lambda 0.01" in cond["method"]
     assert ndtm["median_fiber_loss"] < cond["median_fiber_loss"]
     assert cond["median_fiber_loss"] < rows["unguided (prior)"]["median_fiber_loss"]
     for f in (

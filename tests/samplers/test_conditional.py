@@ -142,9 +142,7 @@ def test_wrong_pairings_are_refused(trained, pixel_prior):
     with pytest.raises(TypeError, match="ConditionalFiberModel"):
         ConditionalFiberSampler(pixel_prior, objective)
     with pytest.raises(ValueError, match="needs the condition"):
-        NDTMSampler(model, objective, num_steps=2, inner_steps=1).sample(
-            targets=torch.zeros(3), n=1, progress=False
-        )
+        model.predict(torch.zeros(1, 3, 8, 8), model.timesteps(2)[0])
     other = fp.FiberObjective(TinySubject(channels=3).eval())  # 6 features, the model knows 3
     with pytest.raises(ValueError, match="trained on 3 features"):
         ConditionalFiberSampler(model, other, num_steps=2).sample(
@@ -154,3 +152,87 @@ def test_wrong_pairings_are_refused(trained, pixel_prior):
         ConditionalFiberModel.from_pretrained(".")
     with pytest.raises(ValueError, match="num_steps"):
         ConditionalFiberSampler(model, objective, num_steps=0)
+
+
+def _tiny_train(objective, **kw):
+    settings = dict(steps=2, batch_size=8, unet_config=TINY_UNET, progress=False, seed=3)
+    return train_fiber_model(objective, colour_batches, None, **{**settings, **kw})
+
+
+def test_the_fiber_term_changes_training_and_t_max_selects_rows():
+    objective = fp.FiberObjective(MeanColour().eval())
+    plain, meta0 = _tiny_train(objective, fiber_weight=0.0)
+    full, _ = _tiny_train(objective, fiber_weight=0.5)
+    low, meta_low = _tiny_train(objective, fiber_weight=0.5, fiber_t_max=0.3)
+    again, _ = _tiny_train(objective, fiber_weight=0.5)
+    w = [m.denoiser.conv_out.weight for m in (plain, full, low, again)]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    assert torch.equal(w[1], w[3])  # seeded: the same settings give the same weights
+    assert meta0["fiber_t_max"] is None and meta_low["fiber_t_max"] == 0.3
+    assert meta0["ema_decay_reached"] == pytest.approx(2 / 11)
+
+
+def test_a_non_differentiable_phi_is_refused_with_a_fiber_term():
+    class Rounded(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)).detach().round()
+
+    objective = fp.FiberObjective(Rounded().eval())
+    with pytest.raises(ValueError, match="passes no gradient"):
+        _tiny_train(objective, fiber_weight=0.1)
+    model, _ = _tiny_train(objective, fiber_weight=0.0)  # plain conditional FM is fine
+    assert model.num_features == 3
+
+
+def test_time_embedding_width_follows_the_unet():
+    objective = fp.FiberObjective(MeanColour().eval())
+    model, _ = _tiny_train(objective, unet_config={**TINY_UNET, "time_embedding_dim": 40})
+    assert model.condition.out_features == 40
+    res = ConditionalFiberSampler(model, objective, num_steps=2).sample(
+        targets=torch.rand(1, 3), n=1, progress=False
+    )
+    assert res.images.shape == (1, 1, 3, 8, 8)
+
+
+def test_training_device_mismatch_is_refused():
+    objective = fp.FiberObjective(MeanColour().eval())
+    with pytest.raises(ValueError, match="unknown device 'not-a-device'"):
+        _tiny_train(objective, device="not-a-device")
+    subject = TinySubject(channels=3).eval()
+    with pytest.raises(ValueError, match="the subject is on cpu"):
+        _tiny_train(fp.FiberObjective(subject), device="meta")
+
+
+def test_objective_or_subject_changes_are_warned_about(trained):
+    objective, model, _, _ = trained
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same objective: no warning
+        ConditionalFiberSampler(model, fp.FiberObjective(MeanColour().eval(), name="other name"))
+    other = fp.FiberObjective(MeanColour().eval(), distance="l1")
+    with pytest.warns(UserWarning, match=r"differs .* in \['distance'\]"):
+        ConditionalFiberSampler(model, other)
+    subject = TinySubject(channels=3).eval()
+    obj = fp.FiberObjective(subject)
+    m2, _ = _tiny_train(obj)
+    with torch.no_grad():
+        subject.fc.bias.add_(1.0)  # "retrained" subject
+    with pytest.warns(UserWarning, match="subject's weights differ"):
+        ConditionalFiberSampler(m2, obj)
+
+
+def test_guided_samplers_refuse_a_conditional_model_at_construction(trained):
+    objective, model, _, _ = trained
+    for cls in (NDTMSampler, fp.DPSSampler, fp.PixelInversionSampler):
+        with pytest.raises(TypeError, match="ConditionalFiberSampler"):
+            cls(model, objective)
+
+
+def test_result_records_the_fiber_model(trained):
+    objective, model, _, _ = trained
+    res = ConditionalFiberSampler(model, objective, num_steps=2).sample(
+        targets=torch.rand(1, 3), n=1, progress=False
+    )
+    assert res.config["fiber_model"]["fiber_weight"] == 1.0
+    assert res.config["fiber_model"]["objective"] == "mean colour"

@@ -102,7 +102,11 @@ def cmd_sample(args) -> int:
     if isinstance(prior, ConditionalFiberModel):  # a trained fiber model: conditional sampling
         from ..samplers import ConditionalConfig, ConditionalFiberSampler
 
-        print(f"{prior!r}: conditional sampling with {args.steps} steps (no guidance settings)")
+        print(
+            f"{prior!r}: conditional sampling with {args.steps} steps; the guidance settings "
+            "(--inner-steps, --guidance, --schedule, --lr, --kappa, --tau, --eta, --target-mode) "
+            "do not apply and are ignored"
+        )
         sampler = ConditionalFiberSampler(
             prior, objective, ConditionalConfig(num_steps=args.steps, autocast=args.bf16)
         )
@@ -232,6 +236,11 @@ def cmd_train(args) -> int:
         "conditional-nofiber": "conditional_nofiber",
     }[args.model]
     out = root or default / folder
+    if args.model != "conditional" and (args.fiber_weight is not None or args.fiber_t_max is not None):
+        raise ValueError(
+            f"--fiber-weight / --fiber-t-max are settings of 'train conditional', not of "
+            f"'train {args.model}'"
+        )
     kw = {"seed": args.seed, "device": args.device}
     if args.steps:
         kw["steps"] = args.steps
@@ -240,10 +249,12 @@ def cmd_train(args) -> int:
     elif args.model == "autoencoder":
         meta = training.train_autoencoder(out, **kw)
     elif args.model in ("conditional", "conditional-nofiber"):
-        weight = 0.0 if args.model == "conditional-nofiber" else args.fiber_weight
-        meta = training.train_conditional(
-            out, fiber_weight=weight, fiber_t_max=args.fiber_t_max, **kw
-        )
+        if args.model == "conditional-nofiber":
+            weight, t_max = 0.0, 1.0
+        else:
+            weight = 0.01 if args.fiber_weight is None else args.fiber_weight
+            t_max = 1.0 if args.fiber_t_max is None else args.fiber_t_max
+        meta = training.train_conditional(out, fiber_weight=weight, fiber_t_max=t_max, **kw)
     elif args.model == "vit":
         meta = training.train_vit(out, **kw)
     elif args.model == "sae":
@@ -396,13 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--fiber-weight",
         type=float,
-        default=0.01,
+        default=None,
         help="conditional: lambda_fiber, the weight of the fiber loss in training (default 0.01)",
     )
     t.add_argument(
         "--fiber-t-max",
         type=float,
-        default=1.0,
+        default=None,
         help="conditional: the fiber loss is used at noise levels t <= this (default 1: all)",
     )
     t.add_argument("--seed", type=int, default=0)

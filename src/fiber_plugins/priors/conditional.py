@@ -93,7 +93,7 @@ class ConditionalFiberModel(DiffusionPrior):
     --------
     >>> model, meta = train_fiber_model(objective, images, "runs/fiber-model")  # doctest: +SKIP
     >>> model = ConditionalFiberModel.from_pretrained("runs/fiber-model")       # doctest: +SKIP
-    >>> ConditionalFiberSampler(model, objective).sample(references=[x_ref], n=16)
+    >>> ConditionalFiberSampler(model, objective).sample(references=[x_ref], n=16)  # doctest: +SKIP
     """
 
     def __init__(
@@ -110,7 +110,7 @@ class ConditionalFiberModel(DiffusionPrior):
                 f"(y enters through the time embedding); got {name} with class_embed_type="
                 f"{getattr(denoiser.config, 'class_embed_type', None)!r}"
             )
-        width = denoiser.config.block_out_channels[0] * 4
+        width = time_embedding_width(denoiser)
         if condition.out_features != width:
             raise ValueError(
                 f"the condition embedding gives {condition.out_features} values but the UNet's "
@@ -119,7 +119,7 @@ class ConditionalFiberModel(DiffusionPrior):
         super().__init__(denoiser, scheduler if scheduler is not None else FLOW_SCHEDULER)
         if self.schedule.family != "flow":
             raise ValueError("a conditional fiber model uses a FlowMatch* scheduler")
-        self.condition = condition.eval().requires_grad_(False)
+        self.condition = condition.to(self.device).eval().requires_grad_(False)
         self.info = dict(info or {})
 
     @property
@@ -230,6 +230,27 @@ class ConditionalFiberModel(DiffusionPrior):
         return model.to(device) if device is not None else model
 
 
+def time_embedding_width(unet: nn.Module) -> int:
+    """The width of a UNet2DModel's time embedding, which the condition is added to."""
+    return int(unet.time_embedding.linear_2.out_features)
+
+
+def subject_fingerprint(objective) -> str | None:
+    """A short hash of the subject models' weights (None for plain callables)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    found = False
+    for _, term in objective.terms():
+        if term.model is None:
+            continue
+        for name, t in sorted(term.model.state_dict().items()):
+            found = True
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16] if found else None
+
+
 def is_fiber_model_folder(folder: str | Path) -> bool:
     return (Path(folder) / "condition" / "config.json").is_file()
 
@@ -309,28 +330,31 @@ def train_fiber_model(
         raise ValueError(f"fiber_weight must be >= 0, got {fiber_weight!r}")
     if not (isinstance(fiber_t_max, (int, float)) and 0 < fiber_t_max <= 1):
         raise ValueError(f"fiber_t_max must be in (0, 1], got {fiber_t_max!r}")
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    torch.manual_seed(seed)
+    dev = _training_device(objective, device)
     gen = torch.Generator().manual_seed(seed)
     draw = _batches(data, gen)
 
     with objective.attached():
         # feature statistics for the condition's standardisation, from a few batches
         with torch.no_grad():
-            x = torch.cat([draw(batch_size) for _ in range(max(1, 512 // batch_size))])
-            _check_images(x)
-            y = objective.features(x.to(dev) * 2 - 1)
-        if isinstance(y, tuple):
+            chunks = [draw(batch_size) for _ in range(max(1, 512 // batch_size))]
+            for x in chunks:
+                _check_images(x)
+            feats = [objective.features(x.to(dev) * 2 - 1) for x in chunks]
+        if isinstance(feats[0], tuple):
             raise TypeError("train_fiber_model needs one objective (a summed objective gives a "
                             "tuple of features)")
+        y = torch.cat(feats)
+        if fiber_weight > 0:
+            _check_differentiable(objective, chunks[0][:2].to(dev) * 2 - 1)
         channels, size = x.shape[1], x.shape[-1]
         ucfg = {**DEFAULT_UNET, **(unet_config or {})}
         ucfg.update(sample_size=size, in_channels=channels, out_channels=channels,
                     class_embed_type="identity")
-        unet = UNet2DModel(**ucfg).to(dev).train()
-        cond = ConditionEmbedding(y.shape[1], ucfg["block_out_channels"][0] * 4).to(dev)
+        with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
+            torch.manual_seed(seed)
+            unet = UNet2DModel(**ucfg).to(dev).train()
+            cond = ConditionEmbedding(y.shape[1], time_embedding_width(unet)).to(dev)
         cond.mean.copy_(y.mean(0))
         cond.std.copy_(y.std(0).clamp_min(1e-6))
         params = [*unet.parameters(), *cond.parameters()]
@@ -381,14 +405,18 @@ def train_fiber_model(
     meta = {
         "model": "conditional flow-matching fiber model",
         "objective": objective.name,
+        "objective_settings": objective.describe(),
+        "subject_fingerprint": subject_fingerprint(objective),
         "num_features": int(y.shape[1]),
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in ucfg.items()},
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
         "fiber_weight": fiber_weight,
-        "fiber_t_max": fiber_t_max,
+        "fiber_t_max": fiber_t_max if fiber_weight > 0 else None,
         "ema_decay": ema_decay,
+        # diffusers' EMAModel warms its decay up as (1 + s) / (10 + s), capped at ema_decay
+        "ema_decay_reached": float(min(ema_decay, steps / (steps + 9))),
         "seed": seed,
         "final_fm_loss_mean_last100": sum(fm_log[-100:]) / len(fm_log[-100:]),
         "final_fiber_loss_mean_last100": (sum(fl_log[-100:]) / len(fl_log[-100:])
@@ -404,6 +432,44 @@ def train_fiber_model(
         (Path(out_dir) / "training.json").write_text(json.dumps(meta, indent=2))
         model.to(dev)
     return model, meta
+
+
+def _training_device(objective, device) -> torch.device:
+    """``device``, or (None / 'auto') the subject's device; a mismatch is refused clearly."""
+    params = [
+        p for _, term in objective.terms() if term.model is not None
+        for p in term.model.parameters()
+    ]
+    where = params[0].device if params else None
+    if device in (None, "auto"):
+        if where is not None:
+            return where
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if where is not None and where.type != dev.type:
+        raise ValueError(
+            f"the subject is on {where} but training was asked for on {dev}; move the subject "
+            f"(model.to('{dev}')) or pass device='{where}'"
+        )
+    return dev
+
+
+def _check_differentiable(objective, x: torch.Tensor) -> None:
+    """With a fiber term, phi must pass a gradient to the image (or the term does nothing)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        feats = objective.features(x)
+        grad = None
+        if feats.requires_grad:
+            (grad,) = torch.autograd.grad(feats.float().pow(2).sum(), x, allow_unused=True)
+    if grad is None or not bool(grad.abs().sum() > 0):
+        raise ValueError(
+            f"phi of {objective.name} passes no gradient to the image, so the fiber loss term "
+            "(fiber_weight > 0) cannot train anything; use fiber_weight=0 or a differentiable phi"
+        )
 
 
 def _check_images(x: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ two approaches are compared on equal terms (``fiber-plugins bench color-mnist``)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ class ConditionalConfig(SettingsMixin):
     ----------
     num_steps: Euler steps of the flow ODE (the model's FlowMatch sigma grid).
     trace: record the fiber loss of the one-step estimate x0_hat at every step (one subject
-        forward per step; off: the loss trace is NaN except the final loss).
+        forward per step; off: the loss trace is all NaN, the final fiber loss is still there).
     autocast: bf16 autocast of the networks; the state x stays fp32.
     """
 
@@ -55,6 +56,8 @@ class ConditionalFiberSampler(FiberSampler):
 
     config_class = ConditionalConfig
 
+    conditional = True
+
     def __init__(self, model: ConditionalFiberModel, objective, config=None, **overrides):
         if not isinstance(model, ConditionalFiberModel):
             raise TypeError(
@@ -63,6 +66,42 @@ class ConditionalFiberSampler(FiberSampler):
                 "prior use a guided sampler (NDTMSampler)"
             )
         super().__init__(model, objective, config, **overrides)
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Warn when the objective differs from the one the model was trained with: the width
+        alone cannot tell another layer, preprocessing or retrained subject apart."""
+        from .._utils import warn
+        from ..priors.conditional import subject_fingerprint
+
+        info = self.prior.info
+        def as_stored(d):  # JSON round trip: tuples become lists, as in fiber_model.json
+            return json.loads(json.dumps(d, default=str)) if d is not None else None
+
+        trained = as_stored(info.get("objective_settings"))
+        now = as_stored(self.objective.describe())
+        differs = [k for k in (trained or {}) if k != "name" and trained.get(k) != now.get(k)]
+        if differs:
+            warn(
+                f"the objective differs from the one this fiber model was trained with in "
+                f"{differs} (trained: {[trained[k] for k in differs]}, now: "
+                f"{[now.get(k) for k in differs]}); its samples are not this objective's fiber"
+            )
+        fp = info.get("subject_fingerprint")
+        if fp and fp != subject_fingerprint(self.objective):
+            warn(
+                "the subject's weights differ from those the fiber model was trained with "
+                f"(fingerprint {fp}); retrain the fiber model for this subject"
+            )
+
+    def sample(self, *args, **kwargs):
+        result = super().sample(*args, **kwargs)
+        info = self.prior.info
+        result.config["fiber_model"] = {
+            k: info.get(k)
+            for k in ("objective", "fiber_weight", "fiber_t_max", "steps", "subject_fingerprint")
+        }
+        return result
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
         cfg, model = self.config, self.prior

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .._utils import randn_rows, row_generator, warn
 from ..objectives.base import FiberObjective, target_rows, target_to, target_width
 from ..priors import acceleration as _acc
+from ..priors.conditional import ConditionalFiberModel
 from ..priors.prior import DiffusionPrior
 from .result import FiberResult
 
@@ -155,6 +156,8 @@ class FiberSampler(abc.ABC):
 
     config_class: type | None = None  # the algorithm's config dataclass (to_dict / from_dict)
 
+    conditional = False  # whether the sampler takes a trained ConditionalFiberModel
+
     def __init__(self, prior: DiffusionPrior, objective: FiberObjective, config=None, **overrides):
         """``config`` (default: ``config_class()``), with ``overrides`` as keyword settings."""
         if self.config_class is not None:
@@ -165,6 +168,11 @@ class FiberSampler(abc.ABC):
             raise TypeError(f"{type(self).__name__} takes no settings {sorted(overrides)}")
         if not isinstance(prior, DiffusionPrior):
             raise TypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
+        if isinstance(prior, ConditionalFiberModel) and not self.conditional:
+            raise TypeError(
+                f"{type(self).__name__} needs an unconditional prior; a trained "
+                "ConditionalFiberModel is sampled with ConditionalFiberSampler"
+            )
         if not isinstance(objective, FiberObjective):
             raise TypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
         self.prior = prior
