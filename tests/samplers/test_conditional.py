@@ -208,18 +208,25 @@ def test_objective_or_subject_changes_are_warned_about(trained):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same objective: no warning
-        ConditionalFiberSampler(model, fp.FiberObjective(MeanColour().eval(), name="other name"))
+        warnings.simplefilter("error")  # the same objective (another label): no warning
+        same = ConditionalFiberSampler(
+            model, fp.FiberObjective(MeanColour().eval(), name="other name")
+        )
+    assert same.prior is model
     other = fp.FiberObjective(MeanColour().eval(), distance="l1")
-    with pytest.warns(UserWarning, match=r"differs .* in \['distance'\]"):
+    with pytest.warns(UserWarning, match=r"differs .* in \['distance'\]") as caught:
         ConditionalFiberSampler(model, other)
+    assert "trained: ['l2'], now: ['l1']" in str(caught[0].message)
+    assert {w.filename for w in caught} == {__file__}  # points at the user's line
     subject = TinySubject(channels=3).eval()
     obj = fp.FiberObjective(subject)
-    m2, _ = _tiny_train(obj)
+    m2, meta = _tiny_train(obj)
+    assert meta["subject_fingerprint"] == m2.info["subject_fingerprint"] is not None
     with torch.no_grad():
         subject.fc.bias.add_(1.0)  # "retrained" subject
-    with pytest.warns(UserWarning, match="subject's weights differ"):
+    with pytest.warns(UserWarning, match="subject's weights differ") as caught:
         ConditionalFiberSampler(m2, obj)
+    assert meta["subject_fingerprint"] in str(caught[0].message)
 
 
 def test_guided_samplers_refuse_a_conditional_model_at_construction(trained):

@@ -309,7 +309,8 @@ def train_fiber_model(
     ema_decay: decay of the exponential moving average of the weights that is returned/saved.
     unet_config: ``UNet2DModel`` settings (default :data:`DEFAULT_UNET`; size and channels are
         taken from the data).
-    seed, device, progress: seeding, device ('auto' picks CUDA when present), tqdm bar.
+    seed, device, progress: seeding; device (None / 'auto': the subject's device, or CUDA when
+        present for a parameter-free phi; another device than the subject's is refused); tqdm.
 
     Returns the model (EMA weights, eval mode) and the training record.
     """
