@@ -13,6 +13,8 @@ from types import ModuleType
 
 import torch
 
+from .errors import MissingExtraError
+
 # toolkit module -> pip extra that installs it
 _EXTRAS = {
     "captum": "captum",
@@ -51,7 +53,7 @@ def require(module: str) -> ModuleType:
         top = module.split(".")[0]
         extra = _EXTRAS.get(top)
         hint = f"pip install 'fiber-plugins[{extra}]'" if extra else f"pip install {top}"
-        raise ImportError(f"{module!r} is not installed; install it with: {hint}") from err
+        raise MissingExtraError(f"{module!r} is not installed; install it with: {hint}") from err
 
 
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
@@ -63,6 +65,37 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
         head = name.split(".")[0]
         close = [c for c in choices if c.startswith(head)][:n]
     return f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The one place a device name is read: ``"auto"`` / None -> CUDA when available, else the
+    CPU; anything else must name a device this machine has (one-line error otherwise)."""
+    from .errors import UserValueError
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserValueError(
+            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserValueError(
+                f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"{'no GPU found' if torch.backends.cuda.is_built() else 'built without CUDA'}); "
+                "use cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserValueError(f"device {name!r}: MPS is not available here; use cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserValueError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def row_generator(seed: int, *keys: int) -> torch.Generator:

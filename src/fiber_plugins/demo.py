@@ -20,6 +20,7 @@ from .evaluation.metrics import NearestNeighbourBaseline
 from .objectives import FiberObjective
 from .reporting.html import Page
 from .samplers import NDTMConfig, NDTMSampler
+from .samplers.run_folder import check_out_dir
 
 # the benchmark's NDTM settings with stochastic DDIM updates (eta 0.5): the same colour
 # consistency and about 1.4x the fiber loss, with less pixel noise in the samples
@@ -34,8 +35,10 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     digits: tuple[int, ...] = (0, 1, 2, 3),
+    overwrite: bool = False,
 ) -> Path:
     out = Path(out)
+    check_out_dir(out, overwrite=overwrite)  # before any model is loaded
     out.mkdir(parents=True, exist_ok=True)
     prior = zoo.load("color-mnist-prior", device=device)
     subject = zoo.load("color-mnist-subject", device=device)
@@ -48,7 +51,7 @@ def run_demo(
     t0 = time.perf_counter()
     sampler = NDTMSampler(prior, objective, NDTMConfig(num_steps=steps, **DEMO_NDTM))
     result = sampler.sample(references=refs, n=n, seed=seed)
-    result.save(out)
+    result.save(out, overwrite=overwrite)
     sample_time = time.perf_counter() - t0
 
     g_train, _ = cm.load_digits("train")

@@ -204,6 +204,28 @@ def test_width_mismatch_quotes_both_widths(model, kind):
             obj.target(torch.rand(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize("d_in", [D, 16])  # 8 = channels, 16 = 4 x 4 positions of the map
+def test_conv_map_has_no_token_axis(model, d_in):
+    """model.patch gives (B, 8, 4, 4): read as (B, 8, 16) it would encode channels as tokens."""
+    obj = sae_objective(model, "patch", ours(d_in=d_in))
+    with pytest.raises(ValueError) as err:
+        obj.target(torch.rand(1, 3, 16, 16))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("layer 'patch' has output (B, 8, 4, 4): no token axis; ")
+    assert "(B, tokens, d) or (B, d)" in message
+
+
+def test_truncated_sae_weights_one_line(tmp_path):
+    folder = ours().save(tmp_path / "sae")
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError) as err:
+        SparseAutoencoder.load(folder)
+    message = str(err.value)
+    assert "\n" not in message and str(weights) in message and "truncated or corrupt" in message
+
+
 @pytest.mark.parametrize("features", [12, [0, 40], -13])
 def test_feature_out_of_range_names_sae_size(model, features):
     with pytest.raises(IndexError, match="SAE with 12 features"):

@@ -141,10 +141,32 @@ def test_name_and_local_safetensors_weights(tmp_path, vit, x):
     torch.testing.assert_close(obj.features(x), _timm_value(vit, "logits", x))
     with pytest.raises(ValueError, match="missing key"):
         timm_subject("resnet18", weights=path)
+    (tmp_path / "model.txt").write_text("not weights")
     with pytest.raises(ValueError, match=r"\.safetensors"):
-        timm_subject("resnet18", weights=tmp_path / "model.pt")
+        timm_subject("resnet18", weights=tmp_path / "model.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         timm_subject("resnet18", weights=tmp_path / "nope.safetensors")
+
+
+def test_weights_use_the_package_loader(tmp_path, resnet):
+    """timm_subject reads weights with fiber_plugins.weights: torch state dicts with
+    weights_only=True, one-line refusals for pickled objects and truncated files."""
+    from fiber_plugins.errors import UserValueError
+
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pt")
+    model, _ = timm_subject("resnet18", weights=tmp_path / "resnet.pt", num_classes=10)
+    torch.testing.assert_close(model.fc.weight, resnet.fc.weight)
+    torch.save({"state_dict": resnet.state_dict(), "args": nn.ReLU()}, tmp_path / "objects.pt")
+    with pytest.raises(UserValueError) as err:
+        timm_subject("resnet18", weights=tmp_path / "objects.pt", num_classes=10)
+    message = str(err.value)
+    assert "\n" not in message and "pickled Python objects" in message
+    assert "weights_only=False" not in message
+    data = (tmp_path / "resnet.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserValueError, match="truncated or corrupt") as err:
+        timm_subject("resnet18", weights=tmp_path / "cut.pt", num_classes=10)
+    assert "\n" not in str(err.value)
 
 
 def test_objective_from_a_model_name():

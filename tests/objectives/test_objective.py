@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fiber_plugins as fp
+from fiber_plugins.errors import UserError, UserValueError
 from fiber_plugins.objectives import IDENTITY, Preprocess, reduce, select
 from fiber_plugins.objectives.distances import cosine, get_distance, kl_logits, l1, squared_l2
 
@@ -172,11 +173,45 @@ def test_target_width_mismatch(subject):
         obj.check_target(torch.zeros(5), 6)
 
 
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [
+        (torch.tensor([0.0, 1.0, float("nan"), 2.0, float("inf"), 3.0]), "nan at index 2"),
+        (
+            torch.tensor([[0.0] * 6, [0.0, 0.0, 0.0, -float("inf"), 0.0, 0.0]]),
+            "-inf at index (1, 3)",
+        ),
+    ],
+)
+def test_target_with_nan_or_inf_quotes_the_first_bad_index(subject, target, where):
+    obj = fp.FiberObjective(subject)
+    with pytest.raises(UserValueError) as err:
+        obj.check_target(target, 6)
+    message = str(err.value)
+    assert "\n" not in message and "non-finite" in message and where in message
+
+
+def test_target_width_mismatch_one_line(subject):
+    obj = fp.FiberObjective(subject)
+    with pytest.raises(UserValueError) as err:
+        obj.check_target(torch.zeros(2, 5), 6)
+    assert "\n" not in str(err.value) and "gives 6 features" in str(err.value)
+    with pytest.raises(UserValueError, match="a sum of 2 objectives needs a tuple of 2 targets"):
+        (obj + obj).check_target(torch.zeros(6), (6, 6))
+    with pytest.raises(UserValueError, match="nan at index 0"):
+        (obj + obj).check_target((torch.zeros(6), torch.full((6,), float("nan"))), (6, 6))
+
+
 def test_layer_not_on_path(subject):
     subject.extra = nn.Linear(2, 2)
     obj = fp.FiberObjective(subject, layer="extra")
-    with pytest.raises(RuntimeError, match="was not called"):
+    with pytest.raises(RuntimeError, match="was not called") as err:
         obj.target(torch.zeros(1, 3, 16, 16))
+    assert isinstance(err.value, UserError)  # the CLI prints it as one line and exits 2
+    message = str(err.value)
+    assert "\n" not in message
+    assert "layer 'extra' was not called during the forward pass of TinySubject" in message
+    assert "pick a layer on the path to the output" in message
 
 
 # ---------------------------------------------------------------- hooks and model state

@@ -134,7 +134,14 @@ def test_save_and_load(pixel_prior, subject, references, tmp_path):
         references=references, n=2, progress=False
     )
     out = res.save(tmp_path / "run")
-    assert {p.name for p in out.iterdir()} == {"grid.png", "samples.safetensors", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "grid.png",
+        "samples.safetensors",
+        "metrics.json",
+        "run.json",
+        "index.parquet",
+        "inputs.safetensors",
+    }
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
@@ -193,7 +200,7 @@ def test_bad_references(pixel_prior, subject, tmp_path):
         s.sample(references=[bad], n=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         s.sample(references=[tmp_path / "missing.png"], n=1)
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         s.sample(references=torch.full((1, 3, 16, 16), 2.0), n=1)
 
 

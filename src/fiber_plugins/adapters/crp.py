@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._utils import require, suggest
+from ..errors import UserKeyError, UserStateError, UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.distances import Distance
 from ..objectives.preprocess import Preprocess
@@ -73,7 +74,7 @@ def check_no_composite(model: nn.Module, composite: Any = None) -> None:
         if names
         else f"{type(composite).__name__} is registered"
     )
-    raise RuntimeError(
+    raise UserStateError(
         f"a zennit composite is registered on {type(model).__name__} ({where}). Activation "
         "targets must not run inside a zennit composite: its rules rewrite the gradients "
         "(relevance instead of d phi / d x) and its canonizers may change the parameters. "
@@ -104,7 +105,7 @@ def _unwrap(model: Any) -> tuple[nn.Module, str]:
     inner = getattr(model, "model", None)
     if isinstance(inner, nn.Module):
         return inner, str(getattr(model, "MODEL_OUTPUT_NAME", "y"))
-    raise TypeError(
+    raise UserTypeError(
         f"model must be an nn.Module or a crp CondAttribution, got {type(model).__name__}"
     )
 
@@ -113,13 +114,13 @@ def _ids(key: str, value: Any) -> list[int]:
     if isinstance(value, torch.Tensor):
         value = value.reshape(-1).tolist()
     if isinstance(value, bool):
-        raise TypeError(f"condition {key!r}: expected channel ids, got {value!r}")
+        raise UserTypeError(f"condition {key!r}: expected channel ids, got {value!r}")
     if isinstance(value, int):
         return [value]
     if isinstance(value, Sequence) and not isinstance(value, str):
         if value and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
             return [int(i) for i in value]
-    raise TypeError(
+    raise UserTypeError(
         f"condition {key!r}: expected an int or a non-empty list of ints (channel ids), "
         f"got {value!r}"
     )
@@ -163,12 +164,12 @@ def crp_objective(
     crp_helper = require("crp.helper")
     module, y_name = _unwrap(model)
     if not isinstance(condition, Mapping):
-        raise TypeError(f"a condition is a dict {{layer: ids}}, got {type(condition).__name__}")
+        raise UserTypeError(f"a condition is a dict {{layer: ids}}, got {type(condition).__name__}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
+        raise UserValueError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
     keys = [k for k in condition if include_y or k != y_name or len(condition) == 1]
     if not keys:
-        raise ValueError(f"condition {dict(condition)!r} selects nothing")
+        raise UserValueError(f"condition {dict(condition)!r} selects nothing")
     check_no_composite(module, composite)
     modules = dict(module.named_modules())
     terms = []
@@ -180,7 +181,7 @@ def crp_objective(
         else:
             if not isinstance(key, str) or key not in modules or not key:
                 names = crp_helper.get_layer_names(module, [nn.Conv2d, nn.Linear])
-                raise KeyError(
+                raise UserKeyError(
                     f"unknown layer {key!r} in condition {dict(condition)!r}; CRP names layers as "
                     f"model.named_modules() does, with {y_name!r} for the logits"
                     f"{suggest(str(key), names or [n for n in modules if n])}"
@@ -208,11 +209,11 @@ def crp_objectives(
     if isinstance(conditions, Mapping):
         conditions = [conditions]
     if isinstance(conditions, (str, bytes)) or not isinstance(conditions, Sequence):
-        raise TypeError(
+        raise UserTypeError(
             f"conditions must be a dict or a list of dicts, got {type(conditions).__name__}"
         )
     if not conditions:
-        raise ValueError("conditions is empty")
+        raise UserValueError("conditions is empty")
     return [
         crp_objective(model, c, reduction, preprocess, distance, include_y, composite)
         for c in conditions

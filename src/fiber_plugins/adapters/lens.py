@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .._utils import suggest
+from ..errors import UserIndexError, UserKeyError, UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.distances import Distance
 from ..objectives.preprocess import Preprocess
@@ -58,7 +59,7 @@ def hook_dict(model: nn.Module) -> Mapping[str, nn.Module]:
     """``model.hook_dict`` (hook name -> hook point), or a TypeError naming what is needed."""
     hooks = getattr(model, "hook_dict", None)
     if not isinstance(hooks, Mapping):
-        raise TypeError(
+        raise UserTypeError(
             f"{type(model).__name__} has no hook_dict of hook points; hook names need a "
             "transformer-lens HookedRootModule / TransformerBridge or a vit-prisma HookedViT. "
             "For a plain nn.Module use FiberObjective(model, layer='module.name')"
@@ -69,7 +70,7 @@ def hook_dict(model: nn.Module) -> Mapping[str, nn.Module]:
 def _resolve(model: nn.Module, name: str, allow_modules: bool = False) -> nn.Module:
     """The hook point (or, with ``allow_modules``, the submodule) called ``name``."""
     if not isinstance(name, str):
-        raise TypeError(f"hook name must be a string, got {type(name).__name__}")
+        raise UserTypeError(f"hook name must be a string, got {type(name).__name__}")
     hooks = getattr(model, "hook_dict", None)
     hooks = hooks if isinstance(hooks, Mapping) else None
     if hooks is None and not allow_modules:
@@ -83,7 +84,7 @@ def _resolve(model: nn.Module, name: str, allow_modules: bool = False) -> nn.Mod
             return modules[name]
         choices += [n for n in modules if n and n not in choices]
     what = "hook" if hooks is not None else "layer"
-    raise KeyError(f"unknown {what} {name!r} in {type(model).__name__}{suggest(name, choices)}")
+    raise UserKeyError(f"unknown {what} {name!r} in {type(model).__name__}{suggest(name, choices)}")
 
 
 def _token_axis(name: str, hook_point: nn.Module) -> int:
@@ -97,7 +98,7 @@ def _token_axis(name: str, hook_point: nn.Module) -> int:
 
 def check_token(token: Token) -> Token:
     if isinstance(token, bool) or not (isinstance(token, int) or token in TOKENS):
-        raise ValueError(
+        raise UserValueError(
             f"unknown token {token!r}; choose one of {list(TOKENS)} or an int position "
             "(0 is the CLS token in a ViT, 1.. the patches)"
         )
@@ -113,13 +114,13 @@ def reduce_tokens(act: torch.Tensor, token: Token, axis: int = 1, where: str = "
     if token == "all":
         return act
     if act.dim() < 3:
-        raise ValueError(
+        raise UserValueError(
             f"token={token!r} needs a token axis but {where} has shape {tuple(act.shape)}; "
             "use token='all'"
         )
     axis = axis % act.dim()
     if axis == 0:
-        raise ValueError(f"the token axis of {where} cannot be the batch axis")
+        raise UserValueError(f"the token axis of {where} cannot be the batch axis")
     if token == "mean":
         return act.mean(axis)
     if token == "max":
@@ -127,7 +128,7 @@ def reduce_tokens(act: torch.Tensor, token: Token, axis: int = 1, where: str = "
     pos = 0 if token == "cls" else int(token)
     n = act.shape[axis]
     if not -n <= pos < n:
-        raise IndexError(
+        raise UserIndexError(
             f"token {pos} is out of range for {where} with {n} tokens (valid: 0..{n - 1})"
         )
     return act.select(axis, pos)
@@ -154,7 +155,7 @@ class HookObjective(FiberObjective):
         allow_modules: bool = False,
     ):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise UserTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.hook_point = _resolve(model, hook_name, allow_modules=allow_modules)
         self.hook_name = hook_name
         self.token = check_token(token)
@@ -261,7 +262,7 @@ def list_hook_points(
         ``run_with_cache``). Aliases of one hook point are listed next to each other.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise UserTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     hooks = getattr(model, "hook_dict", None)
     if isinstance(hooks, Mapping):
         points = list(hooks.items())

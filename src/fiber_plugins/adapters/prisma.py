@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UserValueError
 from ..objectives.distances import Distance
 from ..objectives.preprocess import Preprocess
 from ..objectives.selection import Index
@@ -78,12 +79,12 @@ def prisma_objective(
     if token == "cls":
         kind = getattr(getattr(model, "cfg", None), "classification_type", "cls")
         if hook_name == "hook_embed":
-            raise ValueError(
+            raise UserValueError(
                 "hook_embed holds the patch embeddings only (the CLS token is prepended after "
                 "it); use token=0.. for a patch, 'mean' or 'max', or a later hook for the CLS token"
             )
         if kind != "cls":
-            raise ValueError(
+            raise UserValueError(
                 f"{type(model).__name__} has classification_type={kind!r} and no CLS token; "
                 "use token='mean', 'max' or an int position"
             )

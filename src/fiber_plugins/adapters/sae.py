@@ -40,13 +40,14 @@ import contextlib
 import inspect
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import MissingFileError, UserIndexError, UserTypeError, UserValueError
 from ..objectives.distances import Distance
 from ..objectives.preprocess import Preprocess
 from .lens import HookObjective, Token, reduce_tokens
@@ -92,7 +93,7 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         for label, value in (("d_in", d_in), ("d_sae", d_sae)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive int, got {value!r}")
+                raise UserValueError(f"{label} must be a positive int, got {value!r}")
         kw = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
@@ -119,7 +120,7 @@ class SparseAutoencoder(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
-            raise ValueError(
+            raise UserValueError(
                 f"the SAE encodes width {self.d_in} but got activations of shape "
                 f"{tuple(x.shape)} (width {x.shape[-1]})"
             )
@@ -168,34 +169,39 @@ class SparseAutoencoder(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> SparseAutoencoder:
         """Load a folder written by :meth:`save` (or a SAELens standard ReLU SAE folder)."""
-        from safetensors.torch import load_file
+        from ..weights import read_safetensors
 
         folder = Path(path)
         cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         for p in (cfg_path, weights_path):
             if not p.is_file():
-                raise FileNotFoundError(f"no {p.name} in {str(folder)!r}")
-        cfg = json.loads(cfg_path.read_text())
+                raise MissingFileError(f"no {p.name} in {str(folder)!r}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserValueError(f"{cfg_path} is not valid JSON ({err}); re-save the SAE") from None
+        if not isinstance(cfg, dict):
+            raise UserValueError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object")
         arch = cfg.get("architecture", "standard")
         act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
         norm = cfg.get("normalize_activations", "none")
         if arch != "standard" or act != "relu" or not cfg.get("apply_b_dec_to_input", True):
-            raise ValueError(
+            raise UserValueError(
                 f"{str(folder)!r} holds a {arch!r} SAE with activation {act!r}; SparseAutoencoder "
                 "loads standard ReLU SAEs only: load it with its own package and pass that"
             )
         if norm not in (None, "none"):
-            raise ValueError(
+            raise UserValueError(
                 f"{str(folder)!r} normalises activations ({norm!r}), which SparseAutoencoder "
                 "does not do; load it with its own package and pass that"
             )
-        state = load_file(str(weights_path), device=str(device))
+        state = read_safetensors(weights_path, device=device, what="SAE weights file")
         missing = [k for k in _TENSORS if k not in state]
         if missing:
-            raise ValueError(f"{weights_path} lacks tensors {missing}; found {sorted(state)}")
+            raise UserValueError(f"{weights_path} lacks tensors {missing}; found {sorted(state)}")
         d_in, d_sae = (int(v) for v in state["W_enc"].shape)
         if (cfg.get("d_in", d_in), cfg.get("d_sae", d_sae)) != (d_in, d_sae):
-            raise ValueError(
+            raise UserValueError(
                 f"{cfg_path} says d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} but W_enc has "
                 f"shape {(d_in, d_sae)}"
             )
@@ -244,13 +250,15 @@ def sae_features(sae: Any, x: torch.Tensor) -> torch.Tensor:
     out = sae.encode(x)
     if isinstance(out, (tuple, list)):  # vit-prisma: (sae_in, feature_acts[, hidden_pre])
         if len(out) < 2 or not isinstance(out[1], torch.Tensor):
-            raise TypeError(
+            raise UserTypeError(
                 f"{type(sae).__name__}.encode returned a {len(out)}-tuple; the contract is a "
                 "tensor of features or (sae_in, feature_acts[, hidden_pre])"
             )
         return out[1]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{type(sae).__name__}.encode returned {type(out).__name__}, not a tensor")
+        raise UserTypeError(
+            f"{type(sae).__name__}.encode returned {type(out).__name__}, not a tensor"
+        )
     return out
 
 
@@ -302,7 +310,7 @@ def sae_pre_activation(sae: Any, x: torch.Tensor) -> torch.Tensor:
             b_dec = getattr(sae, "b_dec", None)
             sae_in = sae_in - b_dec if isinstance(b_dec, torch.Tensor) else sae_in
         return sae_in @ w + bias
-    raise TypeError(
+    raise UserTypeError(
         f"cannot compute pre-activations of {type(sae).__name__}: give it a pre_activation(x) "
         "method, a hook_sae_acts_pre / hook_hidden_pre hook point, or W_enc and b_enc"
     )
@@ -332,25 +340,25 @@ def _check_features(features: Any, d_sae: int | None) -> list[int] | slice | Non
     if features is None or isinstance(features, slice):
         return features
     if isinstance(features, bool):
-        raise TypeError(f"features must be None, an int or a list of ints, got {features!r}")
+        raise UserTypeError(f"features must be None, an int or a list of ints, got {features!r}")
     if isinstance(features, int):
         ids = [features]
     elif isinstance(features, torch.Tensor) and features.dim() <= 1:
         ids = [int(i) for i in features.reshape(-1).tolist()]
     elif isinstance(features, Sequence) and not isinstance(features, str):
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in features):
-            raise TypeError(f"features must be ints, got {list(features)!r}")
+            raise UserTypeError(f"features must be ints, got {list(features)!r}")
         ids = [int(i) for i in features]
     else:
-        raise TypeError(
+        raise UserTypeError(
             f"features must be None, an int, a list of ints or a slice, got {type(features).__name__}"
         )
     if not ids:
-        raise ValueError("features is empty; pass None for all features")
+        raise UserValueError("features is empty; pass None for all features")
     if d_sae is not None:
         for i in ids:
             if not -d_sae <= i < d_sae:
-                raise IndexError(
+                raise UserIndexError(
                     f"feature {i} is out of range for an SAE with {d_sae} features "
                     f"(valid: 0..{d_sae - 1})"
                 )
@@ -361,7 +369,8 @@ class SAEObjective(HookObjective):
     """SAE features at a hook: encode(tokens) -> token reduction -> feature selection.
 
     The activation is flattened to (B, tokens, width) (heads and d_head of ``attn.hook_z`` are
-    joined), checked against the SAE's ``d_in``, encoded per token, reduced over tokens and
+    joined; the 4-d output of a plain submodule, a (B, C, H, W) map, is refused), checked
+    against the SAE's ``d_in``, encoded per token, reduced over tokens and
     restricted to ``features``. For 'cls' or one position only that token is encoded; 'mean' and
     'max' pool the features of all tokens (not the features of the pooled activation).
     While attached the SAE, like the model, is in eval mode without parameter gradients.
@@ -380,7 +389,7 @@ class SAEObjective(HookObjective):
         name: str | None = None,
     ):
         if not callable(getattr(sae, "encode", None)):
-            raise TypeError(
+            raise UserTypeError(
                 f"sae must have an encode(x) method (SparseAutoencoder, a SAELens SAE or a "
                 f"vit-prisma SparseAutoencoder), got {type(sae).__name__}"
             )
@@ -404,6 +413,10 @@ class SAEObjective(HookObjective):
             allow_modules=True,
         )
         self.hook_index = features
+        hooks = getattr(model, "hook_dict", None)
+        # a named hook point of a hooked transformer has a token axis at dim 1 (attn.hook_z's
+        # (B, pos, heads, d_head) joins heads x d_head); a plain submodule's 4-d output is a map
+        self.on_hook_point = isinstance(hooks, Mapping) and hook in hooks
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[SAEObjective]:
@@ -425,13 +438,21 @@ class SAEObjective(HookObjective):
 
     def _select(self, act: torch.Tensor) -> torch.Tensor:
         act = self.convert(act)
+        if act.dim() > 3 and not self.on_hook_point:
+            # (B, C, H, W) read as (B, C, H*W) would encode channels as tokens, silently wrong
+            shape = ", ".join(["B", *(str(n) for n in act.shape[1:])])
+            raise UserValueError(
+                f"{self.where} has output ({shape}): no token axis; an SAE reads (B, tokens, d) "
+                "or (B, d) activations (a transformer block's output): pick such a layer, or "
+                "wrap the model so that the layer gives (B, H*W, C) tokens"
+            )
         if act.dim() > 3:
             act = act.flatten(2)
         width = act.shape[-1]
         if self.d_in is not None and width != self.d_in:
             own = _sae_hook_name(self.sae)
             hint = f" (the SAE was trained on {own!r})" if own else ""
-            raise ValueError(
+            raise UserValueError(
                 f"SAE input width {self.d_in} does not match {self.where}, whose activations have "
                 f"width {width} (shape {tuple(act.shape)}); pick the hook the SAE was "
                 f"trained on{hint}"
@@ -441,7 +462,7 @@ class SAEObjective(HookObjective):
         else:
             feats = self.encode(reduce_tokens(act, self.token, 1, self.where))
         if self.d_sae is not None and feats.shape[-1] != self.d_sae:
-            raise ValueError(
+            raise UserValueError(
                 f"{type(self.sae).__name__}.encode returned width {feats.shape[-1]}, "
                 f"expected d_sae={self.d_sae}"
             )
@@ -507,7 +528,8 @@ def sae_objective(
     IndexError
         A feature id outside 0..d_sae-1.
     ValueError
-        (on the first forward) the hook's width differs from the SAE's ``d_in``.
+        (on the first forward) the hook's width differs from the SAE's ``d_in``, or a plain
+        submodule gives a (B, C, H, W) map, which has no token axis.
     """
     return SAEObjective(
         model, hook, sae, features, pre_activation, token_reduction, preprocess, distance, name

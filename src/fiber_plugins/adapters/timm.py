@@ -10,7 +10,9 @@ Every timm model offers the same calls; each is one ``kind`` of objective:
 
 Preprocessing (input size, interpolation, mean/std) comes from timm's ``resolve_data_config``.
 timm is imported lazily (``pip install 'fiber-plugins[timm]'``); weights are never downloaded:
-models are built with ``pretrained=False`` and local safetensors weights can be loaded.
+models are built with ``pretrained=False`` and local weights are loaded with the package's one
+policy (:func:`fiber_plugins.weights.load_weights`: safetensors, or a torch state dict read with
+``weights_only=True``).
 
 Examples
 --------
@@ -28,9 +30,11 @@ import torch
 from torch import nn
 
 from .._utils import require, suggest
+from ..errors import UserIndexError, UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.preprocess import Preprocess
 from ..objectives.selection import Index
+from ..weights import load_weights
 
 __all__ = ["KINDS", "timm_subject", "timm_preprocess", "timm_objective"]
 
@@ -55,7 +59,9 @@ def timm_subject(
         A timm model name (built with ``timm.create_model(name, pretrained=False,
         **create_kwargs)`` and put in eval mode) or an existing model (left as it is).
     weights:
-        Optional local weights: a ``.safetensors`` file or a state dict, loaded strictly.
+        Optional local weights, loaded strictly: a ``.safetensors`` file, a torch state dict file
+        (``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt``, read with ``weights_only=True``) or a state
+        dict; see :func:`fiber_plugins.weights.load_weights`.
     create_kwargs:
         Passed to ``create_model`` (``num_classes``, ``img_size``, ...); only with a name.
 
@@ -66,48 +72,25 @@ def timm_subject(
     timm = require("timm")
     if isinstance(name_or_model, str):
         if not timm.is_model(name_or_model):
-            raise ValueError(
+            raise UserValueError(
                 f"unknown timm model {name_or_model!r}{suggest(name_or_model, timm.list_models())}"
             )
         model = timm.create_model(name_or_model, pretrained=False, **create_kwargs)
         model.eval()
     elif isinstance(name_or_model, nn.Module):
         if create_kwargs:
-            raise TypeError(
+            raise UserTypeError(
                 f"create_model arguments {sorted(create_kwargs)} need a model name, not a model"
             )
         model = name_or_model
     else:
-        raise TypeError(
+        raise UserTypeError(
             f"name_or_model must be a timm model name or an nn.Module, "
             f"got {type(name_or_model).__name__}"
         )
     if weights is not None:
-        _load_weights(model, weights)
+        load_weights(model, weights)
     return model, timm_preprocess(model)
-
-
-def _load_weights(model: nn.Module, weights: str | Path | Mapping) -> None:
-    if isinstance(weights, Mapping):
-        state = dict(weights)
-    else:
-        path = Path(weights)
-        if path.suffix != ".safetensors":
-            raise ValueError(
-                f"weights must be a .safetensors file (pickled checkpoints are not loaded), "
-                f"got {str(path)!r}"
-            )
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights do not fit {type(model).__name__}: {len(missing)} missing key(s) "
-            f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
-        )
 
 
 def timm_preprocess(model: nn.Module) -> Preprocess:
@@ -153,7 +136,7 @@ class _Intermediate(_Wrapper):
             )
         except AssertionError as err:  # timm's own range check, when feature_info was missing
             if "out of range" in str(err):
-                raise IndexError(f"layer_index {self.layer_index}: {err}") from None
+                raise UserIndexError(f"layer_index {self.layer_index}: {err}") from None
             raise
         return out[0]
 
@@ -230,22 +213,22 @@ def timm_objective(
     if isinstance(model, str):
         model = timm_subject(model)[0]
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a timm model or name, got {type(model).__name__}")
+        raise UserTypeError(f"model must be a timm model or name, got {type(model).__name__}")
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {list(KINDS)}")
+        raise UserValueError(f"unknown kind {kind!r}; choose one of {list(KINDS)}")
     for method in _NEEDS.get(kind, ()):
         if not callable(getattr(model, method, None)):
-            raise TypeError(
+            raise UserTypeError(
                 f"kind={kind!r} needs {method}(), a method of every timm model; "
                 f"{type(model).__name__} has none (use kind='logits' or a FiberObjective)"
             )
     if kind == "intermediate":
         if layer_index is None:
-            raise ValueError("kind='intermediate' needs layer_index= (a block index)")
+            raise UserValueError("kind='intermediate' needs layer_index= (a block index)")
         if isinstance(layer_index, bool) or not isinstance(layer_index, int):
-            raise TypeError(f"layer_index must be an int, got {layer_index!r}")
+            raise UserTypeError(f"layer_index must be an int, got {layer_index!r}")
     elif layer_index is not None:
-        raise ValueError(f"layer_index is only used with kind='intermediate', not {kind!r}")
+        raise UserValueError(f"layer_index is only used with kind='intermediate', not {kind!r}")
 
     label = f"{_model_name(model)}:{kind}"
     if kind == "logits":
@@ -258,7 +241,7 @@ def timm_objective(
     else:
         num = _num_blocks(model)
         if num is not None and not -num <= layer_index < num:
-            raise IndexError(
+            raise UserIndexError(
                 f"layer_index {layer_index} is out of range for {_model_name(model)}, which has "
                 f"{num} blocks in forward_intermediates (valid: 0..{num - 1} or {-num}..-1)"
             )

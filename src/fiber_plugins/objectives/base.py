@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._utils import suggest, warn
+from ..errors import UserKeyError, UserStateError, UserTypeError, UserValueError
 from .distances import Distance, get_distance
 from .preprocess import Preprocess, as_preprocess
 from .selection import Index, check_reduction, reduce, select
@@ -31,7 +32,7 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     """Look up a submodule by dotted name, with a 'closest names' hint when it does not exist."""
     modules = dict(model.named_modules())
     if name not in modules:
-        raise KeyError(
+        raise UserKeyError(
             f"unknown layer {name!r} in {type(model).__name__}{suggest(name, [n for n in modules if n])}"
         )
     return modules[name]
@@ -82,15 +83,15 @@ class FiberObjective:
         name: str | None = None,
     ):
         if not callable(subject):
-            raise TypeError(
+            raise UserTypeError(
                 f"subject must be an nn.Module or a callable, got {type(subject).__name__}"
             )
         if capture not in ("output", "input"):
-            raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+            raise UserValueError(f"capture must be 'output' or 'input', got {capture!r}")
         self.subject = subject
         self.model = subject if isinstance(subject, nn.Module) else None
         if layer is not None and self.model is None:
-            raise TypeError("layer= needs an nn.Module subject, not a plain callable")
+            raise UserTypeError("layer= needs an nn.Module subject, not a plain callable")
         self.layer_name: str | None = None
         self.layer: nn.Module | None = None
         if isinstance(layer, str):
@@ -99,10 +100,10 @@ class FiberObjective:
         elif isinstance(layer, nn.Module):
             names = {id(m): n for n, m in self.model.named_modules()}
             if id(layer) not in names:
-                raise ValueError(f"layer {type(layer).__name__} is not a submodule of the subject")
+                raise UserValueError(f"layer {type(layer).__name__} is not a submodule of the subject")
             self.layer, self.layer_name = layer, names[id(layer)]
         elif layer is not None:
-            raise TypeError(f"layer must be a name or a module, got {type(layer).__name__}")
+            raise UserTypeError(f"layer must be a name or a module, got {type(layer).__name__}")
         self.index = index
         self.reduction = check_reduction(reduction)
         self.distance_name = (
@@ -216,12 +217,12 @@ class FiberObjective:
                     self._capturing = False
                 out, self._value = self._value, None
                 if out is None:
-                    raise RuntimeError(
+                    raise UserStateError(
                         f"{self.where} was not called during the forward pass of "
                         f"{type(self.subject).__name__}; pick a layer on the path to the output"
                     )
             if not isinstance(out, torch.Tensor):
-                raise TypeError(f"phi must return a tensor, got {type(out).__name__}")
+                raise UserTypeError(f"phi must return a tensor, got {type(out).__name__}")
             return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +230,7 @@ class FiberObjective:
         with self.attached():  # an index callable may hold modules too (an SAE)
             act = self.activation(x)
             if act.dim() == 0 or act.shape[0] != x.shape[0]:
-                raise ValueError(
+                raise UserValueError(
                     f"phi returned shape {tuple(act.shape)} for a batch of {x.shape[0]} images; "
                     "it must keep the batch dimension first"
                 )
@@ -243,14 +244,33 @@ class FiberObjective:
             return self.features(reference).detach()
 
     def check_target(self, target: torch.Tensor, width: int) -> torch.Tensor:
-        """Validate an explicit target against the feature width and return it as (R, K)."""
-        t = torch.as_tensor(target, dtype=torch.float32)
-        if t.dim() == 1:
+        """Validate an explicit target against the feature width and return it as (R, K).
+
+        The width must match and every entry must be finite (a NaN or inf target gives a NaN
+        loss and gradient, which the sampler would follow without a word).
+        """
+        try:
+            t = torch.as_tensor(target, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise UserTypeError(
+                f"target must be a tensor of numbers, got {type(target).__name__}"
+            ) from None
+        one_vector = t.dim() == 1
+        if one_vector:
             t = t.unsqueeze(0)
         if t.dim() != 2 or t.shape[1] != width:
-            raise ValueError(
+            raise UserValueError(
                 f"target has shape {tuple(t.shape)} but {self.name} gives {width} features per "
                 f"image; pass a ({width},) or (R, {width}) tensor"
+            )
+        bad = (~torch.isfinite(t)).nonzero()
+        if len(bad):
+            row, col = (int(i) for i in bad[0])
+            where = f"index {col}" if one_vector else f"index ({row}, {col})"
+            raise UserValueError(
+                f"target for {self.name} has {len(bad)} non-finite value(s), the first "
+                f"{t[row, col].item()} at {where}; a target must be finite (check the vector's "
+                "source)"
             )
         return t
 
@@ -295,7 +315,7 @@ class WeightedSum(FiberObjective):
 
     def __init__(self, terms: list[tuple[float, FiberObjective]]):
         if not terms:
-            raise ValueError("a weighted sum needs at least one objective")
+            raise UserValueError("a weighted sum needs at least one objective")
         self._terms = list(terms)
         self.name = " + ".join(f"{w:g}*{o.name}" for w, o in self._terms)
 
@@ -317,7 +337,7 @@ class WeightedSum(FiberObjective):
 
     def check_target(self, target, width) -> tuple[torch.Tensor, ...]:
         if not isinstance(target, (tuple, list)) or len(target) != len(self._terms):
-            raise ValueError(
+            raise UserValueError(
                 f"a sum of {len(self._terms)} objectives needs a tuple of {len(self._terms)} targets"
             )
         return tuple(o.check_target(t, w) for (_, o), t, w in zip(self._terms, target, width))

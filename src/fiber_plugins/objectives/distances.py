@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserValueError
+
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -52,6 +54,6 @@ def get_distance(distance: str | Distance) -> Distance:
     try:
         return DISTANCES[distance]
     except KeyError:
-        raise ValueError(
+        raise UserValueError(
             f"unknown distance {distance!r}; choose one of {sorted(DISTANCES)} or pass a callable"
         ) from None

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserTypeError, UserValueError
+
 _MODES = ("bilinear", "bicubic", "nearest", "area")
 
 
@@ -40,17 +42,17 @@ class Preprocess:
 
     def __post_init__(self):
         if self.interpolation not in _MODES:
-            raise ValueError(
+            raise UserValueError(
                 f"unknown interpolation {self.interpolation!r}; choose one of {list(_MODES)}"
             )
         if (self.mean is None) != (self.std is None):
-            raise ValueError("give both mean and std, or neither")
+            raise UserValueError("give both mean and std, or neither")
         if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+            raise UserValueError(f"std must be positive, got {self.std}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+            raise UserValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         x = (x + 1.0) * 0.5
         if self.channels is not None and x.shape[1] != self.channels:
             if self.channels == 1:
@@ -58,7 +60,7 @@ class Preprocess:
             elif x.shape[1] == 1:
                 x = x.expand(-1, self.channels, -1, -1)
             else:
-                raise ValueError(f"cannot map {x.shape[1]} channels to {self.channels}")
+                raise UserValueError(f"cannot map {x.shape[1]} channels to {self.channels}")
         if self.size is not None:
             size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
             if tuple(x.shape[-2:]) != size:
@@ -120,4 +122,4 @@ def as_preprocess(p: Preprocess | dict | Sequence | None) -> Preprocess:
         return p
     if isinstance(p, dict):
         return Preprocess(**p)
-    raise TypeError(f"preprocess must be a Preprocess or dict, got {type(p).__name__}")
+    raise UserTypeError(f"preprocess must be a Preprocess or dict, got {type(p).__name__}")

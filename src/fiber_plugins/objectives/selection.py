@@ -7,6 +7,8 @@ from typing import Union
 
 import torch
 
+from ..errors import UserIndexError, UserTypeError, UserValueError
+
 Index = Union[int, slice, Sequence[int], tuple, Callable[[torch.Tensor], torch.Tensor], None]
 
 REDUCTIONS = ("none", "auto", "spatial_mean", "spatial_max", "cls", "token_mean", "token_max")
@@ -14,7 +16,7 @@ REDUCTIONS = ("none", "auto", "spatial_mean", "spatial_max", "cls", "token_mean"
 
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
+        raise UserValueError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
     return reduction
 
 
@@ -32,14 +34,14 @@ def reduce(act: torch.Tensor, reduction: str, where: str = "activation") -> torc
         return act.flatten(2).mean(2) if act.dim() >= 4 else act
     if reduction.startswith("spatial"):
         if act.dim() < 3:
-            raise ValueError(
+            raise UserValueError(
                 f"reduction {reduction!r} needs a (B, C, H, W) map but {where} has shape "
                 f"{tuple(act.shape)}; use reduction='none'"
             )
         flat = act.flatten(2)
         return flat.mean(2) if reduction == "spatial_mean" else flat.amax(2)
     if act.dim() != 3:
-        raise ValueError(
+        raise UserValueError(
             f"reduction {reduction!r} needs (B, tokens, dim) but {where} has shape "
             f"{tuple(act.shape)}; use 'spatial_mean' for conv maps or 'none'"
         )
@@ -61,15 +63,15 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
     if callable(index):
         out = index(act)
         if not isinstance(out, torch.Tensor) or out.shape[:1] != act.shape[:1]:
-            raise ValueError(
+            raise UserValueError(
                 f"index callable must return a tensor with batch size {act.shape[0]}, "
                 f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
             )
         return out
     if act.dim() < 2:
-        raise ValueError(f"cannot select index {index!r}: {where} has shape {tuple(act.shape)}")
+        raise UserValueError(f"cannot select index {index!r}: {where} has shape {tuple(act.shape)}")
     if isinstance(index, bool):
-        raise TypeError(f"index must be int, slice, tuple, list or callable, got {index!r}")
+        raise UserTypeError(f"index must be int, slice, tuple, list or callable, got {index!r}")
     if isinstance(index, int):
         _check_channel(index, act.shape[1], where)
         return act[:, index]
@@ -77,7 +79,7 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
         return act[:, index]
     if isinstance(index, tuple):
         if len(index) > act.dim() - 1:
-            raise IndexError(
+            raise UserIndexError(
                 f"index {index!r} has {len(index)} entries but {where} has only "
                 f"{act.dim() - 1} non-batch dimensions (shape {tuple(act.shape)})"
             )
@@ -90,7 +92,7 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
         for i in idx:
             _check_channel(i, act.shape[1], where)
         return act[:, idx]
-    raise TypeError(
+    raise UserTypeError(
         f"index must be int, slice, tuple, list of channels or callable, got {type(index).__name__}"
     )
 
@@ -98,6 +100,6 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
 def _check_channel(i: int, size: int, where: str, dim: int = 1) -> None:
     if not -size <= i < size:
         what = "channel" if dim == 1 else f"index along dim {dim}"
-        raise IndexError(
+        raise UserIndexError(
             f"{what} {i} is out of range for {where} with size {size} (valid: 0..{size - 1})"
         )

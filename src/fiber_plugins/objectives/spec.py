@@ -22,6 +22,7 @@ import ast
 
 from torch import nn
 
+from ..errors import UserValueError
 from .base import FiberObjective
 from .preprocess import Preprocess
 
@@ -42,7 +43,7 @@ def _int(text: str, what: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{what} in target {spec!r} must be an integer, got {text!r}") from None
+        raise UserValueError(f"{what} in target {spec!r} must be an integer, got {text!r}") from None
 
 
 def _options(parts: list[str], spec: str, allowed: tuple[str, ...]) -> dict:
@@ -51,7 +52,7 @@ def _options(parts: list[str], spec: str, allowed: tuple[str, ...]) -> dict:
     for part in parts:
         key, eq, value = part.partition("=")
         if key not in allowed:
-            raise ValueError(f"unknown option {key!r} in target {spec!r}; allowed: {list(allowed)}")
+            raise UserValueError(f"unknown option {key!r} in target {spec!r}; allowed: {list(allowed)}")
         opts[key] = value if eq else True
     return opts
 
@@ -83,12 +84,12 @@ def objective_from_spec(
     common = {"preprocess": preprocess, "distance": distance}
     if kind == "logits":
         if len(parts) > 1:
-            raise ValueError(f"target {spec!r}: use 'logits' or 'logits:INDEX'")
+            raise UserValueError(f"target {spec!r}: use 'logits' or 'logits:INDEX'")
         index = _int(parts[0], "the logit index", spec) if parts else None
         return FiberObjective(model, index=index, name=spec, **common)
     if kind == "layer":
         if not parts or len(parts) > 2:
-            raise ValueError(f"target {spec!r} must be 'layer:NAME' or 'layer:NAME:CHANNEL'")
+            raise UserValueError(f"target {spec!r} must be 'layer:NAME' or 'layer:NAME:CHANNEL'")
         index = _int(parts[1], "the channel", spec) if len(parts) == 2 else None
         reduction = "auto" if index is not None else "none"
         return FiberObjective(
@@ -96,7 +97,7 @@ def objective_from_spec(
         )
     if kind == "embedding" and not parts:
         if not (hasattr(model, "forward_head") and hasattr(model, "forward_features")):
-            raise ValueError(
+            raise UserValueError(
                 f"target 'embedding' needs a timm-style model with forward_features/forward_head; "
                 f"{type(model).__name__} has none: use 'layer:NAME' instead"
             )
@@ -120,7 +121,7 @@ def objective_from_spec(
         from ..adapters.sae import sae_objective
 
         if sae is None:
-            raise ValueError(f"target {spec!r} needs an SAE: pass sae=... (CLI: --sae FOLDER)")
+            raise UserValueError(f"target {spec!r} needs an SAE: pass sae=... (CLI: --sae FOLDER)")
         opts = _options(parts[1:], spec, ("feature", "pre", "token"))
         feat = opts.get("feature", "all")
         features = None if feat in ("all", True) else _ids(feat, spec)
@@ -145,9 +146,9 @@ def objective_from_spec(
             try:
                 neuron = ast.literal_eval(str(opts["neuron"]))
             except (ValueError, SyntaxError):
-                raise ValueError(
+                raise UserValueError(
                     f"neuron in target {spec!r} must be an int or a tuple like (5,2,2), "
                     f"got {opts['neuron']!r}"
                 ) from None
         return captum_objective(model, layer=parts[0], neuron_selector=neuron, name=spec, **common)
-    raise ValueError(f"unknown target {spec!r}; valid forms: {', '.join(TARGET_FORMS)}")
+    raise UserValueError(f"unknown target {spec!r}; valid forms: {', '.join(TARGET_FORMS)}")

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..errors import UserValueError
+
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE = ("blocks", "full")
 # submodule lists whose entries are compiled one by one with compile="blocks"
@@ -78,7 +80,7 @@ def set_weights(prior, weights: str) -> None:
     """Cast the denoiser and VAE; modules a diffusers model lists in ``_keep_in_fp32_modules``
     stay fp32 (autocast feeds them), as ``from_pretrained(torch_dtype=...)`` would keep them."""
     if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}")
+        raise UserValueError(f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}")
     dtype = WEIGHTS[weights]
     for net in (prior.denoiser, prior.vae):
         if net is None:
@@ -104,7 +106,7 @@ def set_checkpointing(prior, on: bool) -> None:
     it acts in the guided (gradient) evaluations and costs nothing in no-grad forwards.
     """
     if on and not supports_checkpointing(prior):
-        raise ValueError(
+        raise UserValueError(
             f"{type(prior.denoiser).__name__} does not support gradient checkpointing "
             "(its _supports_gradient_checkpointing is False); use a smaller batch or bf16 weights"
         )
@@ -126,7 +128,7 @@ def set_channels_last(prior, on: bool) -> None:
 
 def set_compile(prior, compile: str | None, mode: str | None, backend: str, dynamic: bool) -> None:
     if compile is not None and compile not in COMPILE:
-        raise ValueError(
+        raise UserValueError(
             f"unknown compile setting {compile!r}; choose one of {list(COMPILE)} or None"
         )
     _uncompile(prior)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import MissingFileError, UserTypeError, UserValueError
 from .prior import DiffusionPrior
 from .schedules import Step
 
@@ -105,20 +106,20 @@ class ConditionalFiberModel(DiffusionPrior):
     ):
         name = type(denoiser).__name__
         if name != "UNet2DModel" or denoiser.config.class_embed_type != "identity":
-            raise TypeError(
+            raise UserTypeError(
                 "a conditional fiber model needs a UNet2DModel with class_embed_type='identity' "
                 f"(y enters through the time embedding); got {name} with class_embed_type="
                 f"{getattr(denoiser.config, 'class_embed_type', None)!r}"
             )
         width = time_embedding_width(denoiser)
         if condition.out_features != width:
-            raise ValueError(
+            raise UserValueError(
                 f"the condition embedding gives {condition.out_features} values but the UNet's "
                 f"time embedding has {width}"
             )
         super().__init__(denoiser, scheduler if scheduler is not None else FLOW_SCHEDULER)
         if self.schedule.family != "flow":
-            raise ValueError("a conditional fiber model uses a FlowMatch* scheduler")
+            raise UserValueError("a conditional fiber model uses a FlowMatch* scheduler")
         self.condition = condition.to(self.device).eval().requires_grad_(False)
         self.info = dict(info or {})
 
@@ -142,12 +143,12 @@ class ConditionalFiberModel(DiffusionPrior):
 
     def check_condition(self, y) -> torch.Tensor:
         if isinstance(y, tuple) or not isinstance(y, torch.Tensor):
-            raise TypeError(
+            raise UserTypeError(
                 "a conditional fiber model is conditioned on one (B, K) feature tensor; a summed "
                 "objective (a tuple of targets) cannot condition it"
             )
         if y.dim() != 2 or y.shape[1] != self.num_features:
-            raise ValueError(
+            raise UserValueError(
                 f"the model was trained on {self.num_features} features per image, got a target "
                 f"of shape {tuple(y.shape)}; use the objective it was trained with "
                 f"({self.info.get('objective', 'see training.json')})"
@@ -159,7 +160,7 @@ class ConditionalFiberModel(DiffusionPrior):
     ) -> torch.Tensor:
         """The velocity v(x_t, t, y); ``cond`` is y (B, K), required."""
         if cond is None:
-            raise ValueError(
+            raise UserValueError(
                 "a conditional fiber model needs the condition y = phi(x*): sample it with "
                 "ConditionalFiberSampler (guided samplers such as NDTM need an unconditional prior)"
             )
@@ -205,8 +206,8 @@ class ConditionalFiberModel(DiffusionPrior):
         cls, folder: str | Path, device: str | torch.device | None = None
     ) -> ConditionalFiberModel:
         """Load a folder written by :meth:`save_pretrained` (or ``fiber-plugins train``)."""
-        from diffusers import UNet2DModel
-        from safetensors.torch import load_file
+        from ..weights import load_state, read_safetensors
+        from .loading import _load_model, _read_json
 
         root = Path(folder)
         missing = [
@@ -216,16 +217,24 @@ class ConditionalFiberModel(DiffusionPrior):
             if not (root / p).is_file()
         ]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{str(root)!r} is not a conditional fiber model folder: missing {missing} "
                 "(write one with ConditionalFiberModel.save_pretrained or train_fiber_model)"
             )
-        unet = UNet2DModel.from_pretrained(root / "unet")
-        cond = ConditionEmbedding(**json.loads((root / "condition" / "config.json").read_text()))
-        cond.load_state_dict(load_file(str(root / "condition" / "model.safetensors")))
-        sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        sched = _read_json(root / "scheduler" / "scheduler_config.json")
+        cond_cfg_file = root / "condition" / "config.json"
+        try:
+            cond = ConditionEmbedding(**_read_json(cond_cfg_file))
+        except TypeError as err:  # keys the embedding does not take
+            raise UserValueError(
+                f"{cond_cfg_file} does not describe a ConditionEmbedding ({err})"
+            ) from None
+        weights = root / "condition" / "model.safetensors"
+        state = read_safetensors(weights, what="condition weights file")
+        load_state(cond, state, f"condition weights {str(weights)!r}")
+        unet = _load_model(root / "unet", "UNet2DModel")
         info_file = root / "fiber_model.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        info = _read_json(info_file) if info_file.is_file() else {}
         model = cls(unet, cond, sched, info=info)
         return model.to(device) if device is not None else model
 
@@ -260,13 +269,13 @@ def _batches(data, generator: torch.Generator) -> Callable[[int], torch.Tensor]:
     if callable(data):
         return lambda b: data(b, generator)
     if not isinstance(data, torch.Tensor) or data.dim() != 4:
-        raise TypeError(
+        raise UserTypeError(
             "data must be an (N, C, H, W) image tensor in [0, 1] or a callable "
             "(batch_size, generator) -> (B, C, H, W) images in [0, 1]; got "
             f"{type(data).__name__}{tuple(data.shape) if isinstance(data, torch.Tensor) else ''}"
         )
     if data.shape[0] < 2:
-        raise ValueError(f"need at least 2 training images, got {data.shape[0]}")
+        raise UserValueError(f"need at least 2 training images, got {data.shape[0]}")
     return lambda b: data[torch.randint(0, data.shape[0], (b,), generator=generator)]
 
 
@@ -321,16 +330,16 @@ def train_fiber_model(
     from ..objectives.base import FiberObjective
 
     if not isinstance(objective, FiberObjective):
-        raise TypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
+        raise UserTypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise UserValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+        raise UserValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
     if not (isinstance(fiber_weight, (int, float)) and math.isfinite(fiber_weight)
             and fiber_weight >= 0):
-        raise ValueError(f"fiber_weight must be >= 0, got {fiber_weight!r}")
+        raise UserValueError(f"fiber_weight must be >= 0, got {fiber_weight!r}")
     if not (isinstance(fiber_t_max, (int, float)) and 0 < fiber_t_max <= 1):
-        raise ValueError(f"fiber_t_max must be in (0, 1], got {fiber_t_max!r}")
+        raise UserValueError(f"fiber_t_max must be in (0, 1], got {fiber_t_max!r}")
     dev = _training_device(objective, device)
     gen = torch.Generator().manual_seed(seed)
     draw = _batches(data, gen)
@@ -343,7 +352,7 @@ def train_fiber_model(
                 _check_images(x)
             feats = [objective.features(x.to(dev) * 2 - 1) for x in chunks]
         if isinstance(feats[0], tuple):
-            raise TypeError("train_fiber_model needs one objective (a summed objective gives a "
+            raise UserTypeError("train_fiber_model needs one objective (a summed objective gives a "
                             "tuple of features)")
         y = torch.cat(feats)
         if fiber_weight > 0:
@@ -449,9 +458,9 @@ def _training_device(objective, device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+        raise UserValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if where is not None and where.type != dev.type:
-        raise ValueError(
+        raise UserValueError(
             f"the subject is on {where} but training was asked for on {dev}; move the subject "
             f"(model.to('{dev}')) or pass device='{where}'"
         )
@@ -467,7 +476,7 @@ def _check_differentiable(objective, x: torch.Tensor) -> None:
         if feats.requires_grad:
             (grad,) = torch.autograd.grad(feats.float().pow(2).sum(), x, allow_unused=True)
     if grad is None or not bool(grad.abs().sum() > 0):
-        raise ValueError(
+        raise UserValueError(
             f"phi of {objective.name} passes no gradient to the image, so the fiber loss term "
             "(fiber_weight > 0) cannot train anything; use fiber_weight=0 or a differentiable phi"
         )
@@ -475,7 +484,7 @@ def _check_differentiable(objective, x: torch.Tensor) -> None:
 
 def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise TypeError(f"a training batch must be (B, C, H, W), got {getattr(x, 'shape', x)!r}")
+        raise UserTypeError(f"a training batch must be (B, C, H, W), got {getattr(x, 'shape', x)!r}")
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"training images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        raise UserValueError(f"training images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")

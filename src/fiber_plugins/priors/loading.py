@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, UserTypeError, UserValueError
+from ..weights import check_safetensors
 from .prior import DENOISERS, DiffusionPrior
+from .schedules import schedule_family
 
 _DENOISER_DIRS = ("unet", "transformer")
 _LAYOUT_HELP = (
@@ -19,30 +23,128 @@ _LAYOUT_HELP = (
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserValueError(f"{path} is not valid JSON ({err}); re-save it") from None
+    if not isinstance(data, dict):
+        raise UserValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; re-save it"
+        )
+    return data
+
+
+# suffixes that mark a string as a file name, not a Hub id (Hub ids may contain dots: 'x/v1.5')
+_FILE_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".yaml", ".yml", ".txt", ".npz",
+    ".npy", ".pkl", ".onnx", ".gguf", ".zip", ".tar", ".gz",
+)  # fmt: skip
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a prior string that does not exist was meant as a local path, not a Hub id."""
+    if text.startswith((".", "/", "~", "\\")) or text.count("/") != 1 or "\\" in text:
+        return True
+    if text.lower().endswith(_FILE_SUFFIXES) or Path(text).parent.is_dir():
+        return True
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except ValueError:  # HFValidationError: characters a Hub id cannot have
+        return True
+    return False
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (huggingface_hub reads them at import)."""
+    import os
+
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which huggingface_hub says the Hub cannot be reached (offline, no network)."""
+    from huggingface_hub import errors
+
+    found: list[type[BaseException]] = [errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled]
+    for name in ("httpx2", "httpx"):  # the HTTP client of the installed huggingface_hub
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "TransportError"):
+            found.append(mod.TransportError)
+    requests = sys.modules.get("requests")
+    if requests is not None:
+        found.append(requests.ConnectionError)
+    return tuple(found)
 
 
 def _resolve(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"prior {str(source)!r} is a file; {_LAYOUT_HELP}")
+            raise UserValueError(f"prior {str(source)!r} is a file; {_LAYOUT_HELP}")
         return path
     text = str(source)
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1
-    if looks_local:
-        raise FileNotFoundError(f"prior folder {text!r} does not exist; {_LAYOUT_HELP}")
-    # a Hub id such as 'google/ddpm-cifar10-32': fetch configs and weights (needs the network)
-    from huggingface_hub import snapshot_download
+    if isinstance(source, Path) or _looks_local(text):
+        raise MissingFileError(f"prior folder {text!r} does not exist; {_LAYOUT_HELP}")
+    # a Hub id such as 'google/ddpm-cifar10-32': fetch configs and weights (needs the network,
+    # or the Hub cache when offline)
+    from huggingface_hub import errors, snapshot_download
 
-    return Path(
-        snapshot_download(
-            text,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+    offline = _offline()
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                local_files_only=offline,
+            )
         )
-    )
+    except errors.RepositoryNotFoundError:  # also a gated or private repository without login
+        raise UserValueError(
+            f"prior {text!r} is neither a local folder nor a model on the Hugging Face Hub (a "
+            "private or gated one needs 'hf auth login'); pass a local prior folder"
+        ) from None
+    except _unreachable_errors():
+        why = "HF_HUB_OFFLINE is set" if offline else "no network"
+        raise UserValueError(
+            f"prior {text!r} is not a local folder, and the Hugging Face Hub cannot be reached "
+            f"({why}) nor is it in the Hub cache; pass a local prior folder (what a pipeline's "
+            "save_pretrained writes)"
+        ) from None
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse pickled, truncated or misnamed weights before diffusers reads the folder."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    tensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if not tensors and pickles:
+        raise UserValueError(
+            f"prior weights {str(pickles[0])!r} are refused: pickles are not loaded (unpickling "
+            "can run code); convert them to safetensors: load the model in a session you trust "
+            "and save_pretrained(folder, safe_serialization=True)"
+        )
+    if not tensors:
+        raise MissingFileError(
+            f"prior folder {str(folder)!r} has a config.json but no weights (*.safetensors); "
+            f"{_LAYOUT_HELP}"
+        )
+    for file in tensors:
+        check_safetensors(file, what="prior weights file")
+    if (
+        not (folder / SAFETENSORS_WEIGHTS_NAME).is_file()
+        and not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()
+    ):
+        raise UserValueError(
+            f"prior folder {str(folder)!r} has weights {[p.name for p in tensors][:3]} but no "
+            f"{SAFETENSORS_WEIGHTS_NAME!r} (a variant such as fp16 only?); re-save the model "
+            "with save_pretrained(folder) and no variant"
+        )
 
 
 def _load_model(folder: Path, default_class: str | None = None):
@@ -50,17 +152,22 @@ def _load_model(folder: Path, default_class: str | None = None):
 
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"prior folder is missing {cfg_file}; {_LAYOUT_HELP}")
-    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
-    if not weights:
-        raise FileNotFoundError(
-            f"prior folder {folder} has a config.json but no weights (*.safetensors); {_LAYOUT_HELP}"
-        )
+        raise MissingFileError(f"prior folder is missing {cfg_file}; {_LAYOUT_HELP}")
+    _check_weights(folder)
     cls_name = _read_json(cfg_file).get("_class_name", default_class)
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None:
-        raise ValueError(f"{cfg_file} names unknown diffusers class {cls_name!r}")
-    return cls.from_pretrained(folder)
+        raise UserValueError(f"{cfg_file} names unknown diffusers class {cls_name!r}")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError) as err:  # a config.json that does not match its weights, ...
+        # the first sentence only: diffusers goes on to suggest ignore_mismatched_sizes=True,
+        # which would leave random weights in the prior
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:300]
+        raise UserValueError(
+            f"diffusers cannot load {str(folder)!r} as {cls_name} ({first}); its config.json "
+            "and weights must come from one save_pretrained"
+        ) from None
 
 
 def load_prior(
@@ -79,11 +186,31 @@ def load_prior(
     subfolder is a trained conditional fiber model and loads as a
     :class:`~fiber_plugins.priors.ConditionalFiberModel`.
 
+    Weights are read from ``*.safetensors`` only; a folder holding only pickles
+    (``diffusion_pytorch_model.bin``) is refused, as is a scheduler outside
+    ``schedules.DDPM_SCHEDULERS`` / ``schedules.FLOW_SCHEDULERS``. A string that looks like a path
+    (more than one '/', a leading '.', '/' or '~', a file suffix, or an existing parent folder) is
+    never sent to the Hub; a Hub id is fetched with ``snapshot_download`` (the cache only when
+    ``HF_HUB_OFFLINE`` is set).
+
+    Raises
+    ------
+    FileNotFoundError
+        (:class:`~fiber_plugins.errors.MissingFileError`) a local folder or one of its parts is
+        missing.
+    ValueError
+        (:class:`~fiber_plugins.errors.UserValueError`) truncated / corrupt or pickled weights, an
+        unsupported scheduler, a Hub id that cannot be fetched; one line each.
+
     Examples
     --------
     >>> prior = load_prior("path/to/ddpm-folder")            # doctest: +SKIP
     >>> prior = load_prior("facebook/DiT-XL-2-256")           # doctest: +SKIP
     """
+    if device is not None:
+        from .._utils import resolve_device
+
+        device = resolve_device(str(device))  # an unknown or absent device: one line, first
     root = _resolve(source)
     from .conditional import ConditionalFiberModel, is_fiber_model_folder
 
@@ -95,21 +222,22 @@ def load_prior(
     if not sched_file.exists():
         sched_file = root / "scheduler_config.json"  # a single-model folder
     if not sched_file.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"prior folder {str(root)!r} is missing 'scheduler/scheduler_config.json'; {_LAYOUT_HELP}"
         )
     sched_cfg = _read_json(sched_file)
+    schedule_family(sched_cfg.get("_class_name"), str(sched_file))  # before loading any weights
 
     den_dir = next((root / d for d in _DENOISER_DIRS if (root / d).is_dir()), None)
     if den_dir is None and (root / "config.json").exists():
         den_dir = root
     if den_dir is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"prior folder {str(root)!r} has no 'unet/' or 'transformer/' model; {_LAYOUT_HELP}"
         )
     denoiser = _load_model(den_dir)
     if type(denoiser).__name__ not in DENOISERS:
-        raise TypeError(
+        raise UserTypeError(
             f"{den_dir} holds a {type(denoiser).__name__}; supported denoisers: {list(DENOISERS)}"
         )
     vae = _load_model(root / "vae") if (root / "vae").is_dir() else None

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .._utils import warn
-from .schedules import DDPMSchedule, FlowSchedule, Step, ddim_update, split_prediction
+from ..errors import UserTypeError, UserValueError
+from .schedules import Step, ddim_update, make_schedule, split_prediction
 
 DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 
@@ -29,8 +30,10 @@ class DiffusionPrior:
         ``UNet2DModel``, ``UNet2DConditionModel`` or ``DiTTransformer2DModel``.
     scheduler:
         A diffusers scheduler or its config dict (as in ``scheduler_config.json``); a
-        ``FlowMatch*`` scheduler selects the flow-matching schedule, any other the DDPM/DDIM one.
-        Only its config is used (spacing, offsets, shifts); stepping is done functionally.
+        ``FlowMatch*`` scheduler selects the flow-matching schedule, a DDPM-family one (DDPM,
+        DDIM, PNDM, Euler, DPM-Solver, ... see ``schedules.DDPM_SCHEDULERS``) the DDPM/DDIM one;
+        any other class is refused. Only its config is used (spacing, offsets, shifts); stepping
+        is done functionally.
     vae:
         ``AutoencoderKL`` for latent priors, ``None`` for pixel priors.
     conditioning:
@@ -50,19 +53,14 @@ class DiffusionPrior:
     ):
         name = type(denoiser).__name__
         if name not in DENOISERS:
-            raise TypeError(f"unsupported denoiser {name}; supported: {list(DENOISERS)}")
+            raise UserTypeError(f"unsupported denoiser {name}; supported: {list(DENOISERS)}")
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         if hasattr(scheduler, "config"):
             scheduler_config = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
         else:
             scheduler_config = dict(scheduler)
-        cls = str(scheduler_config.get("_class_name", ""))
-        self.schedule = (
-            FlowSchedule(scheduler_config)
-            if cls.startswith("FlowMatch")
-            else DDPMSchedule(scheduler_config)
-        )
+        self.schedule = make_schedule(scheduler_config)
         self.denoiser_type = name
         self.acceleration = {
             "weights": "fp32",
@@ -169,11 +167,11 @@ class DiffusionPrior:
 
         # check every argument before changing anything, so a bad one leaves the prior as it was
         if weights is not None and weights not in acc.WEIGHTS:
-            raise ValueError(
+            raise UserValueError(
                 f"unknown weights precision {weights!r}; choose one of {list(acc.WEIGHTS)}"
             )
         if compile not in ("keep", None) and compile not in acc.COMPILE:
-            raise ValueError(
+            raise UserValueError(
                 f"unknown compile setting {compile!r}; choose one of {list(acc.COMPILE)} or None"
             )
         if checkpointing and not acc.supports_checkpointing(self):

@@ -9,6 +9,11 @@ The grid comes from diffusers' own schedulers (``DDIMScheduler.set_timesteps`` a
 ``FlowMatchEulerDiscreteScheduler.set_timesteps``), so spacing, offsets and shifts follow the
 prior's saved config; every transition is then computed here, functionally, so a guided sampler
 can evaluate the same step many times (the stateful ``scheduler.step`` cannot).
+
+Which saved schedulers are read this way is a closed list (:data:`DDPM_SCHEDULERS`,
+:data:`FLOW_SCHEDULERS`): any other class (EDM, variance-exploding, consistency, ...) has another
+noise process, and reading its config as DDPM would sample the wrong objective without a word, so
+:func:`make_schedule` refuses it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,57 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserValueError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+# variance-preserving schedulers defined by the same betas (beta_start / beta_end / beta_schedule
+# / trained_betas) as DDPM: the sampler differs, the noise process x_t = a_t x0 + s_t eps does not
+DDPM_SCHEDULERS = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DDPMParallelScheduler",
+    "DDIMParallelScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "SASolverScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def schedule_family(class_name: str | None, source: str = "the scheduler config") -> str:
+    """'ddpm' or 'flow' for a diffusers scheduler class name; refuses any other class.
+
+    A config without ``_class_name`` (a dict written by hand) is read as DDPM-family.
+    """
+    name = str(class_name or "")
+    if name in FLOW_SCHEDULERS:
+        return "flow"
+    if not name or name in DDPM_SCHEDULERS:
+        return "ddpm"
+    known = DDPM_SCHEDULERS + FLOW_SCHEDULERS
+    raise UserValueError(
+        f"{source} names scheduler {name!r}, which this package cannot sample with (its noise "
+        f"process is not DDPM-family or flow matching); supported: {', '.join(known)}"
+    )
+
+
+def make_schedule(scheduler_config: dict, source: str = "the scheduler config"):
+    """The :class:`DDPMSchedule` or :class:`FlowSchedule` a saved scheduler config describes."""
+    family = schedule_family(scheduler_config.get("_class_name"), source)
+    return FlowSchedule(scheduler_config) if family == "flow" else DDPMSchedule(scheduler_config)
 
 
 @dataclass(frozen=True)
@@ -46,11 +101,23 @@ class DDPMSchedule:
         from diffusers import DDIMScheduler
 
         cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-        self.ddim = DDIMScheduler.from_config(cfg)
+        if cfg.get("timestep_type", "discrete") != "discrete":
+            # the network takes a function of sigma as its timestep (EDM-style preconditioning)
+            raise UserValueError(
+                f"timestep_type {cfg['timestep_type']!r} is not supported: the denoiser must take "
+                "the discrete DDPM timestep ('discrete')"
+            )
+        try:
+            self.ddim = DDIMScheduler.from_config(cfg)
+        except NotImplementedError:  # an unknown beta_schedule
+            raise UserValueError(
+                f"beta_schedule {cfg.get('beta_schedule')!r} is not supported; one of 'linear', "
+                "'scaled_linear', 'squaredcos_cap_v2' (or trained_betas)"
+            ) from None
         self.config = dict(self.ddim.config)
         self.prediction_type = self.config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
+            raise UserValueError(
                 f"prediction_type {self.prediction_type!r} is not supported for a DDPM-family "
                 "prior; expected 'epsilon', 'v_prediction' or 'sample'"
             )
@@ -62,7 +129,7 @@ class DDPMSchedule:
 
     def grid(self, num_steps: int) -> list[Step]:
         if num_steps < 1 or num_steps > self.num_train_timesteps:
-            raise ValueError(
+            raise UserValueError(
                 f"num_steps={num_steps} must be in 1..{self.num_train_timesteps} for this prior"
             )
         self.ddim.set_timesteps(num_steps)
@@ -108,7 +175,7 @@ class FlowSchedule:
 
     def grid(self, num_steps: int) -> list[Step]:
         if num_steps < 1:
-            raise ValueError(f"num_steps={num_steps} must be >= 1")
+            raise UserValueError(f"num_steps={num_steps} must be >= 1")
         kwargs = {}
         if self.config.get("use_dynamic_shifting"):
             kwargs["mu"] = 0.0
@@ -145,7 +212,7 @@ def split_prediction(
         return (x - a * out) / s, out
     if prediction_type == "flow":
         return x + a * out, x - s * out
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; one of {PREDICTION_TYPES}")
+    raise UserValueError(f"unknown prediction_type {prediction_type!r}; one of {PREDICTION_TYPES}")
 
 
 def ddim_update(
@@ -167,6 +234,6 @@ def ddim_update(
     x = step.a_s * x0_hat + max(step.s_s**2 - sigma**2, 0.0) ** 0.5 * eps_hat
     if sigma > 0:
         if noise is None:
-            raise ValueError("eta > 0 needs a noise tensor")
+            raise UserValueError("eta > 0 needs a noise tensor")
         x = x + sigma * noise
     return x

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError
 from ..samplers.result import FiberResult
 from .html import Page
 
@@ -60,17 +61,23 @@ def _median(t: torch.Tensor) -> float:
     return float(t.median()) if t.numel() else math.nan
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` (and its PNGs) for a folder saved by ``FiberResult.save``."""
+def write_report(run_dir: str | Path, result: FiberResult | None = None) -> Path:
+    """Write ``report.html`` (and its PNGs) into a run folder.
+
+    ``result`` is the run's result when the caller has it in memory (the CLI after sampling);
+    otherwise it is read from the folder. The run's own files are never rewritten; a missing
+    ``grid.png`` is drawn.
+    """
     from .._utils import require
 
     run = Path(run_dir)
-    if not (run / "samples.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{str(run)!r} is not a run folder (no samples.safetensors); write one with "
-            "'fiber-plugins sample' or FiberResult.save"
-        )
-    result = FiberResult.load(run)
+    if result is None:
+        if not (run / "run.json").is_file() and not (run / "samples.safetensors").is_file():
+            raise MissingFileError(
+                f"{str(run)!r} is not a run folder (no run.json); write one with "
+                "'fiber-plugins sample' or FiberResult.save"
+            )
+        result = FiberResult.load(run)
     ev_path = run / EVALUATION_FILE
     ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
     matplotlib = require("matplotlib")
@@ -84,7 +91,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"{cfg.get('objective', {}).get('name', '?')}, prior {cfg.get('prior', '?')}."
     )
     if not (run / "grid.png").is_file():
-        result.save(run)
+        result.save_grid(run / "grid.png")
     page.image("grid.png", "references (red frame) and their fiber samples")
 
     page.heading("Fiber loss per sample against the baselines")
@@ -97,7 +104,7 @@ def write_report(run_dir: str | Path) -> Path:
     for i in range(result.num_references):
         ok = ~result.failed[i]
         row = [i] + [
-            "failed" if result.failed[i, j] else float(result.fiber_loss[i, j])
+            f"failed: {result.reason(i, j)}" if result.failed[i, j] else float(result.fiber_loss[i, j])
             for j in range(result.num_samples)
         ]
         row.append(_median(result.fiber_loss[i][ok]))

@@ -1,9 +1,10 @@
 """Samplers on one shared engine."""
 
+from ..images import load_image
 from .conditional import ConditionalConfig, ConditionalFiberSampler
 from .config import GUIDANCE_SCHEDULES, GuidanceSchedule, NDTMConfig
 from .dps import DPSConfig, DPSSampler
-from .engine import FiberSampler, load_image
+from .engine import FiberSampler
 from .inversion import PixelInversionConfig, PixelInversionSampler, total_variation
 from .ndtm import NDTMSampler
 from .noise_opt import NoiseOptConfig, NoiseOptSampler

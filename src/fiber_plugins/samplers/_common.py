@@ -1,18 +1,113 @@
-"""Small pieces shared by the optimisation-based samplers (noise optimisation, pixel inversion,
-latent refinement): config (de)serialisation, choice validation, and a per-row optimiser."""
+"""Small pieces shared by the samplers: the settings validators every config uses, config
+(de)serialisation, and a per-row optimiser.
+
+Validators take the setting's name and value, refuse a bad value with one line that quotes it
+and the valid range (:class:`~fiber_plugins.errors.UserTypeError` for a wrong type, e.g. a bool
+or a string where a number is meant, :class:`~fiber_plugins.errors.UserValueError` for a value
+out of range, NaN or infinity), and return the value as a plain Python ``int`` / ``float`` /
+``bool``, so configs hold JSON-ready numbers whatever the caller passed (numpy scalars included).
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
+
+from ..errors import UserTypeError, UserValueError
 
 OPTIMISERS = ("sgd", "adam")
 
 
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    """'> 0', '>= 0', '<= 1', 'in (0, 1]', ... (empty when unbounded)."""
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """An integer in [low, high]; a bool, a float (even a whole one such as 3.0) or a string is
+    refused, numpy integers are accepted."""
+    span = _interval(low, high, False, False)
+    message = f"{name} must be an integer{' ' + span if span else ''}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserTypeError(message)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UserValueError(message)
+    return int(value)
+
+
+def check_float(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+    what: str = "",
+    unit: str = "",
+) -> float | None:
+    """A finite real number in the interval from ``low`` to ``high`` (``low_open`` / ``high_open``
+    exclude the end), or ``None`` when ``optional``. Ints are fine; NaN, infinities, bools and
+    strings are not. ``what`` ("a cutoff") and ``unit`` ("fraction of Nyquist") only shape the
+    message: ``lowpass must be a cutoff in (0, 1] (fraction of Nyquist) or None, got 1.5``."""
+    if value is None and optional:
+        return None
+    span = _interval(low, high, low_open, high_open)
+    rest = " ".join(p for p in (span, f"({unit})" if unit else "") if p)
+    rest += " or None" if optional else ""
+
+    def message(noun: str) -> str:
+        noun = what or noun
+        return f"{name} must be {' '.join(p for p in (noun, rest) if p)}, got {value!r}"
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserTypeError(message("a number"))
+    value_f = float(value)
+    if not math.isfinite(value_f):
+        raise UserValueError(message("a finite number"))
+    if low is not None and (value_f <= low if low_open else value_f < low):
+        raise UserValueError(message(""))
+    if high is not None and (value_f >= high if high_open else value_f > high):
+        raise UserValueError(message(""))
+    return value_f
+
+
+def check_bool(name: str, value) -> bool:
+    """True or False (numpy bools too); 0, 1, 'yes' and None are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise UserTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_choice(name: str, value, choices):
+    """One of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise UserValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+    return value
+
+
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows of ``t`` (B, ...) whose every element is finite."""
+    return torch.isfinite(t).flatten(1).all(1) if t.dim() > 1 else torch.isfinite(t)
+
+
 class SettingsMixin:
-    """``to_dict`` / ``from_dict`` for frozen config dataclasses (JSON round trip)."""
+    """``to_dict`` / ``from_dict`` (JSON round trip) and validation for frozen config dataclasses.
+
+    ``__post_init__`` calls :meth:`_check` once per field, so each setting is validated, and
+    normalised to a plain Python value, where the config is built.
+    """
 
     _label = "sampler"
 
@@ -21,30 +116,21 @@ class SettingsMixin:
 
     @classmethod
     def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise UserTypeError(f"{cls._label} settings must be a dict, got {d!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(
+            raise UserValueError(
                 f"unknown {cls._label} settings {sorted(unknown)}; valid: {sorted(known)}"
             )
         return cls(**d)
 
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
-
-
-def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    def _check(self, field: str, check, *args, label: str | None = None, **kwargs) -> None:
+        """Validate the field with ``check(label or field, value, *args, **kwargs)`` and store
+        the value it returns (frozen dataclass: through ``object.__setattr__``)."""
+        value = check(label or field, getattr(self, field), *args, **kwargs)
+        object.__setattr__(self, field, value)
 
 
 def row_mask(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -67,17 +153,26 @@ class RowOptimiser:
 
     def step(
         self, key: int, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """The updated ``param``; rows where ``rows`` is False are returned unchanged."""
-        grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the updated ``param``, (B,) bool: rows whose update is not finite).
+
+        Rows where ``rows`` is False are returned unchanged, and so are the rows whose gradient,
+        Adam moment or update is not finite (an overflow is never turned into a silent zero
+        step): the caller fails those rows with a reason.
+        """
+        ok = finite_rows(grad)
         if self.kind == "sgd":
             new = param - self.lr * grad
         else:
             b1, b2 = self.betas
-            m, v, k = self._state.get(key, (torch.zeros_like(param), torch.zeros_like(param), 0))
+            m0, v0, k = self._state.get(key, (torch.zeros_like(param), torch.zeros_like(param), 0))
             k += 1
-            m = m * b1 + (1 - b1) * grad
-            v = v * b2 + (1 - b2) * grad * grad
-            self._state[key] = (m, v, k)
+            m = m0 * b1 + (1 - b1) * grad
+            v = v0 * b2 + (1 - b2) * grad * grad
+            # an overflowing second moment (|grad| > ~1e20) would make the step 0, not an error
+            ok = ok & finite_rows(v)
+            keep = row_mask(ok & rows, param)
+            self._state[key] = (torch.where(keep, m, m0), torch.where(keep, v, v0), k)
             new = param - self.lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
-        return torch.where(row_mask(rows, param), new, param)
+        ok = ok & finite_rows(new)
+        return torch.where(row_mask(rows & ok, param), new, param), rows & ~ok

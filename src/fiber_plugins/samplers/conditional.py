@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserTypeError
 from ..priors.conditional import ConditionalFiberModel
-from ._common import SettingsMixin, check_int
+from ._common import SettingsMixin, check_bool, check_int, finite_rows
 from .engine import Batch, FiberSampler, mark_nonfinite
 
 
@@ -39,7 +40,9 @@ class ConditionalConfig(SettingsMixin):
     autocast: bool = False
 
     def __post_init__(self):
-        check_int("num_steps", self.num_steps, 1)
+        self._check("num_steps", check_int, 1)
+        self._check("trace", check_bool)
+        self._check("autocast", check_bool)
 
 
 class ConditionalFiberSampler(FiberSampler):
@@ -60,7 +63,7 @@ class ConditionalFiberSampler(FiberSampler):
 
     def __init__(self, model: ConditionalFiberModel, objective, config=None, **overrides):
         if not isinstance(model, ConditionalFiberModel):
-            raise TypeError(
+            raise UserTypeError(
                 "ConditionalFiberSampler samples a trained ConditionalFiberModel (see "
                 f"train_fiber_model), got {type(model).__name__}; for a pretrained unconditional "
                 "prior use a guided sampler (NDTMSampler)"
@@ -75,6 +78,7 @@ class ConditionalFiberSampler(FiberSampler):
         from ..priors.conditional import subject_fingerprint
 
         info = self.prior.info
+
         def as_stored(d):  # JSON round trip: tuples become lists, as in fiber_model.json
             return json.loads(json.dumps(d, default=str)) if d is not None else None
 
@@ -118,6 +122,9 @@ class ConditionalFiberSampler(FiberSampler):
                 if cfg.trace:
                     trace[:, step.index] = self.fiber_loss(x0.clamp(-1, 1), y)
                 x = model.update(x0, eps, step)
+                batch.fail(
+                    alive & ~finite_rows(x), f"non-finite flow state after step {step.index}"
+                )
                 x = mark_nonfinite(x, alive, x.new_ones(1))
                 if progress is not None:
                     progress.update(len(batch.rows))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import numbers
+from dataclasses import dataclass
+
+from ..errors import UserTypeError, UserValueError
+from ._common import SettingsMixin, check_bool, check_choice, check_float, check_int
 
 GUIDANCE_SCHEDULES = ("constant", "interval", "ramp")
 TARGET_MODES = ("static", "reapprox")
 
 
 @dataclass(frozen=True)
-class GuidanceSchedule:
+class GuidanceSchedule(SettingsMixin):
     """gamma_t as a function of the noise level in [0, 1] (1 = pure noise).
 
     - ``constant``: ``strength`` everywhere;
@@ -17,7 +21,11 @@ class GuidanceSchedule:
       ``outside`` elsewhere;
     - ``ramp``: linear from ``strength`` at level 1 to ``final`` at level 0 (guidance raised
       towards the end of sampling when ``final > strength``), zero outside [``low``, ``high``].
+
+    Every strength is a finite number >= 0.
     """
+
+    _label = "guidance schedule"
 
     kind: str = "constant"
     strength: float = 1.0
@@ -27,16 +35,16 @@ class GuidanceSchedule:
     final: float | None = None
 
     def __post_init__(self):
-        if self.kind not in GUIDANCE_SCHEDULES:
-            raise ValueError(
-                f"unknown guidance schedule {self.kind!r}; choose one of {list(GUIDANCE_SCHEDULES)}"
-            )
-        if not 0.0 <= self.low <= self.high <= 1.0:
-            raise ValueError(
+        self._check("kind", check_choice, GUIDANCE_SCHEDULES, label="guidance schedule")
+        self._check("strength", check_float, 0.0, label="guidance strength")
+        self._check("low", check_float, 0.0, 1.0, label="guidance interval low")
+        self._check("high", check_float, 0.0, 1.0, label="guidance interval high")
+        if self.low > self.high:
+            raise UserValueError(
                 f"guidance interval must satisfy 0 <= low <= high <= 1, got ({self.low}, {self.high})"
             )
-        if self.strength < 0 or self.outside < 0:
-            raise ValueError("guidance strengths must be >= 0")
+        self._check("outside", check_float, 0.0, label="guidance outside the interval")
+        self._check("final", check_float, 0.0, optional=True, label="final guidance")
 
     def __call__(self, level: float) -> float:
         inside = self.low <= level <= self.high
@@ -48,8 +56,20 @@ class GuidanceSchedule:
         return (final + (self.strength - final) * level) if inside else self.outside
 
 
+def check_guidance(name: str, value) -> GuidanceSchedule:
+    """A guidance setting as a :class:`GuidanceSchedule`: a number >= 0 (a constant schedule), a
+    schedule, or a schedule's ``to_dict()`` (the JSON round trip)."""
+    if isinstance(value, GuidanceSchedule):
+        return value
+    if isinstance(value, dict):
+        return GuidanceSchedule.from_dict(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return GuidanceSchedule("constant", check_float(name, value, 0.0))
+    raise UserTypeError(f"{name} must be a float or a GuidanceSchedule, got {value!r}")
+
+
 @dataclass(frozen=True)
-class NDTMConfig:
+class NDTMConfig(SettingsMixin):
     """NDTM settings (DESIGN 4.1). Defaults follow the paper where it gives values.
 
     Parameters
@@ -66,7 +86,12 @@ class NDTMConfig:
         u, the Adam state and the losses stay fp32.
     trace: record the fiber loss of x0_hat at every step (costs one decode + phi forward on
         unguided steps).
+
+    Every number must be finite; a guidance so large that the guided state overflows is not
+    refused here (where that happens depends on the prior), but its rows fail with a reason.
     """
+
+    _label = "NDTM"
 
     num_steps: int = 50
     inner_steps: int = 4
@@ -81,24 +106,17 @@ class NDTMConfig:
     trace: bool = True
 
     def __post_init__(self):
-        if isinstance(self.guidance, (int, float)):
-            object.__setattr__(self, "guidance", GuidanceSchedule("constant", float(self.guidance)))
-        elif isinstance(self.guidance, dict):
-            object.__setattr__(self, "guidance", GuidanceSchedule(**self.guidance))
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
-        if self.target_mode not in TARGET_MODES:
-            raise ValueError(
-                f"unknown target_mode {self.target_mode!r}; choose one of {list(TARGET_MODES)}"
-            )
-        if self.lr_start < 0 or self.lr_end < 0:
-            raise ValueError("learning rates must be >= 0")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if self.kappa < 0 or self.tau < 0:
-            raise ValueError("kappa and tau must be >= 0")
+        self._check("num_steps", check_int, 1)
+        self._check("inner_steps", check_int, 0)
+        self._check("guidance", check_guidance)
+        self._check("lr_start", check_float, 0.0)
+        self._check("lr_end", check_float, 0.0)
+        self._check("kappa", check_float, 0.0)
+        self._check("tau", check_float, 0.0)
+        self._check("eta", check_float, 0.0, 1.0)
+        self._check("target_mode", check_choice, TARGET_MODES)
+        self._check("autocast", check_bool)
+        self._check("trace", check_bool)
 
     def lr(self, i: int) -> float:
         """Learning rate at step i of the grid (linear decay)."""
@@ -106,14 +124,3 @@ class NDTMConfig:
             return self.lr_start
         f = i / (self.num_steps - 1)
         return self.lr_start + (self.lr_end - self.lr_start) * f
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NDTMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown NDTM settings {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**d)

@@ -8,6 +8,8 @@ At each step t -> s, with one network forward at x_t:
     x_s = DDIM(x0_hat, eps; eta) - scale_t * g      (the update uses the detached eps, x0_hat)
 
 as in Chung et al. (Alg. 1), where the gradient taken at x_t is applied to the updated state.
+A row whose fiber loss, gradient or guided state stops being finite fails at once with that
+reason; it is never carried on as if unguided.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from ._common import SettingsMixin, check_int
-from .config import GuidanceSchedule
+from ._common import SettingsMixin, check_bool, check_float, check_int, finite_rows, row_mask
+from .config import GuidanceSchedule, check_guidance
 from .engine import Batch, FiberSampler, mark_nonfinite
 
 
@@ -47,17 +49,11 @@ class DPSConfig(SettingsMixin):
     autocast: bool = False
 
     def __post_init__(self):
-        if isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool):
-            object.__setattr__(self, "guidance", GuidanceSchedule("constant", float(self.guidance)))
-        elif isinstance(self.guidance, dict):
-            object.__setattr__(self, "guidance", GuidanceSchedule(**self.guidance))
-        if not isinstance(self.guidance, GuidanceSchedule):
-            raise TypeError(
-                f"guidance must be a float or a GuidanceSchedule, got {self.guidance!r}"
-            )
-        check_int("num_steps", self.num_steps, 1)
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
+        self._check("num_steps", check_int, 1)
+        self._check("guidance", check_guidance)
+        self._check("normalize", check_bool)
+        self._check("eta", check_float, 0.0, 1.0)
+        self._check("autocast", check_bool)
 
 
 class DPSSampler(FiberSampler):
@@ -88,16 +84,18 @@ class DPSSampler(FiberSampler):
         trace = torch.full((x.shape[0], len(steps)), float("nan"), device=x.device)
         for step in steps:
             scale = float(cfg.guidance(step.level))
+            at = f"at step {step.index} (guidance {scale:g})"
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(scale > 0)
                 with self.autocast():
                     eps, x0 = prior.predict(x_in, step)
                     img = prior.decode(x0)
                 fl = self.fiber_loss(img, batch.target)
+                batch.fail(alive & ~torch.isfinite(fl), f"non-finite fiber loss of x0_hat {at}")
                 grad = None
                 if scale > 0:
                     J = fl.clamp_min(1e-12).sqrt() if cfg.normalize else fl
-                    J = torch.where(alive & torch.isfinite(J), J, torch.zeros_like(J))
+                    J = torch.where(alive, J, torch.zeros_like(J))
                     (grad,) = torch.autograd.grad(J.sum(), x_in)
             with torch.no_grad():
                 fl = fl.detach()
@@ -105,8 +103,13 @@ class DPSSampler(FiberSampler):
                 z = batch.step_noise(x) if cfg.eta > 0 else None
                 x = prior.update(x0.detach().float(), eps.detach().float(), step, cfg.eta, z)
                 if grad is not None:
-                    grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+                    batch.fail(
+                        alive & ~finite_rows(grad), f"non-finite gradient of the guidance {at}"
+                    )
+                    grad = torch.where(row_mask(alive, grad), grad, torch.zeros_like(grad))
                     x = x - scale * grad.float()
+                state = "guided state" if grad is not None else "sampling state"
+                batch.fail(alive & ~finite_rows(x), f"non-finite {state} {at}")
                 x = mark_nonfinite(x, alive, fl)
             if progress is not None:
                 progress.update(len(batch.rows))

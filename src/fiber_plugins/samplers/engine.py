@@ -13,6 +13,9 @@ import abc
 import contextlib
 import dataclasses
 import math
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,66 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._utils import randn_rows, row_generator, warn
+from ..errors import RunInterrupted, UserTypeError, UserValueError
+from ..images import as_reference_batch
 from ..objectives.base import FiberObjective, target_rows, target_to, target_width
 from ..priors import acceleration as _acc
 from ..priors.conditional import ConditionalFiberModel
 from ..priors.prior import DiffusionPrior
-from .result import FiberResult
-
-
-def load_image(source, size: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
-    """An image path / PIL image / tensor -> (C, H, W) float in [0, 1], resized to ``size``."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference image {str(path)!r} does not exist")
-        try:
-            source = Image.open(path)
-            source.load()
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(
-                f"cannot read reference image {str(path)!r} ({type(err).__name__}); "
-                "give a PNG/JPEG file"
-            ) from None
-    if isinstance(source, Image.Image):
-        source = source.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(source, dtype=np.float32) / 255.0
-        t = torch.from_numpy(arr)
-        t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
-    elif isinstance(source, torch.Tensor):
-        t = source.detach().float().cpu()
-        if t.dim() != 3:
-            raise ValueError(f"a reference tensor must be (C, H, W), got {tuple(t.shape)}")
-        if t.min() < -1e-3 or t.max() > 1 + 1e-3:
-            raise ValueError(
-                f"reference tensors must be in [0, 1], got values in [{t.min():.3g}, {t.max():.3g}]"
-            )
-    else:
-        raise TypeError(f"cannot use {type(source).__name__} as a reference image")
-    if t.shape[0] != channels:
-        if t.shape[0] == 1:
-            t = t.expand(channels, -1, -1)
-        elif channels == 1:
-            t = t.mean(0, keepdim=True)
-        else:
-            raise ValueError(f"reference has {t.shape[0]} channels, the prior makes {channels}")
-    if size is not None and tuple(t.shape[-2:]) != tuple(size):
-        t = torch.nn.functional.interpolate(
-            t[None], size=size, mode="bilinear", align_corners=False, antialias=True
-        )[0]
-    return t.clamp(0, 1)
-
-
-def as_reference_batch(references, size, channels) -> torch.Tensor:
-    if isinstance(references, torch.Tensor) and references.dim() == 4:
-        return torch.stack([load_image(r, size, channels) for r in references])
-    if isinstance(references, (list, tuple)):
-        return torch.stack([load_image(r, size, channels) for r in references])
-    return load_image(references, size, channels)[None]
-
+from ._common import check_int
+from .result import FiberResult, run_fingerprint
+from .run_folder import RunFolder, check_out_dir
+from .run_folder import _now as _run_folder_now
 
 MAX_AUTO_BATCH = 64
 _DOES_NOT_FIT = 2**62  # the peak "memory" of a probe that ran out of memory
@@ -144,9 +97,31 @@ class Batch:
     target: object  # (B, K) tensor or tuple of them: the static target y*
     ref_latent: torch.Tensor | None  # (B, *latent) encoded reference, for re-approximated targets
     alive: torch.Tensor  # (B,) bool, cleared when a sample hits a non-finite value
+    # why rows failed: a code per row on the device (0: none), so that recording a failure
+    # never waits for the GPU; read once per batch with reasons()
+    _codes: torch.Tensor | None = None
+    _texts: list[str] = dataclasses.field(default_factory=list)
 
     def step_noise(self, like: torch.Tensor) -> torch.Tensor:
         return randn_rows(self.generators, tuple(like.shape[1:]), like.device, like.dtype)
+
+    def fail(self, rows: torch.Tensor, reason: str) -> None:
+        """Stop the rows where ``rows`` (B,) is True and record ``reason`` for those that had
+        none (the first cause is kept). ``alive`` is cleared in place; no host sync."""
+        rows = rows.to(self.alive.device).bool()
+        if self._codes is None:
+            self._codes = torch.zeros(len(self.rows), dtype=torch.long, device=self.alive.device)
+        if not self._texts or self._texts[-1] != reason:
+            self._texts.append(reason)
+        code = len(self._texts)
+        self._codes = torch.where(rows & (self._codes == 0), code, self._codes)
+        self.alive &= ~rows
+
+    def reasons(self) -> list[str | None]:
+        """The recorded reason of each row (None where none was recorded)."""
+        if self._codes is None:
+            return [None] * len(self.rows)
+        return [self._texts[c - 1] if c else None for c in self._codes.tolist()]
 
 
 class FiberSampler(abc.ABC):
@@ -165,16 +140,16 @@ class FiberSampler(abc.ABC):
             if overrides:
                 config = self.config_class.from_dict({**config.to_dict(), **overrides})
         elif overrides:
-            raise TypeError(f"{type(self).__name__} takes no settings {sorted(overrides)}")
+            raise UserTypeError(f"{type(self).__name__} takes no settings {sorted(overrides)}")
         if not isinstance(prior, DiffusionPrior):
-            raise TypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
+            raise UserTypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
         if isinstance(prior, ConditionalFiberModel) and not self.conditional:
-            raise TypeError(
+            raise UserTypeError(
                 f"{type(self).__name__} needs an unconditional prior; a trained "
                 "ConditionalFiberModel is sampled with ConditionalFiberSampler"
             )
         if not isinstance(objective, FiberObjective):
-            raise TypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
+            raise UserTypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
         self.prior = prior
         self.objective = objective
         self.config = config
@@ -231,14 +206,17 @@ class FiberSampler(abc.ABC):
         seed: int = 0,
         batch_size: int | str | None = None,
         progress: bool = True,
+        out: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> FiberResult:
         """Sample ``n`` fiber samples for each reference (or explicit target).
 
         Parameters
         ----------
         references:
-            Image paths, PIL images, a (R, C, H, W) / (C, H, W) tensor in [0, 1]; resized to the
-            prior's image size. The target is y* = phi(reference) at that size.
+            Image paths, PIL images, numpy arrays, a (R, C, H, W) / (C, H, W) tensor in [0, 1];
+            resized to the prior's image size. The target is y* = phi(reference) at that size.
         targets:
             Instead of references: explicit targets, (K,) or (R, K) (a tuple for summed objectives).
         n: samples per reference.
@@ -247,20 +225,38 @@ class FiberSampler(abc.ABC):
             memory on two short probe runs (batch 1 and 2) and takes the largest batch that fits
             90% of the free memory (at most 64; on the CPU: all rows, at most 16). Whatever the
             batch size, it is halved and the batch retried on CUDA out-of-memory; finished
-            samples are kept, and seeded results do not depend on it. When even one row does
-            not fit, the prior's gradient checkpointing is turned on for this call (with a
-            warning; ``config["acceleration"]["checkpointing"] == "auto"`` in the result) and
-            switched off again afterwards.
+            samples are kept. When even one row does not fit, the prior's gradient
+            checkpointing is turned on for this call (with a warning;
+            ``config["acceleration"]["checkpointing"] == "auto"`` in the result) and switched
+            off again afterwards.
         progress: show a tqdm bar with the running median fiber loss.
+        out: a run folder (see :mod:`fiber_plugins.samplers.run_folder`). Each finished batch is
+            written to it at once, so an interrupt (Ctrl-C, SIGTERM) or a crash loses only the
+            batch in flight: the call raises :class:`~fiber_plugins.errors.RunInterrupted` after
+            recording the run as interrupted. The folder is checked before any work: it must be
+            writable and hold no earlier run, unless ``resume`` or ``overwrite``.
+        resume: finish the run in ``out``: only the rows it lacks are sampled, with the same
+            seeds, so the result equals an uninterrupted run's (same batch size; see the docs on
+            determinism). The call must repeat the run's settings, references and seed.
+        overwrite: remove the whole earlier run in ``out`` first.
+
+        Returns
+        -------
+        FiberResult with images (R, n, C, H, W), fiber_loss (R, n), loss_trace (R, n, T).
         """
         if (references is None) == (targets is None):
-            raise ValueError("give either references= or targets=, not both or neither")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise UserValueError("give either references= or targets=, not both or neither")
+        check_int("n", n, 1)
+        check_int("seed", seed, 0)
+        mode = None
+        if out is not None:
+            mode = check_out_dir(out, overwrite=bool(overwrite), resume=bool(resume))
+        elif resume or overwrite:
+            raise UserValueError("resume=True / overwrite=True need a run folder: out=...")
         start = time.perf_counter()
-        prior, device = self.prior, self.device
+        prior = self.prior
         self._check_devices()
-        if device.type == "cpu" and self._half_precision():
+        if self.device.type == "cpu" and self._half_precision():
             warn(
                 "bf16/fp16 networks on the CPU: CPUs without native bf16 kernels run them many "
                 "times slower than fp32 (see docs/performance.md); use fp32 on the CPU and keep "
@@ -268,31 +264,62 @@ class FiberSampler(abc.ABC):
             )
         checkpointing_before = prior.acceleration.get("checkpointing", False)
         try:
-            return self._sample(references, targets, n, seed, batch_size, progress, start)
+            with _sigterm_as_interrupt(out is not None):
+                return self._sample(
+                    references, targets, n, seed, batch_size, progress, start, out, mode
+                )
         finally:
             if prior.acceleration.get("checkpointing") == "auto":  # turned on for this call only
                 _acc.set_checkpointing(prior, bool(checkpointing_before))
                 prior.acceleration = {**prior.acceleration, "checkpointing": checkpointing_before}
 
-    def _sample(self, references, targets, n, seed, batch_size, progress, start) -> FiberResult:
+    def _targets(self, references, targets):
+        """(references (R, C, H, W) in [0, 1] or None, targets on the device, fp32)."""
         prior, device = self.prior, self.device
         refs = None
-        with self.objective.attached():
-            if references is not None:
-                refs = as_reference_batch(references, prior.image_size, prior.image_channels)
+        if references is not None:
+            refs = as_reference_batch(references, prior.image_size, prior.image_channels)
+            try:
                 with torch.no_grad(), self.autocast():
                     y = self.objective.target(refs.to(device) * 2 - 1)
-                y = tuple(t.float() for t in y) if isinstance(y, tuple) else y.float()
-            else:
-                with torch.no_grad():
-                    probe = torch.zeros(1, prior.image_channels, *prior.image_size, device=device)
+            except RuntimeError as err:
+                _raise_if_shape_mismatch(err, prior)
+                raise
+            y = tuple(t.float() for t in y) if isinstance(y, tuple) else y.float()
+        else:
+            with torch.no_grad():
+                probe = torch.zeros(1, prior.image_channels, *prior.image_size, device=device)
+                try:
                     width = target_width(self.objective.features(probe))
-                y = self.objective.check_target(targets, width)
-            y = target_to(y, device)
+                except RuntimeError as err:
+                    _raise_if_shape_mismatch(err, prior)
+                    raise
+            y = self.objective.check_target(targets, width)
+        return refs, target_to(y, device)
+
+    def _config_record(self, seed, batch_size) -> dict:
+        return {
+            "sampler": self.name,
+            "settings": self.config.to_dict(),
+            "objective": self.objective.describe(),
+            "prior": repr(self.prior),
+            "seed": seed,
+            "batch_size": batch_size,
+            "device": str(self.device),
+            "acceleration": dict(self.prior.acceleration),
+        }
+
+    def _sample(
+        self, references, targets, n, seed, batch_size, progress, start, out, mode
+    ) -> FiberResult:
+        prior, device = self.prior, self.device
+        with self.objective.attached():
+            refs, y = self._targets(references, targets)
             self._check_gradient_path(refs)
-            num_refs = (y[0] if isinstance(y, tuple) else y).shape[0]
+            y_rows = y if isinstance(y, tuple) else (y,)
+            num_refs = y_rows[0].shape[0]
             if getattr(self.config, "target_mode", "static") == "reapprox" and refs is None:
-                raise ValueError(
+                raise UserValueError(
                     "target_mode='reapprox' needs reference images, not explicit targets"
                 )
             ref_latents = None
@@ -300,24 +327,61 @@ class FiberSampler(abc.ABC):
                 with torch.no_grad():
                     ref_latents = prior.encode(refs.to(device, prior.dtype) * 2 - 1).float()
 
-            rows = [(r, m) for r in range(num_refs) for m in range(n)]
-            if batch_size == "auto":
-                bs = self._auto_batch_size(rows, y, ref_latents, seed)
-            elif batch_size is None:
-                bs = min(len(rows), 16)
-            elif (
-                isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0
-            ):
-                bs = batch_size
-            else:
-                raise ValueError(
-                    f"batch_size must be a positive int, 'auto' or None, got {batch_size!r}"
-                )
             T = self.num_trace_steps()
             images = torch.zeros(num_refs, n, prior.image_channels, *prior.image_size)
             losses = torch.full((num_refs, n), math.nan)
             traces = torch.full((num_refs, n, T), math.nan)
             failed = torch.zeros(num_refs, n, dtype=torch.bool)
+            reasons: list[list[str | None]] = [[None] * n for _ in range(num_refs)]
+            # a reference whose target is not finite cannot be sampled: its rows fail at once
+            # (asked through the objective's own distance: d(y*, y*) is 0 for a sound target;
+            # objectives may mask entries of y* with NaN, as Captum's per-example targets do)
+            with torch.no_grad():
+                bad_target = ~torch.isfinite(self.objective.distance_between(y, y)).cpu()
+            folder = None
+            if out is not None:
+                y_cpu = tuple(t.cpu() for t in y_rows)
+                cfg = self._config_record(seed, batch_size)
+                folder = RunFolder.start(
+                    out,
+                    run_fingerprint(cfg, n, refs, y_cpu),
+                    num_refs,
+                    n,
+                    refs,
+                    y_cpu,
+                    mode=mode,
+                    extra={"config": cfg, "targets_tuple": isinstance(y, tuple)},
+                )
+                for r, m, img, tr, loss, bad, why in folder.rows():
+                    images[r, m], traces[r, m], losses[r, m], failed[r, m] = img, tr, loss, bad
+                    reasons[r][m] = why
+            done_rows = folder.done() if folder is not None else set()
+            rows = []
+            for r in range(num_refs):
+                for m in range(n):
+                    if (r, m) in done_rows:
+                        continue
+                    if bad_target[r]:
+                        failed[r, m] = True
+                        reasons[r][m] = (
+                            "the target phi(reference) holds NaN/inf (the subject's output at "
+                            "this reference is not finite)"
+                        )
+                    else:
+                        rows.append((r, m))
+            if folder is not None and bad_target.any():
+                skipped = [(r, m) for r in range(num_refs) for m in range(n)
+                           if bad_target[r] and (r, m) not in done_rows]
+                if skipped:
+                    folder.commit(
+                        skipped,
+                        images[[r for r, _ in skipped], [m for _, m in skipped]],
+                        losses[[r for r, _ in skipped], [m for _, m in skipped]],
+                        traces[[r for r, _ in skipped], [m for _, m in skipped]],
+                        [True] * len(skipped),
+                        [reasons[r][m] for r, m in skipped],
+                    )
+            bs = self._batch_size(batch_size, rows, y, ref_latents, seed)
             bar = tqdm(
                 total=len(rows) * T, desc=self.name, unit="step", disable=not progress, leave=False
             )
@@ -327,12 +391,12 @@ class FiberSampler(abc.ABC):
                     chunk = rows[done : done + bs]
                     bar_before = bar.n
                     try:
-                        out = self._run_rows(chunk, y, ref_latents, seed, bar)
+                        out_rows = self._run_rows(chunk, y, ref_latents, seed, bar)
                     except torch.OutOfMemoryError as err:
                         if len(chunk) == 1 and not self._may_checkpoint():
                             raise torch.OutOfMemoryError(_oom_advice(err, prior)) from err
-                        out = None
-                    if out is None:
+                        out_rows = None
+                    if out_rows is None:
                         # out of memory; handled here, after the except block, whose traceback
                         # holds the failed batch's tensors until it ends
                         if len(chunk) > 1:
@@ -346,7 +410,9 @@ class FiberSampler(abc.ABC):
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    img, loss, trace, bad = out
+                    img, loss, trace, bad, why = out_rows
+                    img[bad] = 0.0
+                    loss[bad] = math.nan
                     for k, (r, m) in enumerate(chunk):
                         images[r, m], losses[r, m], traces[r, m], failed[r, m] = (
                             img[k],
@@ -354,22 +420,27 @@ class FiberSampler(abc.ABC):
                             trace[k],
                             bad[k],
                         )
+                        reasons[r][m] = why[k] if bool(bad[k]) else None
+                    if folder is not None:
+                        folder.commit(chunk, img, loss, trace, bad, why)
                     done += len(chunk)
+            except KeyboardInterrupt:
+                if folder is None:
+                    raise
+                total = num_refs * n
+                have = len(folder.done())
+                folder.mark("interrupted", interrupted=_run_folder_now())
+                raise RunInterrupted(
+                    f"interrupted: {have} of {total} rows are written to {str(folder.path)!r}; "
+                    "finish the run with --resume (sample(..., out=..., resume=True))",
+                    run_dir=folder.path,
+                    done=have,
+                    total=total,
+                ) from None
             finally:
                 bar.close()
-        images[failed] = 0.0
-        losses[failed] = math.nan
-        cfg = {
-            "sampler": self.name,
-            "settings": self.config.to_dict(),
-            "objective": self.objective.describe(),
-            "prior": repr(prior),
-            "seed": seed,
-            "batch_size": bs,
-            "device": str(device),
-            "acceleration": dict(prior.acceleration),
-        }
-        return FiberResult(
+        cfg = self._config_record(seed, bs)
+        result = FiberResult(
             images=images,
             references=refs,
             fiber_loss=losses,
@@ -378,6 +449,23 @@ class FiberSampler(abc.ABC):
             config=cfg,
             wall_time=time.perf_counter() - start,
             targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
+            reasons=reasons,
+        )
+        if folder is not None:
+            if mode == "resume":
+                result.wall_time += float(folder.manifest.get("wall_time_s", 0.0))
+            result.write_to(folder)
+        return result
+
+    def _batch_size(self, batch_size, rows, y, ref_latents, seed) -> int:
+        if batch_size == "auto":
+            return self._auto_batch_size(rows, y, ref_latents, seed) if rows else 1
+        if batch_size is None:
+            return max(1, min(len(rows), 16))
+        if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+            return batch_size
+        raise UserValueError(
+            f"batch_size must be a positive int, 'auto' or None, got {batch_size!r}"
         )
 
     def _auto_batch_size(self, rows, y, ref_latents, seed) -> int:
@@ -447,8 +535,16 @@ class FiberSampler(abc.ABC):
                 grad = None
             else:
                 (grad,) = torch.autograd.grad(probe, x, allow_unused=True)
+        if grad is not None and not bool(grad.abs().sum() > 0) and refs is not None:
+            if all(bool((f == 0).all()) for f in feats):
+                raise UserValueError(
+                    f"phi of {self.objective.name} is zero at the reference and has no gradient "
+                    "there: the unit is inactive for this image (a ReLU channel or SAE feature "
+                    "that does not fire); pick a reference that activates it, or target the "
+                    "pre-activation (e.g. the layer before the ReLU, pre_activation=True for SAEs)"
+                )
         if grad is None or not bool(grad.abs().sum() > 0):
-            raise ValueError(
+            raise UserValueError(
                 f"phi of {self.objective.name} does not depend on the image: no gradient reaches "
                 "the input, so guidance cannot change anything; pick a layer on the path from the "
                 "input (and check the model for detach()/no_grad)"
@@ -459,7 +555,7 @@ class FiberSampler(abc.ABC):
             model = obj.model
             p = next(model.parameters(), None) if model is not None else None
             if p is not None and p.device != self.device:
-                raise ValueError(
+                raise UserValueError(
                     f"the subject {type(model).__name__} is on {p.device} but the prior on "
                     f"{self.device}; move one of them (model.to('{self.device}') or "
                     f"prior.to('{p.device}'))"
@@ -482,8 +578,52 @@ class FiberSampler(abc.ABC):
         with torch.no_grad():
             img = img.float().clamp(-1, 1)
             loss = self.fiber_loss(img, batch.target)
-        bad = ~batch.alive | ~torch.isfinite(loss)
-        return ((img.cpu() + 1) / 2), loss.cpu(), trace.cpu(), bad.cpu()
+        batch.fail(~batch.alive, "non-finite value during sampling")  # no cause recorded
+        batch.fail(~torch.isfinite(loss), "the fiber loss of the final sample is not finite")
+        bad = ~batch.alive
+        why = batch.reasons()
+        return ((img.cpu() + 1) / 2), loss.cpu(), trace.cpu(), bad.cpu(), why
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(active: bool):
+    """While a run writes to a folder, SIGTERM (a scheduler's stop, ``kill``) stops it like
+    Ctrl-C, so the finished rows are kept; the previous handler is restored afterwards. Only
+    in the main thread (signal handlers cannot be set elsewhere)."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not settable here (embedded interpreters)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_SHAPE_WORDS = re.compile(
+    r"shape|size|dimension|channels|mat1|expected input|must match", re.IGNORECASE
+)
+
+
+def _raise_if_shape_mismatch(err: RuntimeError, prior: DiffusionPrior) -> None:
+    """The subject's first forward on prior-sized images failed for its input shape: say so in
+    one line with the fix (a user mistake, not a bug)."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    if _SHAPE_WORDS.search(first):
+        c, (h, w) = prior.image_channels, prior.image_size
+        raise UserValueError(
+            f"the subject cannot take the prior's {c}x{h}x{w} images ({first[:200]}); give the "
+            "objective a Preprocess that resizes to the subject's input size "
+            "(preprocess=Preprocess(size=...)) or use a prior of that size"
+        ) from err
 
 
 def _oom_advice(err: BaseException, prior: DiffusionPrior) -> str:

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserValueError
 from ._common import (
     OPTIMISERS,
     RowOptimiser,
     SettingsMixin,
+    check_bool,
     check_choice,
+    check_float,
     check_int,
-    check_positive,
 )
 from .engine import Batch, FiberSampler, mark_nonfinite
 
@@ -34,7 +36,7 @@ def total_variation(x: torch.Tensor, beta: float = 2.0, eps: float = 1e-8) -> to
     ``eps`` inside the square root so its gradient is defined on flat regions).
     """
     if x.dim() != 4:
-        raise ValueError(f"total_variation needs (B, C, H, W) images, got {tuple(x.shape)}")
+        raise UserValueError(f"total_variation needs (B, C, H, W) images, got {tuple(x.shape)}")
     dy = x[..., 1:, :-1] - x[..., :-1, :-1]
     dx = x[..., :-1, 1:] - x[..., :-1, :-1]
     sq = dx.pow(2) + dy.pow(2)
@@ -70,13 +72,14 @@ class PixelInversionConfig(SettingsMixin):
     autocast: bool = False
 
     def __post_init__(self):
-        check_int("num_steps", self.num_steps, 1)
-        check_choice("optimiser", self.optimiser, OPTIMISERS)
-        check_positive("lr", self.lr)
-        check_positive("tv_weight", self.tv_weight, allow_zero=True)
-        check_positive("tv_beta", self.tv_beta)
-        check_positive("l2_weight", self.l2_weight, allow_zero=True)
-        check_positive("init_scale", self.init_scale, allow_zero=True)
+        self._check("num_steps", check_int, 1)
+        self._check("lr", check_float, 0.0, low_open=True)
+        self._check("optimiser", check_choice, OPTIMISERS)
+        self._check("tv_weight", check_float, 0.0)
+        self._check("tv_beta", check_float, 0.0, low_open=True)
+        self._check("l2_weight", check_float, 0.0)
+        self._check("init_scale", check_float, 0.0)
+        self._check("autocast", check_bool)
 
 
 class PixelInversionSampler(FiberSampler):
@@ -120,13 +123,18 @@ class PixelInversionSampler(FiberSampler):
                     J = J + cfg.tv_weight * total_variation(x, cfg.tv_beta)
                 if cfg.l2_weight > 0:
                     J = J + cfg.l2_weight * x.pow(2).flatten(1).sum(1)
-                J = torch.where(alive & torch.isfinite(J), J, torch.zeros_like(J))
+                batch.fail(alive & ~torch.isfinite(fl), f"non-finite fiber loss at step {k}")
+                batch.fail(
+                    alive & ~torch.isfinite(J), f"non-finite objective (loss + priors) at step {k}"
+                )
+                J = torch.where(alive, J, torch.zeros_like(J))
                 (grad,) = torch.autograd.grad(J.sum(), x)
             with torch.no_grad():
                 fl = fl.detach()
                 trace[:, k] = fl
-                x = opt.step(0, x.detach(), grad, alive).clamp(-1, 1)
-                x = mark_nonfinite(x, alive, fl)
+                x, bad = opt.step(0, x.detach(), grad, alive)
+                batch.fail(bad, f"non-finite gradient step on the image at step {k}")
+                x = mark_nonfinite(x.clamp(-1, 1), alive, fl)
             if progress is not None:
                 progress.update(len(batch.rows))
                 if k % 10 == 0 or k == cfg.num_steps - 1:

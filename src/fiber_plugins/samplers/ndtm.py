@@ -7,6 +7,9 @@ steps on
            + tau ||eps(x_t + gamma_t u, t) - eps(x_t, t)||^2,
 
 each term summed per sample; then the usual DDIM update is taken from x'_t = x_t + gamma_t u.
+
+A row whose fiber loss, guidance gradient, control or guided state stops being finite fails at
+once with that reason (``result.reason(r, m)``); it is never carried on as if unguided.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from ._common import finite_rows, row_mask
 from .config import NDTMConfig
 from .engine import Batch, FiberSampler, mark_nonfinite
 
@@ -68,7 +72,7 @@ class NDTMSampler(FiberSampler):
             guided = gamma > 0 and cfg.inner_steps > 0
             if guided:
                 target_t = self._step_target(batch, step, noise_ref)
-                x_in, fl = self._control(x, step, gamma, cfg.lr(step.index), target_t, alive)
+                x_in, fl = self._control(batch, x, step, gamma, cfg.lr(step.index), target_t)
                 trace[:, step.index] = fl
             else:
                 x_in = x
@@ -82,6 +86,9 @@ class NDTMSampler(FiberSampler):
                     trace[:, step.index] = self.fiber_loss(img, batch.target)
                 z = batch.step_noise(x) if cfg.eta > 0 else None
                 x = prior.update(x0, eps, step, eta=cfg.eta, noise=z)
+                batch.fail(
+                    alive & ~finite_rows(x), f"non-finite sampling state after step {step.index}"
+                )
                 x = mark_nonfinite(x, alive, trace[:, step.index] if guided else x.new_ones(1))
             if progress is not None:
                 progress.update(len(batch.rows))
@@ -93,9 +100,15 @@ class NDTMSampler(FiberSampler):
             img = prior.decode(x)
         return img.float(), trace
 
-    def _control(self, x, step, gamma, lr, target, alive):
-        """N Adam steps on u; returns the guided state x + gamma u and the last fiber loss."""
+    def _control(self, batch: Batch, x, step, gamma, lr, target):
+        """N Adam steps on u; returns the guided state x + gamma u and the last fiber loss.
+
+        Rows whose loss, gradient, control or guided state is not finite fail here with that
+        reason (``batch.fail``); the rest of the batch goes on.
+        """
         cfg, prior = self.config, self.prior
+        alive = batch.alive
+        at = f"at step {step.index} (guidance {gamma:g})"
         # tau > 0 needs eps(x_t): the first inner evaluation is at u = 0, i.e. exactly x_t, so it
         # is taken from there instead of a separate forward (its tau term is 0 with zero gradient)
         eps_ref = None
@@ -103,7 +116,7 @@ class NDTMSampler(FiberSampler):
         m = torch.zeros_like(x)
         v = torch.zeros_like(x)
         fl = torch.zeros(x.shape[0], device=x.device)
-        mask = alive.view(-1, *([1] * (x.dim() - 1)))
+        mask = row_mask(alive, x)  # a view: follows batch.fail clearing alive in place
         for k in range(1, cfg.inner_steps + 1):
             u.requires_grad_(True)
             with torch.enable_grad():
@@ -118,16 +131,27 @@ class NDTMSampler(FiberSampler):
                         eps_ref = eps.detach().float()
                     else:
                         J = J + cfg.tau * _flat_sum(eps.float() - eps_ref)
-                J = torch.where(alive & torch.isfinite(J), J, torch.zeros_like(J))
+                batch.fail(alive & ~torch.isfinite(fl), f"non-finite fiber loss of x0_hat {at}")
+                batch.fail(alive & ~torch.isfinite(J), f"non-finite control objective J(u) {at}")
+                J = torch.where(alive, J, torch.zeros_like(J))
                 (grad,) = torch.autograd.grad(J.sum(), u)
             u = u.detach()
             fl = fl.detach()
-            grad = torch.where(mask & torch.isfinite(grad), grad, torch.zeros_like(grad))
+            batch.fail(alive & ~finite_rows(grad), f"non-finite gradient of the guidance {at}")
+            grad = torch.where(mask, grad, torch.zeros_like(grad))
             # Adam, written out: a fresh optimiser per sampling step, per-element, so each
             # sample's update is independent of the rest of the batch
             m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
             v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+            # an overflowing second moment would turn the Adam step into 0: unguided, silently
+            batch.fail(
+                alive & ~finite_rows(v), f"the squared guidance gradient overflows float32 {at}"
+            )
             m_hat = m / (1 - _BETA1**k)
             v_hat = v / (1 - _BETA2**k)
-            u = u - lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
-        return (x + gamma * u).detach(), fl
+            u_new = u - lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+            batch.fail(alive & ~finite_rows(u_new), f"non-finite control u {at}")
+            u = torch.where(mask, u_new, u)
+        x_g = (x + gamma * u).detach()
+        batch.fail(alive & ~finite_rows(x_g), f"non-finite guided state x_t + gamma u {at}")
+        return x_g, fl

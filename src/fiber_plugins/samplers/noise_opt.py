@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..errors import UserValueError
 from ..evaluation.lowpass import lowpass as lowpass_filter
 from ..objectives.base import target_rows
 from ..priors.schedules import Step
@@ -27,9 +28,11 @@ from ._common import (
     OPTIMISERS,
     RowOptimiser,
     SettingsMixin,
+    check_bool,
     check_choice,
+    check_float,
     check_int,
-    check_positive,
+    finite_rows,
     row_mask,
 )
 from .engine import Batch, FiberSampler, mark_nonfinite
@@ -82,29 +85,33 @@ class NoiseOptConfig(SettingsMixin):
     autocast: bool = False
 
     def __post_init__(self):
-        check_int("num_steps", self.num_steps, 1)
-        check_int("max_iters", self.max_iters, 1)
-        check_choice("optimiser", self.optimiser, OPTIMISERS)
-        check_choice("optimise", self.optimise, OPTIMISE)
-        check_choice("norm", self.norm, NORMS)
-        check_positive("lr", self.lr)
-        check_positive("loss_weight", self.loss_weight)
-        check_positive("norm_weight", self.norm_weight, allow_zero=True)
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
+        self._check("num_steps", check_int, 1)
+        self._check("max_iters", check_int, 1)
+        self._check("optimiser", check_choice, OPTIMISERS)
+        self._check("lr", check_float, 0.0, low_open=True)
+        self._check("optimise", check_choice, OPTIMISE)
+        self._check("eta", check_float, 0.0, 1.0)
+        self._check("loss_weight", check_float, 0.0, low_open=True)
+        self._check(
+            "lowpass",
+            check_float,
+            0.0,
+            1.0,
+            low_open=True,
+            optional=True,
+            what="a cutoff",
+            unit="fraction of Nyquist",
+        )
+        self._check("norm", check_choice, NORMS)
+        self._check("norm_weight", check_float, 0.0)
+        self._check("threshold", check_float, 0.0, optional=True)
+        self._check("checkpointing", check_bool)
+        self._check("autocast", check_bool)
         if self.optimise == "all" and self.eta == 0:
-            raise ValueError(
+            raise UserValueError(
                 f"optimise='all' optimises the per-step noises, which only enter the chain when "
                 f"eta > 0; got eta={self.eta!r} (use optimise='z_T' or set eta > 0)"
             )
-        if self.lowpass is not None and not (
-            isinstance(self.lowpass, (int, float)) and 0.0 < self.lowpass <= 1.0
-        ):
-            raise ValueError(
-                f"lowpass must be a cutoff in (0, 1] (fraction of Nyquist) or None, got {self.lowpass!r}"
-            )
-        if self.threshold is not None:
-            check_positive("threshold", self.threshold, allow_zero=True)
 
 
 class NoiseOptSampler(FiberSampler):
@@ -214,12 +221,15 @@ class NoiseOptSampler(FiberSampler):
                 img = self.generate(sub[0], sub_noises, steps)
                 fl, total = self._loss(img, target_rows(batch.target, idx), sub)
             fl_d = fl.detach()
-            finite = torch.isfinite(fl_d) & torch.isfinite(img.detach()).flatten(1).all(1)
+            finite = torch.isfinite(fl_d) & finite_rows(img.detach())
             trace[idx, k] = fl_d
             better = finite & (fl_d < best_loss[idx])
             best_loss[idx] = torch.where(better, fl_d, best_loss[idx])
             best_img[idx] = torch.where(row_mask(better, img), img.detach(), best_img[idx])
-            alive[idx] &= finite
+            batch.fail(
+                _scatter(~finite, idx, b),
+                f"non-finite image or fiber loss at iteration {k}",
+            )
             done = torch.zeros_like(finite)
             if cfg.threshold is not None:
                 done = finite & (fl_d < cfg.threshold)
@@ -234,10 +244,14 @@ class NoiseOptSampler(FiberSampler):
                         continue
                     full = torch.zeros_like(p)
                     full[idx] = g.float()
-                    p = opt.step(j, p, full, active)
+                    p, bad = opt.step(j, p, full, active)
+                    batch.fail(bad, f"non-finite gradient step on the noise at iteration {k}")
                     if cfg.norm == "shell":
                         scale = radii[j] / p.flatten(1).norm(dim=1).clamp_min(1e-12)
                         p = torch.where(row_mask(active, p), p * row_mask(scale, p), p)
+                    batch.fail(
+                        alive & ~finite_rows(p), f"non-finite optimised noise at iteration {k}"
+                    )
                     params[j] = mark_nonfinite(p, alive)
                 active &= alive
                 if cfg.optimise == "all":
@@ -249,3 +263,10 @@ class NoiseOptSampler(FiberSampler):
                     if vals.numel():
                         progress.set_postfix(fiber_loss=f"{vals.median().item():.4g}")
         return best_img, trace
+
+
+def _scatter(sub: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) bool, ``sub`` at the rows ``idx`` and False elsewhere."""
+    full = torch.zeros(size, dtype=torch.bool, device=sub.device)
+    full[idx] = sub
+    return full

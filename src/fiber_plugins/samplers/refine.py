@@ -15,15 +15,18 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserTypeError, UserValueError
 from ..objectives.base import FiberObjective, target_rows, target_to, target_width
 from ..priors.prior import DiffusionPrior
 from ._common import (
     OPTIMISERS,
     RowOptimiser,
     SettingsMixin,
+    check_bool,
     check_choice,
+    check_float,
     check_int,
-    check_positive,
+    finite_rows,
     row_mask,
 )
 from .engine import FiberSampler
@@ -50,9 +53,10 @@ class LatentRefineConfig(SettingsMixin):
     autocast: bool = False
 
     def __post_init__(self):
-        check_int("steps", self.steps, 1)
-        check_positive("lr", self.lr)
-        check_choice("optimiser", self.optimiser, OPTIMISERS)
+        self._check("steps", check_int, 1)
+        self._check("lr", check_float, 0.0, low_open=True)
+        self._check("optimiser", check_choice, OPTIMISERS)
+        self._check("autocast", check_bool)
 
 
 class _Refiner(FiberSampler):
@@ -62,7 +66,7 @@ class _Refiner(FiberSampler):
 
     def run_batch(self, batch, progress):
         # refinement starts from given images, not from noise rows: refine_latent owns the loop
-        raise TypeError("latent refinement starts from given images: call refine_latent(...)")
+        raise UserTypeError("latent refinement starts from given images: call refine_latent(...)")
 
 
 def refine_latent(
@@ -118,23 +122,25 @@ def refine_latent(
     engine._check_devices()
     device = engine.device
 
-    references, failed_in = None, None
+    references, failed_in, source = None, None, images01
     if isinstance(images01, FiberResult):
         if targets is None:
             targets = images01.targets
         references, failed_in = images01.references, images01.failed
         images01 = images01.images
     if targets is None:
-        raise ValueError("refine_latent needs targets= (y*), or a FiberResult that carries them")
+        raise UserValueError(
+            "refine_latent needs targets= (y*), or a FiberResult that carries them"
+        )
     if not isinstance(images01, torch.Tensor) or images01.dim() not in (4, 5):
-        raise ValueError(
+        raise UserValueError(
             "images01 must be a (R, M, C, H, W) or (N, C, H, W) tensor in [0, 1] or a "
             f"FiberResult, got {type(images01).__name__} "
             f"{tuple(images01.shape) if isinstance(images01, torch.Tensor) else ''}"
         )
     images01 = images01.detach().float().cpu()
     if images01.min() < -1e-3 or images01.max() > 1 + 1e-3:
-        raise ValueError(
+        raise UserValueError(
             f"images must be in [0, 1], got values in [{images01.min():.3g}, {images01.max():.3g}]"
         )
     with torch.no_grad():
@@ -149,12 +155,12 @@ def refine_latent(
         elif num_targets == 1:
             images01 = images01[None]
         else:
-            raise ValueError(
+            raise UserValueError(
                 f"{n} images but {num_targets} targets; give one target per image or a single one"
             )
     R, M = images01.shape[:2]
     if num_targets not in (1, R):
-        raise ValueError(f"images for {R} targets but {num_targets} targets were given")
+        raise UserValueError(f"images for {R} targets but {num_targets} targets were given")
     if num_targets == 1 and R > 1:
         y = tuple(t.expand(R, -1) for t in y) if isinstance(y, tuple) else y.expand(R, -1)
     y = target_to(y, device)
@@ -166,6 +172,7 @@ def refine_latent(
     loss_in = torch.full((R, M), math.nan)
     kept = torch.zeros(R, M, dtype=torch.long)
     failed = torch.zeros(R, M, dtype=torch.bool)
+    reasons: list[list[str | None]] = [[None] * M for _ in range(R)]
     rows = [(r, m) for r in range(R) for m in range(M)]
     bar = tqdm(
         total=len(rows) * config.steps,
@@ -188,10 +195,14 @@ def refine_latent(
                     loss_in[r, m] = out["loss_in"][k]
                     kept[r, m] = out["kept"][k]
                     failed[r, m] = out["failed"][k]
+                    reasons[r][m] = out["reasons"][k]
     finally:
         bar.close()
     if failed_in is not None:
-        failed |= failed_in.bool()
+        failed_in = failed_in.bool()
+        for r, m in failed_in.nonzero().tolist():
+            reasons[r][m] = f"failed before refinement: {source.reason(r, m)}"
+        failed |= failed_in
     images[failed] = 0.0
     losses[failed] = math.nan
     cfg = {
@@ -214,6 +225,10 @@ def refine_latent(
         config=cfg,
         wall_time=time.perf_counter() - start,
         targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
+        reasons=[
+            [why if bool(failed[r, m]) else None for m, why in enumerate(row)]
+            for r, row in enumerate(reasons)
+        ],
     )
 
 
@@ -224,7 +239,15 @@ def _refine_rows(engine: _Refiner, x: torch.Tensor, target, bar) -> dict:
     with torch.no_grad(), engine.autocast():
         loss_in = engine.fiber_loss(x, target)
         z = prior.encode(x.to(prior.dtype)).float()
-    alive = torch.isfinite(z).flatten(1).all(1)
+    alive = torch.ones(b, dtype=torch.bool, device=x.device)
+    reasons: list[str | None] = [None] * b
+
+    def fail(rows: torch.Tensor, reason: str) -> None:  # as Batch.fail, for a batch of images
+        for i in torch.nonzero(rows & alive).flatten().tolist():
+            reasons[i] = reasons[i] or reason
+        alive.logical_and_(~rows)
+
+    fail(~finite_rows(z), "the encoded latent E(x) is not finite")
     opt = RowOptimiser(cfg.optimiser, cfg.lr)
     trace = torch.full((b, cfg.steps + 1), math.nan, device=x.device)
     best_loss = torch.full((b,), math.inf, device=x.device)
@@ -239,8 +262,8 @@ def _refine_rows(engine: _Refiner, x: torch.Tensor, target, bar) -> dict:
             img = img.float()
             fl = engine.fiber_loss(img, target)
         fl_d = fl.detach()
-        finite = torch.isfinite(fl_d) & torch.isfinite(img.detach()).flatten(1).all(1)
-        alive &= finite
+        fail(~finite_rows(img.detach()), f"non-finite decoded image D(z) at step {k}")
+        fail(~torch.isfinite(fl_d), f"non-finite fiber loss at step {k}")
         trace[:, k] = fl_d
         better = alive & (fl_d < best_loss)
         best_loss = torch.where(better, fl_d, best_loss)
@@ -249,7 +272,8 @@ def _refine_rows(engine: _Refiner, x: torch.Tensor, target, bar) -> dict:
         if backward:
             J = torch.where(alive, fl, torch.zeros_like(fl)).sum()
             (grad,) = torch.autograd.grad(J, z)
-            z = opt.step(0, z.detach(), grad, alive)
+            z, bad = opt.step(0, z.detach(), grad, alive)
+            fail(bad, f"non-finite gradient step on the latent at step {k}")
             if bar is not None:
                 bar.update(b)
                 bar.set_postfix(
@@ -258,12 +282,13 @@ def _refine_rows(engine: _Refiner, x: torch.Tensor, target, bar) -> dict:
     with torch.no_grad():
         img = best_img.clamp(-1, 1)
         loss = engine.fiber_loss(img, target)
-    bad = ~alive | ~torch.isfinite(loss)
+    fail(~torch.isfinite(loss), "the fiber loss of the refined sample is not finite")
     return {
         "images": ((img + 1) / 2).cpu(),
         "loss": loss.cpu(),
         "trace": trace.cpu(),
         "loss_in": loss_in.cpu(),
         "kept": kept.cpu(),
-        "failed": bad.cpu(),
+        "failed": (~alive).cpu(),
+        "reasons": reasons,
     }

@@ -9,6 +9,18 @@ from pathlib import Path
 
 import torch
 
+from .._utils import warn
+from ..errors import MissingFileError, UserValueError
+from .run_folder import (
+    GRID_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    SAMPLES_FILE,
+    RunFolder,
+    check_out_dir,
+    tensor_digest,
+)
+
 
 @dataclass
 class FiberResult:
@@ -22,6 +34,8 @@ class FiberResult:
     fiber_loss: (R, M) final fiber loss d(phi(x), y*) of each sample against the static target.
     loss_trace: (R, M, T) fiber loss of the Tweedie estimate at each sampling step.
     failed: (R, M) True where a sample hit a non-finite value and was stopped.
+    reasons: R x M nested list: why each failed sample failed (None for the others).
+    targets: (R, K) targets y* (a tuple of them for summed objectives).
     config: the sampler's settings and the objective/prior description.
     wall_time: seconds for the whole call.
     """
@@ -34,6 +48,7 @@ class FiberResult:
     config: dict = field(default_factory=dict)
     wall_time: float = 0.0
     targets: object = None
+    reasons: list | None = None
 
     @property
     def num_references(self) -> int:
@@ -53,6 +68,14 @@ class FiberResult:
             f"{self.median_loss():.4g}, {int(self.failed.sum())} failed, {self.wall_time:.1f} s"
         )
 
+    def reason(self, r: int, m: int) -> str | None:
+        """Why sample (r, m) failed (None when it did not)."""
+        if not bool(self.failed[r, m]):
+            return None
+        if self.reasons is not None and self.reasons[r][m]:
+            return self.reasons[r][m]
+        return "non-finite value during sampling"
+
     def metrics(self) -> dict:
         per = []
         for r in range(self.num_references):
@@ -63,6 +86,7 @@ class FiberResult:
                         "sample": m,
                         "fiber_loss": None if self.failed[r, m] else float(self.fiber_loss[r, m]),
                         "failed": bool(self.failed[r, m]),
+                        "reason": self.reason(r, m),
                     }
                 )
         return {
@@ -77,43 +101,124 @@ class FiberResult:
             "config": self.config,
         }
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``grid.png`` (reference first in each row), ``samples.safetensors`` and
-        ``metrics.json`` into ``out_dir``; returns the folder."""
-        from safetensors.torch import save_file
+    def target_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The targets as a tuple of (R, K_i) tensors (one per summed term)."""
+        if self.targets is None:
+            return ()
+        return self.targets if isinstance(self.targets, tuple) else (self.targets,)
 
+    def fingerprint(self) -> dict:
+        """What decides the samples: a resumed run must match it (see :mod:`.run_folder`)."""
+        return run_fingerprint(self.config, self.num_samples, self.references, self.target_tuple())
+
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the run folder ``out_dir``: ``grid.png`` (reference first in each row),
+        ``samples.safetensors``, ``metrics.json``, ``inputs.safetensors`` (references, targets),
+        ``index.parquet`` and ``run.json`` (see :mod:`fiber_plugins.samplers.run_folder`).
+
+        A folder holding an earlier run is refused unless ``overwrite=True``, which removes that
+        whole run first. Returns the folder.
+        """
+        mode = check_out_dir(out_dir, overwrite=overwrite)
+        folder = RunFolder.start(
+            out_dir,
+            self.fingerprint(),
+            self.num_references,
+            self.num_samples,
+            self.references,
+            self.target_tuple(),
+            mode=mode,
+            extra=self._manifest_extra(),
+        )
+        self.write_to(folder)
+        return folder.path
+
+    def _manifest_extra(self) -> dict:
+        return {"config": self.config, "targets_tuple": isinstance(self.targets, tuple)}
+
+    def write_to(self, folder: RunFolder) -> None:
+        """Finish ``folder`` with this (complete) result."""
+        folder.manifest.update(self._manifest_extra(), wall_time_s=self.wall_time)
+        reasons = [
+            [self.reason(r, m) for m in range(self.num_samples)]
+            for r in range(self.num_references)
+        ]
+        folder.finish(
+            self.images, self.loss_trace, self.fiber_loss, self.failed, reasons, self.metrics()
+        )
+        self.save_grid(folder.path / GRID_FILE)
+
+    def save_grid(self, path: str | Path) -> Path:
+        """Draw the sample grid (reference in a red frame first in each row) to ``path``."""
         from ..reporting.grid import save_grid
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         refs = self.references
         if refs is None:  # explicit targets: show a blank tile in the reference column
             refs = torch.ones(self.images.shape[0], *self.images.shape[2:])
-        save_grid(out / "grid.png", refs, self.images, self.fiber_loss, self.failed)
-        tensors = {
-            "images": self.images.contiguous().float(),
-            "fiber_loss": self.fiber_loss.contiguous().float(),
-            "loss_trace": self.loss_trace.contiguous().float(),
-            "failed": self.failed.to(torch.uint8).contiguous(),
-        }
-        if self.references is not None:
-            tensors["references"] = self.references.contiguous().float()
-        targets = self.targets if isinstance(self.targets, tuple) else (self.targets,)
-        for i, t in enumerate(targets):
-            if isinstance(t, torch.Tensor):
-                tensors[f"target_{i}"] = t.detach().cpu().contiguous().float()
-        save_file(tensors, str(out / "samples.safetensors"))
-        (out / "metrics.json").write_text(json.dumps(self.metrics(), indent=2, default=str))
-        return out
+        save_grid(path, refs, self.images, self.fiber_loss, self.failed)
+        return Path(path)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> FiberResult:
-        """Read back a folder written by :meth:`save`."""
+        """Read back a run folder (written by :meth:`save` or ``sample(..., out=...)``).
+
+        A run that did not finish loads with its missing rows marked failed (reason "not
+        sampled: the run was interrupted") and a warning that says how to finish it.
+        """
+        run_dir = Path(run_dir)
+        if not (run_dir / RUN_FILE).is_file():
+            if (run_dir / SAMPLES_FILE).is_file():
+                return cls._load_legacy(run_dir)
+            raise MissingFileError(
+                f"{str(run_dir)!r} is not a run folder (no {RUN_FILE}); write one with "
+                "result.save(dir) or fiber-plugins sample --out DIR"
+            )
+        folder = RunFolder.open(run_dir)
+        man = folder.manifest
+        refs, targets = folder.inputs()
+        (unit,) = man["units"]
+        R, M = unit["num_references"], unit["n"]
+        images = trace = None
+        fiber_loss = torch.full((R, M), math.nan)
+        failed = torch.ones(R, M, dtype=torch.bool)
+        reasons: list[list[str | None]] = [["not sampled: the run was interrupted"] * M for _ in range(R)]
+        for r, m, img, tr, loss, bad, why in folder.rows():
+            if images is None:
+                images = torch.zeros(R, M, *img.shape)
+                trace = torch.full((R, M, *tr.shape), math.nan)
+            images[r, m], trace[r, m], fiber_loss[r, m], failed[r, m] = img, tr, loss, bad
+            reasons[r][m] = why if bad else None
+        if images is None:
+            raise UserValueError(
+                f"run folder {str(run_dir)!r} holds no finished row yet; finish it with "
+                "--resume (resume=True)"
+            )
+        if man.get("status") != "complete":
+            warn(
+                f"run {str(run_dir)!r} is {man.get('status')}: {len(folder.index)} of {R * M} "
+                "rows are done; the others are marked failed. Finish it with --resume "
+                "(sample(..., out=dir, resume=True))"
+            )
+        return cls(
+            images=images,
+            references=refs,
+            fiber_loss=fiber_loss,
+            loss_trace=trace,
+            failed=failed,
+            config=man.get("config", {}),
+            wall_time=float(man.get("wall_time_s", 0.0)),
+            targets=targets if man.get("targets_tuple") else (targets[0] if targets else None),
+            reasons=reasons,
+        )
+
+    @classmethod
+    def _load_legacy(cls, run_dir: Path) -> FiberResult:
+        """A folder written before run.json existed (samples.safetensors + metrics.json)."""
         from safetensors.torch import load_file
 
-        run_dir = Path(run_dir)
-        t = load_file(str(run_dir / "samples.safetensors"))
-        meta = json.loads((run_dir / "metrics.json").read_text())
+        t = load_file(str(run_dir / SAMPLES_FILE))
+        meta = json.loads((run_dir / METRICS_FILE).read_text())
+        targets = tuple(t[k] for k in sorted(t) if k.startswith("target_"))
         return cls(
             images=t["images"],
             references=t.get("references"),
@@ -122,4 +227,22 @@ class FiberResult:
             failed=t["failed"].bool(),
             config=meta.get("config", {}),
             wall_time=float(meta.get("wall_time_s", 0.0)),
+            targets=(targets[0] if len(targets) == 1 else targets) if targets else None,
         )
+
+
+def run_fingerprint(config: dict, n: int, references, targets) -> dict:
+    """What decides a run's samples, to check that a resumed run is the same run: sampler,
+    settings, objective, prior, seed, n, precision settings, and a hash of the references (or of
+    the explicit targets). Batch size and device are not part of it."""
+    acc = {k: v for k, v in dict(config.get("acceleration", {})).items() if k != "checkpointing"}
+    return {
+        "sampler": config.get("sampler"),
+        "settings": json.loads(json.dumps(config.get("settings"), default=str)),
+        "objective": json.loads(json.dumps(config.get("objective"), default=str)),
+        "prior": config.get("prior"),
+        "seed": config.get("seed"),
+        "n": n,
+        "acceleration": json.loads(json.dumps(acc, default=str)),
+        "inputs": tensor_digest(references) if references is not None else tensor_digest(*targets),
+    }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, UserKeyError
 from .models import AutoEncoder, ColorMNISTSubject, DigitCNN
 
 _FOLDERS = {
@@ -44,12 +45,12 @@ def asset_dir(name: str) -> Path:
     if name not in _FOLDERS:
         from .._utils import suggest
 
-        raise KeyError(
+        raise UserKeyError(
             f"unknown shipped model {name!r}{suggest(name, NAMES)}; available: {list(NAMES)}"
         )
     path = Path(str(resources.files("fiber_plugins"))) / "assets" / "color_mnist" / _FOLDERS[name]
     if not path.is_dir() or not any(path.rglob("*.safetensors")):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"shipped weights for {name!r} are missing at {path}; train them with "
             f"'fiber-plugins train {name.replace('color-mnist-', '')}'"
         )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..._utils import require
+from ...errors import UserTypeError, UserValueError
 from ...objectives.base import FiberObjective
 from ...objectives.preprocess import Preprocess
 from ...samplers.result import FiberResult
@@ -31,13 +32,13 @@ __all__ = ["OutputFiber", "LayerFiber", "NeuronFiber"]
 def _check_inputs(inputs) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise ValueError(f"inputs must be a (R, C, H, W) tensor of images in [0, 1], got {shape}")
+        raise UserValueError(f"inputs must be a (R, C, H, W) tensor of images in [0, 1], got {shape}")
     return inputs
 
 
 def _check_target_length(target, inputs: torch.Tensor) -> None:
     if _is_per_example(target) and len(target) != inputs.shape[0]:  # Captum asserts the same
-        raise ValueError(
+        raise UserValueError(
             f"target has {len(target)} entries (one per example) but inputs has "
             f"{inputs.shape[0]} image(s)"
         )
@@ -83,7 +84,7 @@ class _FiberAttributionBase:
     def __init__(self, forward_func: Callable):
         require("captum")  # these classes are Captum companions: fail early with the extra's name
         if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+            raise UserTypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
         self.forward_func = forward_func
 
     def _attribute(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._utils import require
+from ...errors import UserIndexError
 from ...samplers.result import FiberResult
 
 __all__ = ["FiberAttribution", "invariance_map", "visualize_invariance"]
@@ -76,7 +77,7 @@ def visualize_invariance(attr: FiberAttribution, index: int = 0, **kwargs):
     viz = require("captum.attr").visualization
     maps = attr.invariance_map
     if not -maps.shape[0] <= index < maps.shape[0]:
-        raise IndexError(f"index {index} is out of range for {maps.shape[0]} invariance map(s)")
+        raise UserIndexError(f"index {index} is out of range for {maps.shape[0]} invariance map(s)")
     m = torch.nan_to_num(maps[index].detach().float().cpu(), nan=0.0)
     kwargs.setdefault("method", "heat_map")
     kwargs.setdefault("sign", "absolute_value")

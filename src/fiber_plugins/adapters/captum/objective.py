@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import UserTypeError, UserValueError
 from ...objectives.base import FiberObjective, find_module
 from ...objectives.preprocess import Preprocess
 from .selection import NeuronSelector, PerExampleTargetObjective, _neuron_index, _target_entries
@@ -76,18 +77,18 @@ def _resolve_layer(
         return None, None
     if isinstance(layer, str):
         if root is None:
-            raise TypeError(
+            raise UserTypeError(
                 f"layer name {layer!r} needs forward_func to be an nn.Module (or a bound method of "
                 "one); for a plain function pass the layer module itself"
             )
         return find_module(root, layer), layer
     if not isinstance(layer, nn.Module):
-        raise TypeError(f"layer must be an nn.Module or a dotted name, got {type(layer).__name__}")
+        raise UserTypeError(f"layer must be an nn.Module or a dotted name, got {type(layer).__name__}")
     if root is None:
         return layer, type(layer).__name__
     names = {id(m): n for n, m in root.named_modules()}
     if id(layer) not in names:
-        raise ValueError(
+        raise UserValueError(
             f"layer {type(layer).__name__} is not a submodule of {type(root).__name__}"
         )
     return layer, names[id(layer)] or type(layer).__name__
@@ -156,15 +157,15 @@ def captum_objective(
         A bad combination or type of arguments, quoted in the message.
     """
     if not callable(forward_func):
-        raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+        raise UserTypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
     if target is not None and layer is not None:
-        raise ValueError(
+        raise UserValueError(
             "target selects the model's output; with layer= use neuron_selector= to pick neurons"
         )
     if target is not None and neuron_selector is not None:
-        raise ValueError("give target= (an output) or neuron_selector=, not both")
+        raise UserValueError("give target= (an output) or neuron_selector=, not both")
     if attribute_to_layer_input and layer is None:
-        raise ValueError("attribute_to_layer_input=True needs a layer")
+        raise UserValueError("attribute_to_layer_input=True needs a layer")
     root = _root_module(forward_func)
     extra = _format_args(additional_forward_args)
     layer_module, layer_label = _resolve_layer(layer, root)

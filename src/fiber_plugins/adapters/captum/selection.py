@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ...errors import UserTypeError, UserValueError
 from ...objectives.base import FiberObjective
 from ...objectives.distances import get_distance
 from ...objectives.selection import select
@@ -30,7 +31,7 @@ def _has_slice(selector) -> bool:
 def _check_tuple(selector: tuple, what: str) -> None:
     for s in selector:
         if isinstance(s, bool) or not isinstance(s, (int, slice)):
-            raise TypeError(f"{what} {selector!r} must contain only ints and slices, got {s!r}")
+            raise UserTypeError(f"{what} {selector!r} must contain only ints and slices, got {s!r}")
 
 
 class _SummedNeurons:
@@ -53,17 +54,17 @@ def _neuron_index(selector: NeuronSelector, where: str):
     if callable(selector):  # select() checks that it keeps the batch dimension
         return selector
     if isinstance(selector, bool):
-        raise TypeError(f"neuron_selector must be an int, a tuple or a callable, got {selector!r}")
+        raise UserTypeError(f"neuron_selector must be an int, a tuple or a callable, got {selector!r}")
     if isinstance(selector, int):
         return selector
     if isinstance(selector, slice):  # not in Captum's types; read as a one-entry tuple
         selector = (selector,)
     if isinstance(selector, tuple):
         if not selector:
-            raise ValueError("neuron_selector must not be an empty tuple")
+            raise UserValueError("neuron_selector must not be an empty tuple")
         _check_tuple(selector, "neuron_selector")
         return _SummedNeurons(selector, where) if _has_slice(selector) else selector
-    raise TypeError(
+    raise UserTypeError(
         f"neuron_selector must be an int, a tuple of ints/slices or a callable, "
         f"got {type(selector).__name__}"
     )
@@ -74,7 +75,7 @@ def _target_entries(target) -> tuple[Any, list | None]:
     if target is None:
         return None, None
     if isinstance(target, bool):
-        raise TypeError(f"target must be an int, tuple, tensor or list, got {target!r}")
+        raise UserTypeError(f"target must be an int, tuple, tensor or list, got {target!r}")
     if isinstance(target, int):
         return target, None
     if isinstance(target, tuple):
@@ -82,18 +83,18 @@ def _target_entries(target) -> tuple[Any, list | None]:
         return target, None
     if isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex():
-            raise TypeError(f"a target tensor must hold integers, got dtype {target.dtype}")
+            raise UserTypeError(f"a target tensor must hold integers, got dtype {target.dtype}")
         if target.numel() == 1:
             return int(target.item()), None
         if target.dim() != 1:
-            raise ValueError(
+            raise UserValueError(
                 f"a target tensor must be a scalar or 1-D (one class per example), "
                 f"got shape {tuple(target.shape)}"
             )
         entries: list = [int(t) for t in target.tolist()]
     elif isinstance(target, list):
         if not target:
-            raise ValueError("target list must not be empty")
+            raise UserValueError("target list must not be empty")
         if all(isinstance(t, int) and not isinstance(t, bool) for t in target):
             entries = list(target)
         elif all(isinstance(t, tuple) for t in target):
@@ -101,11 +102,11 @@ def _target_entries(target) -> tuple[Any, list | None]:
                 _check_tuple(t, "target entry")
             entries = list(target)
         else:
-            raise TypeError(
+            raise UserTypeError(
                 f"a target list must hold only ints or only tuples (one per example), got {target!r}"
             )
     else:
-        raise TypeError(
+        raise UserTypeError(
             f"target must be None, an int, a tuple, a tensor or a list, got {type(target).__name__}"
         )
     if all(e == entries[0] for e in entries):  # the same class for every example: one target
@@ -151,7 +152,7 @@ class PerExampleTargetObjective(FiberObjective):
 
     def _select_all(self, act: torch.Tensor) -> torch.Tensor:
         if isinstance(self.entries[0], int) and act.dim() != 2:
-            raise ValueError(
+            raise UserValueError(
                 f"per-example int targets need a 2-D output (B, K), as in Captum; {self.where} "
                 f"has shape {tuple(act.shape)}"
             )
@@ -164,7 +165,7 @@ class PerExampleTargetObjective(FiberObjective):
 
     def target(self, reference: torch.Tensor) -> torch.Tensor:
         if reference.shape[0] != len(self.entries):
-            raise ValueError(
+            raise UserValueError(
                 f"target has {len(self.entries)} entries (one per example) but got "
                 f"{reference.shape[0]} reference image(s)"
             )
@@ -181,7 +182,7 @@ class PerExampleTargetObjective(FiberObjective):
         counts = own.sum(1)
         width = features.shape[1]
         if len(self.entries) > 1 and bool((counts == width).any()):
-            raise ValueError(
+            raise UserValueError(
                 "a per-example target needs the static target y* = phi(reference) (its mask "
                 "says which target belongs to which reference); with target_mode='reapprox' or "
                 "explicit targets sample each reference on its own, or use OutputFiber, which "
@@ -189,7 +190,7 @@ class PerExampleTargetObjective(FiberObjective):
             )
         k = int(counts[0])
         if k == 0 or bool((counts != k).any()):
-            raise ValueError(
+            raise UserValueError(
                 "per-example targets select blocks of different sizes "
                 f"({sorted(set(counts.tolist()))}); give targets that select the same shape"
             )

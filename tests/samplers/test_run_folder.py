@@ -1,0 +1,350 @@
+"""The run folder: rows written as they finish, interrupts (SIGINT, SIGTERM, SIGKILL) keep them,
+resume completes them to the uninterrupted samples, overwrite rules, save/load round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fiber_plugins as fp
+from fiber_plugins.errors import RunInterrupted, UserError
+from fiber_plugins.samplers import run_folder as rf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sampler(prior, subject, **kw):
+    cfg = dict(num_steps=4, inner_steps=1, guidance=1.0, lr_start=0.2, lr_end=0.05)
+    cfg.update(kw)
+    return fp.NDTMSampler(prior, fp.FiberObjective(subject), **cfg)
+
+
+def _refs():
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _index_is_consistent(run: Path) -> int:
+    """Every index line names a whole file that exists; returns the number of lines."""
+    folder = rf.RunFolder.open(run)
+    for e in folder.index:
+        assert (run / e["file"]).is_file(), e
+    keys = [(e["reference"], e["sample"]) for e in folder.index]
+    assert len(keys) == len(set(keys))
+    return len(keys)
+
+
+# ---------------------------------------------------------------------------- writing as it goes
+def test_rows_are_written_per_batch_and_the_result_equals_the_folder(pixel_prior, subject, tmp_path):
+    commits = []
+    orig = rf.RunFolder.commit
+
+    def spy(self, rows, *a, **k):
+        orig(self, rows, *a, **k)
+        commits.append((list(rows), len(self.index), (self.path / rf.INDEX_FILE).is_file()))
+
+    s = _sampler(pixel_prior, subject)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rf.RunFolder, "commit", spy)
+        res = s.sample(references=_refs(), n=3, batch_size=2, out=tmp_path / "run", progress=False)
+    assert [len(c[0]) for c in commits] == [2, 2, 2]
+    assert [c[1] for c in commits] == [2, 4, 6]  # the index grows batch by batch
+    run = tmp_path / "run"
+    manifest = json.loads((run / rf.RUN_FILE).read_text())
+    assert manifest["status"] == "complete" and manifest["rows_done"] == 6
+    assert not (run / rf.SHARD_DIR).exists()  # merged into samples.safetensors at the end
+    assert {"grid.png", "samples.safetensors", "metrics.json", "index.parquet"} <= {
+        p.name for p in run.iterdir()
+    }
+    back = fp.FiberResult.load(run)
+    assert torch.equal(back.images, res.images)
+    assert torch.equal(back.fiber_loss, res.fiber_loss)
+    assert torch.equal(back.loss_trace, res.loss_trace)
+    assert torch.equal(back.targets, res.targets)
+    assert torch.equal(back.references, res.references)
+    assert back.config == json.loads(json.dumps(res.config, default=str))
+    assert _index_is_consistent(run) == 6
+
+
+def test_ctrl_c_in_process_keeps_finished_rows_and_resume_matches(pixel_prior, subject, tmp_path):
+    s = _sampler(pixel_prior, subject)
+    full = s.sample(references=_refs(), n=3, batch_size=2, progress=False)
+    orig, calls = rf.RunFolder.commit, []
+
+    def interrupt_after_two(self, *a, **k):
+        orig(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rf.RunFolder, "commit", interrupt_after_two)
+        with pytest.raises(RunInterrupted, match="4 of 6 rows") as info:
+            s.sample(references=_refs(), n=3, batch_size=2, out=run, progress=False)
+    assert info.value.done == 4 and info.value.total == 6
+    assert json.loads((run / rf.RUN_FILE).read_text())["status"] == "interrupted"
+    with pytest.warns(UserWarning, match="interrupted: 4 of 6 rows"):
+        partial = fp.FiberResult.load(run)
+    assert partial.failed.sum() == 2 and "interrupted" in partial.reason(1, 2)
+    with pytest.raises(UserError, match="holds an earlier interrupted run"):
+        s.sample(references=_refs(), n=3, batch_size=2, out=run, progress=False)
+    done = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rf.RunFolder, "commit", lambda self, rows, *a, **k: (done.extend(rows), orig(self, rows, *a, **k)))
+        resumed = s.sample(references=_refs(), n=3, batch_size=2, out=run, resume=True, progress=False)
+    assert done == [(1, 1), (1, 2)]  # only the missing rows ran
+    assert torch.equal(resumed.images, full.images)
+    assert torch.equal(resumed.fiber_loss, full.fiber_loss)
+    assert torch.equal(fp.FiberResult.load(run).images, full.images)
+
+
+_CHILD = """
+import sys, time, torch
+import fiber_plugins as fp
+from fiber_plugins.samplers import run_folder
+from tests.conftest import make_subject
+
+orig = run_folder.RunFolder.commit
+def slow_commit(self, *a, **k):  # a window between batches for the parent's signal
+    orig(self, *a, **k)
+    print("committed", flush=True)
+    time.sleep(0.4)
+run_folder.RunFolder.commit = slow_commit
+prior = fp.load_prior(sys.argv[1])
+s = fp.NDTMSampler(prior, fp.FiberObjective(make_subject()), num_steps=4, inner_steps=1,
+                   guidance=1.0, lr_start=0.2, lr_end=0.05)
+refs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+s.sample(references=refs, n=3, batch_size=1, out=sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_signal_after_two_rows_keeps_them_and_resume_gives_the_same_samples(
+    sig, pixel_prior_dir, pixel_prior, subject, tmp_path
+):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(pixel_prior_dir), str(run)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = 0
+    for line in child.stdout:
+        seen += line.strip() == "committed"
+        if seen == 2:
+            child.send_signal(getattr(signal, sig))
+            break
+    _, err = child.communicate(timeout=120)
+    assert child.returncode != 0, err
+    manifest = json.loads((run / rf.RUN_FILE).read_text())
+    rows = _index_is_consistent(run)
+    assert 2 <= rows < 6
+    if sig == "SIGKILL":
+        assert manifest["status"] == "running"  # nobody could write more; the index still holds
+    else:
+        assert manifest["status"] == "interrupted"
+        assert f"{rows} of 6 rows are written" in err and "--resume" in err
+    s = _sampler(pixel_prior, subject)
+    resumed = s.sample(
+        references=_refs(), n=3, batch_size=1, out=run, resume=True, progress=False
+    )
+    full = s.sample(references=_refs(), n=3, batch_size=1, progress=False)
+    assert torch.equal(resumed.images, full.images)
+    assert torch.equal(resumed.fiber_loss, full.fiber_loss)
+    assert json.loads((run / rf.RUN_FILE).read_text())["status"] == "complete"
+
+
+def test_resume_refuses_other_settings_and_drops_orphan_shards(pixel_prior, subject, tmp_path):
+    s = _sampler(pixel_prior, subject)
+    run = tmp_path / "run"
+    orig = rf.RunFolder.commit
+
+    def stop_first(self, *a, **k):
+        orig(self, *a, **k)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rf.RunFolder, "commit", stop_first)
+        with pytest.raises(RunInterrupted):
+            s.sample(references=_refs(), n=2, batch_size=2, out=run, progress=False)
+    orphan = run / rf.SHARD_DIR / "000099.safetensors"
+    orphan.write_bytes(b"half a file from a killed run")
+    with pytest.raises(UserError, match="differs from the run in seed"):
+        s.sample(references=_refs(), n=2, seed=1, out=run, resume=True, progress=False)
+    with pytest.raises(UserError, match="inputs"):
+        s.sample(references=_refs() * 0.5, n=2, out=run, resume=True, progress=False)
+    other = _sampler(pixel_prior, subject, num_steps=5)
+    with pytest.raises(UserError, match="settings"):
+        other.sample(references=_refs(), n=2, out=run, resume=True, progress=False)
+    res = s.sample(references=_refs(), n=2, batch_size=2, out=run, resume=True, progress=False)
+    assert not orphan.exists() and not res.failed.any()
+
+
+# ---------------------------------------------------------------------------- the folder rules
+def test_out_dir_rules(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        rf.check_out_dir(f)
+    with pytest.raises(UserError, match="is a file"):
+        rf.check_out_dir(f / "sub")
+    assert rf.check_out_dir(tmp_path / "new" / "deeper") == "new"
+    (tmp_path / "empty").mkdir()
+    assert rf.check_out_dir(tmp_path / "empty") == "new"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and holds no run"):
+        rf.check_out_dir(other, overwrite=True)
+    with pytest.raises(UserError, match="not both"):
+        rf.check_out_dir(tmp_path / "x", overwrite=True, resume=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_out_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="not writable"):
+            rf.check_out_dir(ro / "run")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_unwritable_out_dir_is_refused_before_sampling(pixel_prior, subject, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    s = _sampler(pixel_prior, subject)
+    monkeypatch.setattr(s, "_sample", lambda *a, **k: calls.append(1))
+    with pytest.raises(UserError, match="not writable"):
+        s.sample(references=_refs(), n=1, out=tmp_path / "run", progress=False)
+    assert calls == []
+
+
+def test_save_refuses_an_earlier_run_and_overwrite_removes_all_of_it(
+    pixel_prior, subject, tmp_path
+):
+    s = _sampler(pixel_prior, subject, num_steps=2)
+    a = s.sample(references=_refs(), n=3, progress=False)
+    b = s.sample(references=_refs()[:1], n=1, seed=5, progress=False)
+    run = a.save(tmp_path / "run")
+    (run / "evaluation.json").write_text("{}")
+    (run / "report.html").write_text("<html></html>")
+    before = (run / "samples.safetensors").read_bytes()
+    with pytest.raises(UserError, match="holds an earlier complete run"):
+        b.save(run)
+    assert (run / "samples.safetensors").read_bytes() == before  # nothing changed
+    b.save(run, overwrite=True)
+    names = {p.name for p in run.iterdir()}
+    assert "evaluation.json" not in names and "report.html" not in names
+    back = fp.FiberResult.load(run)
+    assert back.images.shape[:2] == (1, 1)
+    assert torch.equal(back.images, b.images)
+
+
+def test_save_load_round_trips_everything(pixel_prior, subject, tmp_path):
+    s = _sampler(pixel_prior, subject, num_steps=2)
+    res = s.sample(references=_refs(), n=2, progress=False)
+    res.failed[1, 0] = True
+    res.fiber_loss[1, 0] = float("nan")
+    res.reasons = [[None, None], ["the guided state is not finite", None]]
+    run = res.save(tmp_path / "run")
+    back = fp.FiberResult.load(run)
+    assert torch.equal(back.targets, res.targets)
+    assert back.reasons == res.reasons
+    assert back.reason(1, 0) == "the guided state is not finite"
+    assert back.config["objective"] == json.loads(json.dumps(res.config["objective"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["samples"][2]["reason"] == "the guided state is not finite"
+    # a re-save of the loaded result keeps the targets and reasons
+    again = fp.FiberResult.load(back.save(tmp_path / "again"))
+    assert torch.equal(again.targets, res.targets) and again.reasons == res.reasons
+    # summed objectives: tuple targets survive too
+    tup = fp.FiberResult(
+        images=res.images,
+        references=None,
+        fiber_loss=res.fiber_loss,
+        loss_trace=res.loss_trace,
+        failed=res.failed,
+        targets=(torch.zeros(2, 3), torch.ones(2, 5)),
+    )
+    back = fp.FiberResult.load(tup.save(tmp_path / "tuple"))
+    assert isinstance(back.targets, tuple) and [t.shape[1] for t in back.targets] == [3, 5]
+
+
+def test_report_reads_a_run_and_never_rewrites_it(pixel_prior, subject, tmp_path):
+    pytest.importorskip("matplotlib")
+    from fiber_plugins.reporting.report import write_report
+
+    res = _sampler(pixel_prior, subject, num_steps=2).sample(
+        references=_refs(), n=2, progress=False
+    )
+    run = res.save(tmp_path / "run")
+    (run / "grid.png").unlink()
+    kept = {p.name: p.read_bytes() for p in run.iterdir()}
+    write_report(run)
+    for name, data in kept.items():
+        assert (run / name).read_bytes() == data, name
+    assert (run / "grid.png").is_file() and (run / "report.html").is_file()
+    assert torch.equal(fp.FiberResult.load(run).targets, res.targets)
+
+
+def test_failure_reasons_reach_the_result(pixel_prior, subject):
+    class NaNAtReference(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            return out * torch.nan if getattr(self, "poison", False) else out
+
+    wrapped = NaNAtReference(subject).eval()
+    s = fp.NDTMSampler(pixel_prior, fp.FiberObjective(wrapped), num_steps=2, inner_steps=1)
+    orig = s._targets
+
+    def poisoned_targets(*a):
+        wrapped.poison = True
+        try:
+            return orig(*a)
+        finally:
+            wrapped.poison = False
+
+    s._targets = poisoned_targets
+    res = s.sample(references=_refs(), n=2, progress=False)
+    assert res.failed.all()
+    assert "target" in res.reason(0, 1) and "NaN" in res.reason(0, 1)
+    assert res.metrics()["samples"][0]["reason"] == res.reason(0, 0)
+
+
+# ---------------------------------------------------------------------------- determinism
+def test_seeds_are_per_row_and_batching_changes_only_round_off(pixel_prior, subject):
+    """The documented rules (docs/samplers.md, Determinism): the same call is bit-identical; a
+    row's noise does not depend on its batch; other batch sizes differ only by round-off."""
+    s = _sampler(pixel_prior, subject, num_steps=5, inner_steps=2, eta=0.5)
+    kw = dict(references=_refs(), n=3, seed=3, progress=False)
+    a = s.sample(batch_size=2, **kw)
+    assert torch.equal(a.images, s.sample(batch_size=2, **kw).images)
+    # rows see the same initial noise whatever their batch
+    from fiber_plugins._utils import randn_rows, row_generator
+
+    alone = randn_rows([row_generator(3, 1, 2)], (3, 4), "cpu")
+    among = randn_rows([row_generator(3, r, m) for r in range(2) for m in range(3)], (3, 4), "cpu")
+    assert torch.equal(alone[0], among[5])
+    for bs in (1, 6):
+        b = s.sample(batch_size=bs, **kw)
+        assert float((b.images - a.images).abs().max()) < 2e-3
+        rel = (b.fiber_loss - a.fiber_loss).abs() / a.fiber_loss.abs()
+        assert float(rel.max()) < 1e-2
