@@ -11,7 +11,7 @@ import torch
 import fiber_plugins as fp
 from fiber_plugins import zoo
 from fiber_plugins.data import color_mnist as cm
-from fiber_plugins.reporting import fiber_grid
+from fiber_plugins.grid import fiber_grid
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(0)
 SETTINGS = dict(num_steps=20, inner_steps=2, lr_start=0.1, lr_end=0.002)  # small: runs in seconds on a CPU
@@ -38,7 +38,7 @@ captum = nb([
     SETUP,
     "from captum.attr import IntegratedGradients\n"
     "from captum.attr import visualization as viz\n"
-    "from fiber_plugins.adapters.captum import OutputFiber, visualize_invariance\n\n"
+    "from fiber_plugins.attribution import OutputFiber, visualize_invariance\n\n"
     "model = zoo.load('color-mnist-classifier')\n"
     "prior = zoo.load('color-mnist-prior')\n"
     "g, y = cm.load_digits('test')\n"

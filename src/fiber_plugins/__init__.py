@@ -17,7 +17,7 @@ Quick start::
 from __future__ import annotations
 
 from .objectives import IDENTITY, FiberObjective, Preprocess, WeightedSum
-from .priors import ConditionalFiberModel, DiffusionPrior, load_prior, train_fiber_model
+from .priors import ConditionalFiberModel, DiffusionPrior, load_prior
 from .samplers import (
     ConditionalConfig,
     ConditionalFiberSampler,
@@ -34,6 +34,7 @@ from .samplers import (
     PixelInversionSampler,
     refine_latent,
 )
+from .training import train_fiber_model
 
 __version__ = "0.1.0"
 

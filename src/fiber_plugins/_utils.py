@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: lazy toolkit imports, name suggestions, seeding."""
+"""Small helpers shared across the package: lazy toolkit imports, name suggestions, seeding,
+devices, the image value ranges, and freezing a model for the length of a ``with`` block."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import importlib
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
@@ -94,8 +96,69 @@ def resolve_device(name: str | None) -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UserValueError(f"device {name!r}: MPS is not available here; use cpu or auto")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserValueError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+        raise UserValueError(
+            f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps"
+        )
     return device
+
+
+def module_device(module, default: str | torch.device = "cpu") -> torch.device:
+    """The device of ``module``'s first parameter; ``default`` for a parameter-free module or
+    anything that is not an ``nn.Module`` (a plain function)."""
+    params = module.parameters() if isinstance(module, torch.nn.Module) else iter(())
+    p = next(params, None)
+    return p.device if p is not None else torch.device(default)
+
+
+# ---------------------------------------------------------------- image value ranges
+# Images cross the package's boundary in [0, 1] (files, references, results) and live in the
+# prior's space [-1, 1] inside it (samplers, objectives). These two maps are the only place the
+# conversion is written; the formulas are the ones every sampler has always used, so results
+# stay bit-identical.
+def to_model_range(x01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: ``x * 2 - 1`` (a new tensor; dtype and device kept)."""
+    return x01 * 2 - 1
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]: ``(x + 1) / 2`` (a new tensor; no clamping)."""
+    return (x + 1) / 2
+
+
+# ---------------------------------------------------------------- model state
+_M = TypeVar("_M")
+
+
+@contextlib.contextmanager
+def frozen(module: _M, eval: bool = True, requires_grad: bool | None = False) -> Iterator[_M]:
+    """Run a block with ``module`` in eval mode and its parameters' gradients off, and restore
+    every submodule's train/eval flag and every parameter's ``requires_grad`` exactly as they
+    were, in ``finally`` (also when the block raises).
+
+    ``eval=False`` leaves the train/eval flags alone; ``requires_grad=None`` leaves the gradient
+    flags alone (``True`` turns them on). Anything that is not an ``nn.Module`` (a plain
+    function) passes through untouched. The flags are read on entry, so nested blocks restore
+    in order; the module is held only for the length of the block.
+
+    >>> with frozen(model):  # doctest: +SKIP
+    ...     features = model(x)
+    """
+    if not isinstance(module, torch.nn.Module):
+        yield module
+        return
+    modes = [(m, m.training) for m in module.modules()] if eval else []
+    flags = [(p, p.requires_grad) for p in module.parameters()] if requires_grad is not None else []
+    try:
+        if eval:
+            module.eval()
+        for p, _ in flags:
+            p.requires_grad_(requires_grad)
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def row_generator(seed: int, *keys: int) -> torch.Generator:

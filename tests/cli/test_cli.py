@@ -223,8 +223,13 @@ def test_sample_with_a_trained_conditional_fiber_model(ref_png, tmp_path, capsys
     assert metrics["config"]["sampler"] == "conditional" and metrics["num_samples"] == 2
 
 
-def test_bench_method_choices_match_the_benchmark():
-    from fiber_plugins.cli.main import BENCH_METHODS
-    from fiber_plugins.evaluation.color_mnist_bench import METHOD_NAMES
+def test_bench_methods_are_read_from_the_benchmark(capsys):
+    from fiber_plugins.cli.main import build_parser
 
-    assert BENCH_METHODS == tuple(METHOD_NAMES)
+    parser = build_parser()
+    args = parser.parse_args(["bench", "color-mnist", "--methods", "ndtm", "inversion"])
+    assert args.methods == ["ndtm", "inversion"]
+    assert parser.parse_args(["bench", "color-mnist"]).methods is None  # all of them
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "color-mnist", "--methods", "ndtm-foo"])
+    assert "invalid choice: 'ndtm-foo' (choose from 'unguided', 'ndtm'" in capsys.readouterr().err

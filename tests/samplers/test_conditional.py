@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import fiber_plugins as fp
-from fiber_plugins.priors.conditional import ConditionalFiberModel, train_fiber_model
+from fiber_plugins.priors.conditional import ConditionalFiberModel
 from fiber_plugins.samplers import ConditionalFiberSampler, NDTMSampler
+from fiber_plugins.training import train_fiber_model
 
 from ..conftest import TinySubject
 

@@ -11,8 +11,8 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins.priors import acceleration
-from fiber_plugins.samplers import engine
-from fiber_plugins.samplers.engine import fit_batch_size
+from fiber_plugins.samplers import engine, memory
+from fiber_plugins.samplers.memory import fit_batch_size
 
 
 def _assert_same_samples(a, b):
@@ -50,7 +50,7 @@ def test_fit_batch_size_linear_memory_model():
     assert fit_batch_size(peak, budget_bytes=1000 + 300 * 10, max_rows=100) == 10
     assert fit_batch_size(peak, budget_bytes=1000 + 300 * 10 + 299, max_rows=100) == 10
     assert fit_batch_size(peak, budget_bytes=10**9, max_rows=7) == 7  # never more than the rows
-    assert fit_batch_size(peak, budget_bytes=10**9, max_rows=500) == engine.MAX_AUTO_BATCH
+    assert fit_batch_size(peak, budget_bytes=10**9, max_rows=500) == memory.MAX_AUTO_BATCH
     assert fit_batch_size(peak, budget_bytes=1200, max_rows=100) == 1  # batch 1 does not fit
     calls = []
     fit_batch_size(lambda b: calls.append(b) or 1, 10**6, max_rows=1)
@@ -89,7 +89,7 @@ def test_auto_batch_size_probes_twice_and_fits_the_budget(
     pixel_prior, subject, references, monkeypatch
 ):
     meter = _FakeMeter(pixel_prior, static=10_000, per_row=1_000, budget=10_000 + 1_000 * 5 + 10)
-    monkeypatch.setattr(engine, "_memory_meter", lambda device: meter)
+    monkeypatch.setattr(memory, "memory_meter", lambda device: meter)
     sampler = _sampler(pixel_prior, fp.FiberObjective(subject), num_steps=4, inner_steps=2)
     kw = dict(references=references[:2], n=4, seed=3, progress=False)
     try:
@@ -309,7 +309,7 @@ def test_auto_batch_turns_checkpointing_on_when_one_row_does_not_fit(
     prior = copy.deepcopy(pixel_prior)
     # one row needs 10_000 + 4_000 > budget; with checkpointing a row needs 1_000: 3 rows fit
     meter = _CheckpointAwareMeter(prior, static=10_000, per_row=4_000, budget=13_500)
-    monkeypatch.setattr(engine, "_memory_meter", lambda device: meter)
+    monkeypatch.setattr(memory, "memory_meter", lambda device: meter)
     sampler = _sampler(prior, fp.FiberObjective(subject), num_steps=2, inner_steps=1)
     try:
         with pytest.warns(UserWarning, match="one row needs more than the"):

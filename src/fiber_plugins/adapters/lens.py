@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import suggest
+from .._utils import frozen, module_device, suggest
 from ..errors import UserIndexError, UserKeyError, UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.distances import Distance
@@ -287,19 +287,15 @@ def list_hook_points(
         return hook
 
     if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
-    modes = [(m, m.training) for m in model.modules()]
+        device = module_device(model)
     handles = []
     try:
-        for key, module in modules.items():
-            handles.append(module.register_forward_hook(record(key)))
-        model.eval()
-        with torch.no_grad():
+        # eval mode for the probe forward only (dropout, batch-norm), restored afterwards
+        with frozen(model, requires_grad=None), torch.no_grad():
+            for key, module in modules.items():
+                handles.append(module.register_forward_hook(record(key)))
             model(torch.zeros(tuple(input_shape), dtype=dtype, device=device))
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return [(name, fired[key]) for key in fired for name in names[key]]

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import frozen
 from ..errors import MissingFileError, UserIndexError, UserTypeError, UserValueError
 from ..objectives.distances import Distance
 from ..objectives.preprocess import Preprocess
@@ -316,26 +317,6 @@ def sae_pre_activation(sae: Any, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-@contextlib.contextmanager
-def _frozen(module: Any) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the SAE while sampling; restored in finally."""
-    if not isinstance(module, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        module.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _check_features(features: Any, d_sae: int | None) -> list[int] | slice | None:
     if features is None or isinstance(features, slice):
         return features
@@ -420,7 +401,7 @@ class SAEObjective(HookObjective):
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[SAEObjective]:
-        with super().attached(), _frozen(self.sae):
+        with super().attached(), frozen(self.sae):
             yield self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -76,12 +76,14 @@ def _finite_float(text: str) -> float:
 
 
 def _guidance(args):
-    from ..samplers import GuidanceSchedule
+    """The guidance flags as one schedule, read by the samplers' own coercion (check_guidance)."""
+    from ..samplers.config import check_guidance
 
     low, high = args.interval
-    return GuidanceSchedule(
+    schedule = dict(
         kind=args.schedule, strength=args.guidance, low=low, high=high, final=args.final_guidance
     )
+    return check_guidance("--guidance", schedule)
 
 
 def cmd_sample(args) -> int:
@@ -109,8 +111,8 @@ def cmd_sample(args) -> int:
         autocast=args.bf16,
     )
 
-    from ..objectives.spec import objective_from_spec
     from .subjects import load_subject
+    from .targets import objective_from_spec
 
     model, pre = load_subject(args.subject, args.weights)
     prior = _load_prior(args.prior, device)
@@ -129,9 +131,7 @@ def cmd_sample(args) -> int:
     objective = objective_from_spec(
         model, args.target, preprocess=pre, distance=args.distance, sae=sae
     )
-    from ..priors import ConditionalFiberModel
-
-    if isinstance(prior, ConditionalFiberModel):  # a trained fiber model: conditional sampling
+    if prior.conditional_on_features:  # a trained fiber model: conditional sampling
         from ..samplers import ConditionalConfig, ConditionalFiberSampler
 
         print(
@@ -273,8 +273,11 @@ def cmd_info(args) -> int:
         except md.PackageNotFoundError:
             ver = "not installed"
         print(f"  {pkg:18s} {ver}")
-    if torch.cuda.is_available():
-        print(f"device: cuda ({torch.cuda.get_device_name(0)})")
+    from .._utils import resolve_device
+
+    device = resolve_device("auto")
+    if device.type == "cuda":
+        print(f"device: cuda ({torch.cuda.get_device_name(device)})")
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads)")
     return 0
@@ -380,24 +383,27 @@ def cmd_bench(args) -> int:
         inner_steps=args.inner_steps,
         seed=args.seed,
         device=_device(args.device),
-        methods=tuple(args.methods),
+        methods=tuple(args.methods or _BenchMethods()),
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, fidelity_consistency.png")
     return 0 if report["rows"] else 1
 
 
-# the keys of evaluation.color_mnist_bench.METHOD_NAMES (not imported here: it loads torch)
-BENCH_METHODS = (
-    "unguided",
-    "ndtm",
-    "ndtm-reapprox",
-    "dps",
-    "noise-opt",
-    "inversion",
-    "conditional",
-    "conditional-nofiber",
-)
+class _BenchMethods:
+    """``--methods`` choices: the benchmark's own METHOD_NAMES, imported only when argparse
+    checks a value or prints the choices (so other commands never load the benchmark)."""
+
+    def _names(self) -> list[str]:
+        from ..evaluation.color_mnist_bench import METHOD_NAMES
+
+        return list(METHOD_NAMES)
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -561,10 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--methods",
         nargs="+",
-        default=list(BENCH_METHODS),
-        choices=list(BENCH_METHODS),
-        help="methods run with the in-distribution prior (the OOD prior runs unguided and NDTM); "
-        "conditional* are the shipped trained conditional fiber models",
+        default=None,
+        choices=_BenchMethods(),
+        metavar="METHOD",
+        help="methods run with the in-distribution prior (the OOD prior runs unguided and NDTM), "
+        "one or more of: %(choices)s (default: all); conditional* are the shipped trained "
+        "conditional fiber models",
     )
     b.add_argument("--seed", type=_count, default=0)
     b.add_argument("--device", default="auto")

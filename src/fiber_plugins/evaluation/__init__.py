@@ -1,6 +1,6 @@
 """Evaluation: fiber-loss baselines, distribution distances, benchmarks."""
 
-from .lowpass import lowpass
+from ..filters import lowpass
 from .metrics import (
     LOWPASS_CUTOFFS,
     NearestNeighbourBaseline,
@@ -11,6 +11,7 @@ from .metrics import (
     features_of,
     frechet_distance,
     histogram_kl,
+    invariance_map,
     lowpass_curve,
     wasserstein1,
 )
@@ -27,5 +28,6 @@ __all__ = [
     "diversity",
     "features_of",
     "histogram_kl",
+    "invariance_map",
     "wasserstein1",
 ]

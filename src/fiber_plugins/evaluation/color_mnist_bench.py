@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from .. import zoo
+from .._utils import to_model_range
 from ..data import color_mnist as cm
 from ..errors import UserValueError
+from ..grid import save_grid
 from ..objectives import FiberObjective
-from ..reporting.grid import save_grid
 from ..samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
 from .metrics import NearestNeighbourBaseline, augmentation_baseline, histogram_kl, wasserstein1
 
@@ -129,7 +130,7 @@ def run_color_mnist_bench(
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(g_test.shape[0], generator=gen)[:num_references]
     refs, _ = cm.make_colored(g_test[pick], torch.Generator().manual_seed(seed + 1))
-    targets = objective.target(refs.to(device) * 2 - 1).cpu()
+    targets = objective.target(to_model_range(refs.to(device))).cpu()
 
     g_train, _ = cm.load_digits("train")
     pool, _ = cm.make_colored(g_train, torch.Generator().manual_seed(seed + 2))

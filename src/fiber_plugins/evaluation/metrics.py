@@ -1,35 +1,37 @@
-"""Evaluation metrics: fiber-loss baselines and distances between 1-D distributions."""
+"""Evaluation metrics: fiber-loss baselines, distances between 1-D distributions and the
+invariance map."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .._utils import module_device, to_model_range
+from ..filters import lowpass
 from ..objectives.base import FiberObjective
+from ..objectives.targets import Targets
+
+if TYPE_CHECKING:
+    from ..samplers.result import FiberResult
 
 
 def features_of(
     objective: FiberObjective, images01: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """phi of [0, 1] images in batches, without gradients: (N, K)."""
+    """phi of [0, 1] images in batches, without gradients: (N, K), or a tuple of (N, K_i) for
+    a sum of objectives."""
     out = []
-    device = _device_of(objective)
+    device = module_device(objective.model)
     with objective.attached(), torch.no_grad():
         for i in range(0, images01.shape[0], batch_size):
-            out.append(objective.features(images01[i : i + batch_size].to(device) * 2 - 1).cpu())
-    return torch.cat(out)
-
-
-def _device_of(objective: FiberObjective) -> torch.device:
-    model = objective.model
-    if model is not None:
-        p = next(model.parameters(), None)
-        if p is not None:
-            return p.device
-    return torch.device("cpu")
+            batch = to_model_range(images01[i : i + batch_size].to(device))
+            out.append(Targets.of(objective.features(batch)).cpu())
+    parts = tuple(torch.cat([o.parts[k] for o in out]) for k in range(len(out[0].parts)))
+    return Targets(parts, out[0].summed).value
 
 
 class NearestNeighbourBaseline:
@@ -153,6 +155,34 @@ def diversity(
     return float(d.sum() / (n * (n - 1)))
 
 
+def invariance_map(result: FiberResult, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel standard deviation of the fiber samples over the M samples of each reference:
+    (R, C, H, W). High values mark pixels the model's representation does not constrain.
+
+    The population std (``correction=0``), per channel, so one sample gives zeros; failed
+    samples are left out, and a reference without any successful sample gets NaN. With ``like``
+    (R, C', H', W') the map is resized (bilinear, antialiased when it shrinks) and its channels
+    matched to ``like``'s (their mean, repeated). The Captum-style ``attribute``
+    (:mod:`fiber_plugins.attribution`) returns this map; the report shows its channel mean.
+    """
+    imgs = result.images.float()
+    w = (~result.failed).float().view(*result.failed.shape, 1, 1, 1)
+    count = w.sum(1)
+    mean = (imgs * w).sum(1) / count.clamp_min(1)
+    var = ((imgs - mean.unsqueeze(1)).pow(2) * w).sum(1) / count.clamp_min(1)
+    std = torch.where(count > 0, var.sqrt(), torch.full_like(var, math.nan))
+    if like is not None:
+        if tuple(std.shape[-2:]) != tuple(like.shape[-2:]):
+            shrink = std.shape[-2] > like.shape[-2] or std.shape[-1] > like.shape[-1]
+            std = torch.nn.functional.interpolate(
+                std, size=tuple(like.shape[-2:]), mode="bilinear", align_corners=False,
+                antialias=shrink,
+            )
+        if std.shape[1] != like.shape[1]:
+            std = std.mean(1, keepdim=True).expand(-1, like.shape[1], -1, -1).contiguous()
+    return std
+
+
 LOWPASS_CUTOFFS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -168,8 +198,6 @@ def lowpass_curve(
     invariance hides in imperceptible high frequencies loses it under mild low-passing: its
     curve rises steeply, while a semantic one stays flat.
     """
-    from .lowpass import lowpass
-
     rows = []
     for c in cutoffs:
         filtered = lowpass(images01.float(), c).clamp(0, 1)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import suggest, warn
+from .._utils import frozen, suggest, warn
 from ..errors import UserKeyError, UserStateError, UserTypeError, UserValueError
 from .distances import Distance, get_distance
 from .preprocess import Preprocess, as_preprocess
@@ -152,8 +152,6 @@ class FiberObjective:
                 self._depth -= 1
             return
         model = self.model
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
         self._depth += 1
         try:
             training = [
@@ -164,23 +162,17 @@ class FiberObjective:
                     f"{type(training[0]).__name__} is in train mode; sampling runs it in eval mode "
                     "(dropout off, batch-norm statistics frozen) and restores train mode after"
                 )
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(False)
-            if self.layer is not None:
-                if self.capture == "input":
-                    self._handle = self.layer.register_forward_pre_hook(self._pre_hook)
-                else:
-                    self._handle = self.layer.register_forward_hook(self._hook)
-            yield self
+            with frozen(model):
+                if self.layer is not None:
+                    if self.capture == "input":
+                        self._handle = self.layer.register_forward_pre_hook(self._pre_hook)
+                    else:
+                        self._handle = self.layer.register_forward_hook(self._hook)
+                yield self
         finally:
             if self._handle is not None:
                 self._handle.remove()
                 self._handle = None
-            for m, mode in modes:
-                m.training = mode
-            for p, flag in flags:
-                p.requires_grad_(flag)
             self._value = None
             self._depth -= 1
 
@@ -241,7 +233,14 @@ class FiberObjective:
     def target(self, reference: torch.Tensor) -> torch.Tensor:
         """y* = phi(x*) for reference images (R, C, H, W) in the prior's space; no gradient."""
         with torch.no_grad():
-            return self.features(reference).detach()
+            return self.target_of(self.features(reference))
+
+    def target_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The target y* of references whose features (R, K) are given (detached). The sampler
+        computes the references' features once, with a graph for its gradient check, and takes
+        the target from them; objectives whose target is more than phi(x*) (a mask, as for
+        Captum's per-example targets) override this."""
+        return features.detach()
 
     def check_target(self, target: torch.Tensor, width: int) -> torch.Tensor:
         """Validate an explicit target against the feature width and return it as (R, K).
@@ -318,6 +317,13 @@ class WeightedSum(FiberObjective):
             raise UserValueError("a weighted sum needs at least one objective")
         self._terms = list(terms)
         self.name = " + ".join(f"{w:g}*{o.name}" for w, o in self._terms)
+        # the attributes every FiberObjective has, so that code written for one objective
+        # (evaluation.features_of, device checks) takes a sum too
+        first = self._terms[0][1]
+        self.subject, self.model, self.preprocess = first.subject, first.model, first.preprocess
+        self.layer = self.layer_name = self.index = None
+        self.reduction, self.capture = "sum", "sum"
+        self.distance_name = "+".join(o.distance_name for _, o in self._terms)
 
     def terms(self) -> list[tuple[float, FiberObjective]]:
         return list(self._terms)
@@ -334,6 +340,9 @@ class WeightedSum(FiberObjective):
 
     def target(self, reference: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(o.target(reference) for _, o in self._terms)
+
+    def target_of(self, features) -> tuple[torch.Tensor, ...]:
+        return tuple(o.target_of(f) for (_, o), f in zip(self._terms, features))
 
     def check_target(self, target, width) -> tuple[torch.Tensor, ...]:
         if not isinstance(target, (tuple, list)) or len(target) != len(self._terms):
@@ -353,22 +362,3 @@ class WeightedSum(FiberObjective):
 
     def __repr__(self) -> str:
         return f"WeightedSum({self.name!r})"
-
-
-def target_rows(target, rows: torch.Tensor):
-    """Index the reference dimension of a target (tensor or tuple) by ``rows``."""
-    if isinstance(target, tuple):
-        return tuple(t[rows] for t in target)
-    return target[rows]
-
-
-def target_width(target):
-    if isinstance(target, tuple):
-        return tuple(t.shape[-1] for t in target)
-    return target.shape[-1]
-
-
-def target_to(target, device):
-    if isinstance(target, tuple):
-        return tuple(t.to(device) for t in target)
-    return target.to(device)

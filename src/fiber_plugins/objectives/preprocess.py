@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .._utils import to_unit_range
 from ..errors import UserTypeError, UserValueError
 
 _MODES = ("bilinear", "bicubic", "nearest", "area")
@@ -53,7 +54,7 @@ class Preprocess:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise UserValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        x = (x + 1.0) * 0.5
+        x = to_unit_range(x)
         if self.channels is not None and x.shape[1] != self.channels:
             if self.channels == 1:
                 x = x.mean(1, keepdim=True)

@@ -1,6 +1,7 @@
-"""Priors: pretrained diffusers models wrapped for guided sampling."""
+"""Priors: pretrained diffusers models wrapped for guided sampling, and the conditional fiber
+model (trained by :func:`fiber_plugins.training.train_fiber_model`)."""
 
-from .conditional import ConditionalFiberModel, ConditionEmbedding, train_fiber_model
+from .conditional import ConditionalFiberModel, ConditionEmbedding
 from .loading import load_prior
 from .prior import DiffusionPrior
 from .schedules import DDPMSchedule, FlowSchedule, Step, ddim_update, split_prediction
@@ -10,7 +11,6 @@ __all__ = [
     "load_prior",
     "ConditionalFiberModel",
     "ConditionEmbedding",
-    "train_fiber_model",
     "Step",
     "DDPMSchedule",
     "FlowSchedule",

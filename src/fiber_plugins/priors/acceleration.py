@@ -30,7 +30,8 @@ Use :meth:`fiber_plugins.DiffusionPrior.accelerate`; this module holds its parts
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -42,6 +43,55 @@ COMPILE = ("blocks", "full")
 # submodule lists whose entries are compiled one by one with compile="blocks"
 _BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks")
 _BLOCKS = ("mid_block",)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Acceleration(Mapping):
+    """The speed settings of a prior (``prior.acceleration``), recorded in every result.
+
+    A frozen dataclass that also reads like the dict it is written as (``acc["weights"]``,
+    ``dict(acc)``, ``acc == {...}``); the compile mode and backend appear only while something
+    is compiled.
+
+    Attributes
+    ----------
+    weights: 'fp32', 'bf16' or 'fp16'.
+    channels_last: NHWC memory format of the UNet/VAE.
+    compile: None, 'blocks' or 'full'; ``compile_mode`` and ``compile_backend`` with it.
+    checkpointing: gradient checkpointing of the denoiser/VAE blocks: True, False, or 'auto'
+        (on for one ``sample`` call, turned on by the engine because one row did not fit).
+    """
+
+    weights: str = "fp32"
+    channels_last: bool = False
+    compile: str | None = None
+    compile_mode: str | None = None
+    compile_backend: str | None = None
+    checkpointing: bool | str = False
+
+    def _keys(self) -> list[str]:
+        keys = ["weights", "channels_last", "compile", "checkpointing"]
+        if self.compile is not None:
+            keys[3:3] = ["compile_mode", "compile_backend"]
+        return keys
+
+    def __getitem__(self, key: str):
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def replace(self, **changes) -> Acceleration:
+        """A copy with ``changes`` (the settings are frozen: a prior swaps the whole record)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dict(self)
 
 
 def _blocks(module: nn.Module) -> Iterator[nn.Module]:
@@ -91,7 +141,7 @@ def set_weights(prior, weights: str) -> None:
             if any(k in name.split(".") for k in keep):
                 nn.Module.to(module, dtype=torch.float32)
     names = {v: k for k, v in WEIGHTS.items()}
-    prior.acceleration = {**prior.acceleration, "weights": names[dtype]}
+    prior.acceleration = prior.acceleration.replace(weights=names[dtype])
 
 
 def supports_checkpointing(prior) -> bool:

@@ -9,13 +9,15 @@ while guidance differentiates through the network and revisits the same step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .._utils import warn
 from ..errors import UserTypeError, UserValueError
+from .acceleration import Acceleration
 from .schedules import Step, ddim_update, make_schedule, split_prediction
 
 DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
@@ -43,6 +45,9 @@ class DiffusionPrior:
         For DiT: the class fed to the transformer; default its null class (unconditional).
     """
 
+    # capability flags that samplers ask for instead of checking the class
+    conditional_on_features: bool = False  # True: the denoiser needs y = phi(x*) (fiber models)
+
     def __init__(
         self,
         denoiser: nn.Module,
@@ -62,12 +67,7 @@ class DiffusionPrior:
             scheduler_config = dict(scheduler)
         self.schedule = make_schedule(scheduler_config)
         self.denoiser_type = name
-        self.acceleration = {
-            "weights": "fp32",
-            "channels_last": False,
-            "compile": None,
-            "checkpointing": False,
-        }
+        self.acceleration = Acceleration()
         cfg = denoiser.config
         self.latent_channels = int(cfg.in_channels)
         size = cfg.sample_size
@@ -130,7 +130,7 @@ class DiffusionPrior:
                 self.vae.to(**kw)
         if dtype is not None:
             names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-            self.acceleration = {**self.acceleration, "weights": names.get(dtype, str(dtype))}
+            self.acceleration = self.acceleration.replace(weights=names.get(dtype, str(dtype)))
         return self
 
     def accelerate(
@@ -176,25 +176,55 @@ class DiffusionPrior:
             )
         if checkpointing and not acc.supports_checkpointing(self):
             acc.set_checkpointing(self, True)  # raises with the reason
-        state = dict(self.acceleration)
+        state = self.acceleration
         if weights is not None:
             acc.set_weights(self, weights)
-            state["weights"] = weights
+            state = state.replace(weights=weights)
         if channels_last is not None:
             acc.set_channels_last(self, channels_last)
-            state["channels_last"] = bool(channels_last)
+            state = state.replace(channels_last=bool(channels_last))
         if checkpointing is not None:
             acc.set_checkpointing(self, bool(checkpointing))
-            state["checkpointing"] = bool(checkpointing)
+            state = state.replace(checkpointing=bool(checkpointing))
         if compile != "keep":
             acc.set_compile(self, compile, compile_mode, compile_backend, dynamic)
-            state.update(
+            state = state.replace(
                 compile=compile,
                 compile_mode=compile_mode if compile else None,
                 compile_backend=compile_backend if compile else None,
             )
         self.acceleration = state
         return self
+
+    @contextlib.contextmanager
+    def checkpointing(self, on: bool = True, *, auto: bool = False) -> Iterator[DiffusionPrior]:
+        """Gradient checkpointing of the denoiser/VAE blocks on (or off) inside the block, the
+        previous setting after it, whatever happens inside.
+
+        ``auto=True`` records the setting as ``'auto'`` (the engine's "only when memory needs
+        it"). The other speed settings are not touched.
+
+        >>> with prior.checkpointing():                                  # doctest: +SKIP
+        ...     result = sampler.sample(references=refs, n=64)
+        """
+        from . import acceleration as acc
+
+        before = self.acceleration.checkpointing
+        acc.set_checkpointing(self, bool(on))
+        self.acceleration = self.acceleration.replace(
+            checkpointing="auto" if (auto and on) else bool(on)
+        )
+        try:
+            yield self
+        finally:
+            acc.set_checkpointing(self, bool(before))
+            self.acceleration = self.acceleration.replace(checkpointing=before)
+
+    def supports_checkpointing(self) -> bool:
+        """Whether the denoiser has diffusers' gradient checkpointing."""
+        from . import acceleration as acc
+
+        return acc.supports_checkpointing(self)
 
     def _net_input(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """x in the networks' weight dtype and memory format (no copy when they already match)."""

@@ -1,5 +1,4 @@
-"""Pictures and pages made from fiber results."""
+"""Pages made from fiber results: ``fiber-plugins report`` (:mod:`.report`) and its HTML builder.
 
-from .grid import fiber_grid, save_grid, to_uint8
-
-__all__ = ["fiber_grid", "save_grid", "to_uint8"]
+The sample grid itself is drawn by :mod:`fiber_plugins.grid`.
+"""

@@ -2,8 +2,9 @@
 
 The page shows the reference and sample grid, each sample's fiber loss against the baselines
 found in ``evaluation.json`` (nearest neighbour, augmented references), the loss trace, the
-low-pass robustness curve and the invariance map (per-pixel spread of the samples). Images are
-written as PNG files next to ``report.html``.
+low-pass robustness curve and the invariance map (per-pixel spread of the samples: the channel
+mean of :func:`fiber_plugins.evaluation.invariance_map`). Images are written as PNG files next to
+``report.html``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingFileError
+from ..evaluation.metrics import (
+    LOWPASS_CUTOFFS,
+    NearestNeighbourBaseline,
+    augmentation_baseline,
+    diversity,
+    invariance_map,
+    lowpass_curve,
+)
+from ..objectives.targets import Targets
 from ..samplers.result import FiberResult
 from .html import Page
 
@@ -25,17 +35,9 @@ def evaluate_run(result: FiberResult, objective, out_dir: str | Path, pool01=Non
     """Compute what the report shows beyond the result itself and write ``evaluation.json``:
     the low-pass curve of every sample, the augmentation baseline and (given a reference set
     ``pool01``) the nearest-neighbour baseline."""
-    from ..evaluation.metrics import (
-        LOWPASS_CUTOFFS,
-        NearestNeighbourBaseline,
-        augmentation_baseline,
-        diversity,
-        lowpass_curve,
-    )
-
     out = Path(out_dir)
     targets = result.targets
-    if isinstance(targets, tuple):  # summed objectives: baselines need one target tensor
+    if targets is None or Targets.of(targets).summed:  # baselines need one target tensor
         return {}
     r, m = result.fiber_loss.shape
     flat = result.images.reshape(r * m, *result.images.shape[2:])
@@ -148,12 +150,9 @@ def write_report(run_dir: str | Path, result: FiberResult | None = None) -> Path
         )
 
     page.heading("Invariance map")
-    spread = []
-    for i in range(result.num_references):
-        imgs = result.images[i][~result.failed[i]]
-        spread.append(
-            imgs.std(0, correction=0).mean(0) if len(imgs) > 1 else torch.zeros(imgs.shape[-2:])
-        )
+    # the channel mean of the per-channel map that the Captum-style attribute returns; a
+    # reference without a successful sample (NaN there) is drawn as 0
+    spread = torch.nan_to_num(invariance_map(result).mean(1), nan=0.0)  # (R, H, W)
     fig, axes = plt.subplots(
         1, len(spread), figsize=(2.4 * len(spread), 2.6), dpi=110, squeeze=False
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -138,12 +139,33 @@ def row_mask(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.view(-1, *([1] * (like.dim() - 1)))
 
 
+class RowStep(NamedTuple):
+    """One :meth:`RowOptimiser.update`: the new parameter and, as (B,) bool masks over the rows
+    that were asked to move, why a row could not: the first cause only, so the masks are
+    disjoint and a caller can record one reason per row."""
+
+    param: torch.Tensor
+    bad_gradient: torch.Tensor  # the gradient is not finite
+    bad_moment: torch.Tensor  # Adam's second moment overflows float32 (a finite gradient)
+    bad_update: torch.Tensor  # the updated parameter is not finite
+
+    @property
+    def bad(self) -> torch.Tensor:
+        """(B,) bool: every row that did not move, whatever the cause."""
+        return self.bad_gradient | self.bad_moment | self.bad_update
+
+
 class RowOptimiser:
     """SGD or Adam written out element-wise, with per-row freezing.
 
     ``torch.optim`` updates whole tensors; a sampler must leave rows that stopped (or failed)
     exactly where they are, momentum included, so the update is masked per row. Element-wise
-    updates also keep every row independent of the rest of its batch.
+    updates also keep every row independent of the rest of its batch. Adam's moments are
+    updated as NDTM has always done (``m * b1`` then ``add_(grad, alpha=1 - b1)``, ``v * b2``
+    then ``addcmul_(grad, grad, value=1 - b2)``), so its samples are bit-identical to those of
+    its earlier hand-written loop.
+
+    No operation reads a tensor back to the host: a sampler's inner loop stays sync-free.
     """
 
     def __init__(self, kind: str, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -158,21 +180,42 @@ class RowOptimiser:
 
         Rows where ``rows`` is False are returned unchanged, and so are the rows whose gradient,
         Adam moment or update is not finite (an overflow is never turned into a silent zero
-        step): the caller fails those rows with a reason.
+        step): the caller fails those rows with a reason. :meth:`update` tells the causes apart.
         """
+        out = self.update(key, param, grad, rows)
+        return out.param, out.bad
+
+    def update(
+        self, key: int, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor
+    ) -> RowStep:
+        """One step of the parameter ``key`` (B, ...) with ``grad`` on the rows where ``rows``
+        (B,) is True; see :class:`RowStep` for the failure masks."""
         ok = finite_rows(grad)
+        bad_gradient = rows & ~ok
         if self.kind == "sgd":
             new = param - self.lr * grad
+            bad_moment = torch.zeros_like(bad_gradient)
         else:
             b1, b2 = self.betas
             m0, v0, k = self._state.get(key, (torch.zeros_like(param), torch.zeros_like(param), 0))
             k += 1
-            m = m0 * b1 + (1 - b1) * grad
-            v = v0 * b2 + (1 - b2) * grad * grad
-            # an overflowing second moment (|grad| > ~1e20) would make the step 0, not an error
-            ok = ok & finite_rows(v)
+            m = (m0 * b1).add_(grad, alpha=1 - b1)
+            v = (v0 * b2).addcmul_(grad, grad, value=1 - b2)
+            # an overflowing second moment (|grad| > ~6e20) would make the step 0, not an error
+            finite_v = finite_rows(v)
+            bad_moment = rows & ok & ~finite_v
+            ok = ok & finite_v
             keep = row_mask(ok & rows, param)
             self._state[key] = (torch.where(keep, m, m0), torch.where(keep, v, v0), k)
-            new = param - self.lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
-        ok = ok & finite_rows(new)
-        return torch.where(row_mask(rows & ok, param), new, param), rows & ~ok
+            m_hat = m / (1 - b1**k)
+            v_hat = v / (1 - b2**k)
+            new = param - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        finite_new = finite_rows(new)
+        bad_update = rows & ok & ~finite_new
+        ok = ok & finite_new
+        return RowStep(
+            torch.where(row_mask(rows & ok, param), new, param),
+            bad_gradient,
+            bad_moment,
+            bad_update,
+        )

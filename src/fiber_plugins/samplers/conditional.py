@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from ..errors import UserTypeError
 from ..priors.conditional import ConditionalFiberModel
 from ._common import SettingsMixin, check_bool, check_int, finite_rows
-from .engine import Batch, FiberSampler, mark_nonfinite
+from .batch import Batch, mark_nonfinite
+from .engine import FiberSampler
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ._common import SettingsMixin, check_bool, check_float, check_int, finite_rows, row_mask
+from .batch import Batch, mark_nonfinite
 from .config import GuidanceSchedule, check_guidance
-from .engine import Batch, FiberSampler, mark_nonfinite
+from .engine import FiberSampler
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from ._common import (
     check_float,
     check_int,
 )
-from .engine import Batch, FiberSampler, mark_nonfinite
+from .batch import Batch, mark_nonfinite
+from .engine import FiberSampler
 
 
 def total_variation(x: torch.Tensor, beta: float = 2.0, eps: float = 1e-8) -> torch.Tensor:

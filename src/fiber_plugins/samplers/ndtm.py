@@ -19,11 +19,11 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from ._common import finite_rows, row_mask
+from ..objectives.targets import Targets
+from ._common import RowOptimiser, finite_rows
+from .batch import Batch, mark_nonfinite
 from .config import NDTMConfig
-from .engine import Batch, FiberSampler, mark_nonfinite
-
-_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
+from .engine import FiberSampler
 
 
 def _flat_sum(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class NDTMSampler(FiberSampler):
             x_ref_t = self.prior.add_noise(batch.ref_latent, noise_ref, step)
             _, x0 = self.prior.predict(x_ref_t, step)
             feats = self.objective.features(self.prior.decode(x0))
-        return tuple(f.float() for f in feats) if isinstance(feats, tuple) else feats.float()
+        return Targets.of(feats).float().value
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
         cfg, prior = self.config, self.prior
@@ -113,11 +113,11 @@ class NDTMSampler(FiberSampler):
         # is taken from there instead of a separate forward (its tau term is 0 with zero gradient)
         eps_ref = None
         u = torch.zeros_like(x)
-        m = torch.zeros_like(x)
-        v = torch.zeros_like(x)
+        # a fresh Adam per sampling step; element-wise, so each sample's update is independent
+        # of the rest of the batch, and failed rows stay where they are
+        opt = RowOptimiser("adam", lr)
         fl = torch.zeros(x.shape[0], device=x.device)
-        mask = row_mask(alive, x)  # a view: follows batch.fail clearing alive in place
-        for k in range(1, cfg.inner_steps + 1):
+        for _ in range(cfg.inner_steps):
             u.requires_grad_(True)
             with torch.enable_grad():
                 x_g = x + gamma * u
@@ -137,21 +137,12 @@ class NDTMSampler(FiberSampler):
                 (grad,) = torch.autograd.grad(J.sum(), u)
             u = u.detach()
             fl = fl.detach()
-            batch.fail(alive & ~finite_rows(grad), f"non-finite gradient of the guidance {at}")
-            grad = torch.where(mask, grad, torch.zeros_like(grad))
-            # Adam, written out: a fresh optimiser per sampling step, per-element, so each
-            # sample's update is independent of the rest of the batch
-            m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
-            v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+            step_u = opt.update(0, u, grad, alive)
+            batch.fail(step_u.bad_gradient, f"non-finite gradient of the guidance {at}")
             # an overflowing second moment would turn the Adam step into 0: unguided, silently
-            batch.fail(
-                alive & ~finite_rows(v), f"the squared guidance gradient overflows float32 {at}"
-            )
-            m_hat = m / (1 - _BETA1**k)
-            v_hat = v / (1 - _BETA2**k)
-            u_new = u - lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
-            batch.fail(alive & ~finite_rows(u_new), f"non-finite control u {at}")
-            u = torch.where(mask, u_new, u)
+            batch.fail(step_u.bad_moment, f"the squared guidance gradient overflows float32 {at}")
+            batch.fail(step_u.bad_update, f"non-finite control u {at}")
+            u = step_u.param
         x_g = (x + gamma * u).detach()
         batch.fail(alive & ~finite_rows(x_g), f"non-finite guided state x_t + gamma u {at}")
         return x_g, fl

@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import UserValueError
-from ..evaluation.lowpass import lowpass as lowpass_filter
-from ..objectives.base import target_rows
+from ..filters import lowpass as lowpass_filter
+from ..objectives.targets import Targets
 from ..priors.schedules import Step
 from ._common import (
     OPTIMISERS,
@@ -35,7 +35,8 @@ from ._common import (
     finite_rows,
     row_mask,
 )
-from .engine import Batch, FiberSampler, mark_nonfinite
+from .batch import Batch, mark_nonfinite
+from .engine import FiberSampler
 from .result import FiberResult
 
 OPTIMISE = ("z_T", "all")
@@ -219,7 +220,7 @@ class NoiseOptSampler(FiberSampler):
                 sub_noises = sub[1:] if cfg.optimise == "all" else [n[idx] for n in noises]
             with torch.set_grad_enabled(backward):
                 img = self.generate(sub[0], sub_noises, steps)
-                fl, total = self._loss(img, target_rows(batch.target, idx), sub)
+                fl, total = self._loss(img, Targets.of(batch.target).rows(idx).value, sub)
             fl_d = fl.detach()
             finite = torch.isfinite(fl_d) & finite_rows(img.detach())
             trace[idx, k] = fl_d

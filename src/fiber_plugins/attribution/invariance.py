@@ -1,22 +1,22 @@
 """The invariance map: how much the fiber samples vary per pixel, and showing it with Captum.
 
 :class:`FiberAttribution` is what the Captum-style classes' ``attribute`` returns;
-:func:`invariance_map` computes its map from a :class:`FiberResult` and
-:func:`visualize_invariance` draws it with Captum's ``visualize_image_attr`` (Captum is imported
-only there).
+:func:`invariance_map` (defined once, in :mod:`fiber_plugins.evaluation.metrics`) computes its map
+from a :class:`FiberResult` and :func:`visualize_invariance` draws it with Captum's
+``visualize_image_attr`` (Captum is imported only there).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..._utils import require
-from ...errors import UserIndexError
-from ...samplers.result import FiberResult
+from .._utils import require
+from ..errors import UserIndexError
+from ..evaluation.metrics import invariance_map
+from ..samplers.result import FiberResult
 
 __all__ = ["FiberAttribution", "invariance_map", "visualize_invariance"]
 
@@ -39,31 +39,6 @@ class FiberAttribution:
     @property
     def samples(self) -> torch.Tensor:
         return self.result.images
-
-
-def invariance_map(result: FiberResult, like: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-pixel standard deviation over the M samples of each reference: (R, C, H, W).
-
-    The population std (``correction=0``), so one sample gives zeros; failed samples are left
-    out, and a reference without any successful sample gets NaN. With ``like`` (R, C, H, W) the
-    map is resized (bilinear) and its channels matched to ``like``.
-    """
-    imgs = result.images.float()
-    w = (~result.failed).float().view(*result.failed.shape, 1, 1, 1)
-    count = w.sum(1)
-    mean = (imgs * w).sum(1) / count.clamp_min(1)
-    var = ((imgs - mean.unsqueeze(1)).pow(2) * w).sum(1) / count.clamp_min(1)
-    std = torch.where(count > 0, var.sqrt(), torch.full_like(var, math.nan))
-    if like is not None:
-        if tuple(std.shape[-2:]) != tuple(like.shape[-2:]):
-            shrink = std.shape[-2] > like.shape[-2] or std.shape[-1] > like.shape[-1]
-            size = tuple(like.shape[-2:])
-            std = F.interpolate(
-                std, size=size, mode="bilinear", align_corners=False, antialias=shrink
-            )
-        if std.shape[1] != like.shape[1]:
-            std = std.mean(1, keepdim=True).expand(-1, like.shape[1], -1, -1).contiguous()
-    return std
 
 
 def visualize_invariance(attr: FiberAttribution, index: int = 0, **kwargs):

@@ -1,4 +1,8 @@
-"""PNG grids of fiber samples: one row per reference, the reference first."""
+"""PNG grids of fiber samples: one row per reference, the reference first.
+
+A base module (it imports nothing of the package): :meth:`FiberResult.save_grid
+<fiber_plugins.samplers.FiberResult.save_grid>`, the benchmarks and the report all draw with it.
+"""
 
 from __future__ import annotations
 

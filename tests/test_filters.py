@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fiber_plugins.evaluation.lowpass import lowpass, lowpass_mask
+from fiber_plugins.filters import lowpass, lowpass_mask
 
 
 def test_cutoff_one_is_identity():

@@ -2,9 +2,9 @@
 
 :class:`OutputFiber`, :class:`LayerFiber` and :class:`NeuronFiber` take Captum's arguments in
 Captum's order; each passes what it selects on to one shared implementation,
-:meth:`_FiberAttributionBase._attribute`, which builds the objective with
-:func:`~.objective.captum_objective`, runs the NDTM sampler and computes the invariance map.
-Building an instance needs Captum (``pip install 'fiber-plugins[captum]'``).
+:meth:`_FiberAttributionBase._attribute`, which builds the objective with the Captum adapter's
+:func:`~fiber_plugins.adapters.captum.captum_objective`, runs the NDTM sampler and computes the
+invariance map. Building an instance needs Captum (``pip install 'fiber-plugins[captum]'``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._utils import require
-from ...errors import UserTypeError, UserValueError
-from ...objectives.base import FiberObjective
-from ...objectives.preprocess import Preprocess
-from ...samplers.result import FiberResult
-from .invariance import FiberAttribution, invariance_map
-from .objective import captum_objective
-from .selection import NeuronSelector, PerExampleTargetObjective, _is_per_example
+from .._utils import require
+from ..adapters.captum.objective import captum_objective
+from ..adapters.captum.selection import NeuronSelector, PerExampleTargetObjective, is_per_example
+from ..errors import UserTypeError, UserValueError
+from ..evaluation.metrics import invariance_map
+from ..objectives.base import FiberObjective
+from ..objectives.preprocess import Preprocess
+from ..priors import DiffusionPrior, load_prior
+from ..samplers import NDTMConfig, NDTMSampler
+from ..samplers.result import FiberResult
+from .invariance import FiberAttribution
 
 __all__ = ["OutputFiber", "LayerFiber", "NeuronFiber"]
 
@@ -37,7 +40,7 @@ def _check_inputs(inputs) -> torch.Tensor:
 
 
 def _check_target_length(target, inputs: torch.Tensor) -> None:
-    if _is_per_example(target) and len(target) != inputs.shape[0]:  # Captum asserts the same
+    if is_per_example(target) and len(target) != inputs.shape[0]:  # Captum asserts the same
         raise UserValueError(
             f"target has {len(target)} entries (one per example) but inputs has "
             f"{inputs.shape[0]} image(s)"
@@ -112,9 +115,6 @@ class _FiberAttributionBase:
         :class:`PerExampleTargetObjective`): each reference is then sampled on its own target
         with seed ``seed + r`` and the results are concatenated.
         """
-        from ...priors import DiffusionPrior, load_prior
-        from ...samplers import NDTMConfig, NDTMSampler
-
         start = time.perf_counter()
         inputs = _check_inputs(inputs)
         objective = captum_objective(self.forward_func, **objective_kwargs)

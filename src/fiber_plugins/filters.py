@@ -1,14 +1,16 @@
 """The ideal (brick-wall) low-pass filter in the Fourier domain (thesis Sec. 4.4; DESIGN 4.2).
 
 Used by initial-noise optimisation (a second fiber-loss term on the low-passed image keeps the
-solution from hiding in imperceptible high frequencies) and by the low-pass robustness curve.
+solution from hiding in imperceptible high frequencies) and by the low-pass robustness curve of
+:mod:`fiber_plugins.evaluation`. A base module: it imports nothing of the package but the errors,
+so samplers and evaluation can both use it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import UserTypeError, UserValueError
+from .errors import UserTypeError, UserValueError
 
 
 def lowpass_mask(

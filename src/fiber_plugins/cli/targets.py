@@ -1,4 +1,7 @@
-"""One target grammar for Python and the CLI.
+"""One target grammar for Python and the CLI (``--target``): a string -> a fiber objective.
+
+The grammar names an adapter and its arguments; each form is built by that adapter's public
+builder (:mod:`fiber_plugins.adapters`), so objectives never need to know the grammar.
 
 =========================================  ===================================================
 form                                       phi
@@ -23,8 +26,8 @@ import ast
 from torch import nn
 
 from ..errors import UserValueError
-from .base import FiberObjective
-from .preprocess import Preprocess
+from ..objectives.base import FiberObjective
+from ..objectives.preprocess import Preprocess
 
 TARGET_FORMS = (
     "logits",
@@ -101,9 +104,15 @@ def objective_from_spec(
                 f"target 'embedding' needs a timm-style model with forward_features/forward_head; "
                 f"{type(model).__name__} has none: use 'layer:NAME' instead"
             )
-        from ..adapters.timm import _Embedding  # a wrapper only; timm itself is not imported
+        from ..adapters.timm import timm_objective  # timm itself is not imported
 
-        return FiberObjective(_Embedding(model), name=spec, **common)
+        return timm_objective(
+            model,
+            "embedding",
+            preprocess=Preprocess() if preprocess is None else preprocess,
+            distance=distance,
+            name=spec,
+        )
     if kind == "hook" and parts:
         from ..adapters.lens import lens_objective
 

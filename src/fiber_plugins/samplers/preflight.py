@@ -1,0 +1,75 @@
+"""Checks before sampling that turn silent no-ops and deep tracebacks into one-line errors:
+the subject is on the prior's device, phi passes a gradient to the image (or is merely inactive
+at the reference), and the subject can take the prior's image size."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import UserValueError
+from ..objectives.targets import Targets
+
+
+def check_gradient_path(objective, x: torch.Tensor, feats: Targets, at_reference: bool) -> None:
+    """Refuse an objective whose features do not depend on the image (guidance would be a
+    no-op): the gradient of a random projection of the first row's features with respect
+    to its image x (B, C, H, W) (requires grad; ``feats`` computed from it)."""
+    w = torch.Generator().manual_seed(1)
+    first = [f[:1] for f in feats.parts]
+    if not all(bool(torch.isfinite(f).all()) for f in first):
+        return  # phi is not finite there: the reference's rows fail with that reason
+    with torch.enable_grad():
+        probe = sum((f * torch.randn(f.shape, generator=w).to(f)).sum() for f in first)
+        if not probe.requires_grad:
+            grad = None
+        else:
+            (grad,) = torch.autograd.grad(probe, x, allow_unused=True)
+            grad = grad[:1] if grad is not None else None
+    x.requires_grad_(False)
+    if grad is not None and not bool(grad.abs().sum() > 0) and at_reference:
+        if all(bool((f == 0).all()) for f in first):
+            raise UserValueError(
+                f"phi of {objective.name} is zero at the reference and has no gradient "
+                "there: the unit is inactive for this image (a ReLU channel or SAE feature "
+                "that does not fire); pick a reference that activates it, or target the "
+                "pre-activation (e.g. the layer before the ReLU, pre_activation=True for SAEs)"
+            )
+    if grad is None or not bool(grad.abs().sum() > 0):
+        raise UserValueError(
+            f"phi of {objective.name} does not depend on the image: no gradient reaches "
+            "the input, so guidance cannot change anything; pick a layer on the path from the "
+            "input (and check the model for detach()/no_grad)"
+        )
+
+
+def check_devices(objective, device: torch.device) -> None:
+    """Refuse a subject on another device than the prior, naming both."""
+    for _, obj in objective.terms():
+        model = obj.model
+        p = next(model.parameters(), None) if model is not None else None
+        if p is not None and p.device != device:
+            raise UserValueError(
+                f"the subject {type(model).__name__} is on {p.device} but the prior on "
+                f"{device}; move one of them (model.to('{device}') or "
+                f"prior.to('{p.device}'))"
+            )
+
+
+_SHAPE_WORDS = re.compile(
+    r"shape|size|dimension|channels|mat1|expected input|must match", re.IGNORECASE
+)
+
+
+def raise_if_shape_mismatch(err: RuntimeError, prior) -> None:
+    """The subject's first forward on prior-sized images failed for its input shape: say so in
+    one line with the fix (a user mistake, not a bug)."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    if _SHAPE_WORDS.search(first):
+        c, (h, w) = prior.image_channels, prior.image_size
+        raise UserValueError(
+            f"the subject cannot take the prior's {c}x{h}x{w} images ({first[:200]}); give the "
+            "objective a Preprocess that resizes to the subject's input size "
+            "(preprocess=Preprocess(size=...)) or use a prior of that size"
+        ) from err

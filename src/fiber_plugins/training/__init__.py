@@ -1,0 +1,13 @@
+"""Training: the conditional fiber model's trainer and the one training loop every trainer uses.
+
+- :func:`train_fiber_model` (:mod:`.conditional`): train a
+  :class:`~fiber_plugins.priors.ConditionalFiberModel` p(x | phi(x)) with the fiber loss;
+- :func:`train_loop` and :func:`cosine_lr` (:mod:`.loop`): optimiser, warm-up + cosine schedule,
+  gradient clipping, EMA, progress bar and a :class:`TrainingRecord`; the shipped models'
+  trainers (:mod:`fiber_plugins.zoo.training`) run on it too.
+"""
+
+from .conditional import DEFAULT_UNET, train_fiber_model
+from .loop import TrainingRecord, cosine_lr, train_loop
+
+__all__ = ["train_fiber_model", "DEFAULT_UNET", "train_loop", "TrainingRecord", "cosine_lr"]

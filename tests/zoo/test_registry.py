@@ -1,0 +1,58 @@
+"""The zoo's one table: register_model fills it, list_models / load / asset_dir read it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fiber_plugins import zoo
+from fiber_plugins.errors import MissingFileError
+from fiber_plugins.zoo import _registry
+
+
+@pytest.fixture
+def scratch_entry():
+    """Register a model for one test and take it out again."""
+    names = []
+
+    def add(name, **kw):
+        names.append(name)
+        return zoo.register_model(name, **kw)
+
+    yield add
+    for name in names:
+        _registry._MODELS.pop(name, None)
+
+
+def test_every_registered_model_is_listed_and_documented():
+    names = zoo.list_models()
+    assert names[:2] == ["color-mnist-prior", "color-mnist-prior-ood"] and len(names) == 9
+    assert zoo.NAMES == tuple(names)
+    for name in names:
+        entry = zoo.model_entry(name)
+        assert entry.summary and f"``{name}``" in zoo.__doc__
+        assert entry.folder.startswith("color_mnist/") and entry.train
+
+
+def test_a_registered_loader_is_what_load_calls(scratch_entry):
+    @scratch_entry("scratch-model", folder="color_mnist/classifier", train="classifier")
+    def scratch(folder, device):
+        """a test model"""
+        return ("loaded", folder.name, device)
+
+    assert "scratch-model" in zoo.list_models()
+    assert zoo.load("scratch-model", device="cpu") == ("loaded", "classifier", "cpu")
+    with pytest.raises(ValueError, match="'scratch-model' is registered twice"):
+        scratch_entry("scratch-model", folder="x", train="x")(scratch)
+
+
+def test_missing_weights_name_the_training_command(scratch_entry):
+    scratch_entry("scratch-subject", folder="color_mnist/not-there", train="autoencoder")(
+        lambda folder, device: None
+    )
+    with pytest.raises(MissingFileError, match="fiber-plugins train autoencoder"):
+        zoo.load("scratch-subject")
+
+
+def test_unknown_name_lists_the_table():
+    with pytest.raises(KeyError, match="closest: 'color-mnist-vit'.*available: \\['color-mnist"):
+        zoo.load("color-mnist-vt")
