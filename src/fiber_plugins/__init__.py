@@ -33,6 +33,7 @@ from .samplers import (
     PixelInversionConfig,
     PixelInversionSampler,
     refine_latent,
+    sample_fiber,
 )
 from .training import train_fiber_model
 
@@ -64,32 +65,3 @@ __all__ = [
     "sample_fiber",
     "__version__",
 ]
-
-
-def sample_fiber(
-    prior,
-    objective: FiberObjective,
-    references=None,
-    targets=None,
-    n: int = 4,
-    seed: int = 0,
-    batch_size: int | None = None,
-    progress: bool = True,
-    **ndtm_settings,
-) -> FiberResult:
-    """One call: NDTM fiber samples of ``objective`` for each reference (or explicit target).
-
-    ``prior`` is a :class:`DiffusionPrior` or anything :func:`load_prior` accepts;
-    ``ndtm_settings`` are :class:`NDTMConfig` fields (num_steps, inner_steps, guidance, ...).
-    """
-    if not isinstance(prior, DiffusionPrior):
-        prior = load_prior(prior)
-    sampler = NDTMSampler(prior, objective, NDTMConfig.from_dict(ndtm_settings))
-    return sampler.sample(
-        references=references,
-        targets=targets,
-        n=n,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )

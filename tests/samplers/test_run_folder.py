@@ -348,3 +348,17 @@ def test_seeds_are_per_row_and_batching_changes_only_round_off(pixel_prior, subj
         assert float((b.images - a.images).abs().max()) < 2e-3
         rel = (b.fiber_loss - a.fiber_loss).abs() / a.fiber_loss.abs()
         assert float(rel.max()) < 1e-2
+
+
+def test_sample_fiber_one_call_from_a_prior_folder(pixel_prior_dir, pixel_prior, subject, tmp_path):
+    objective = fp.FiberObjective(subject)
+    kw = dict(references=_refs(), n=2, seed=1, progress=False)
+    res = fp.sample_fiber(
+        str(pixel_prior_dir), objective, out=tmp_path / "run", num_steps=3, inner_steps=1, **kw
+    )
+    same = _sampler(pixel_prior, subject, num_steps=3, inner_steps=1, lr_start=0.05, lr_end=0.01)
+    assert torch.equal(res.images, same.sample(**kw).images)
+    assert res.config["settings"]["num_steps"] == 3
+    assert torch.equal(fp.FiberResult.load(tmp_path / "run").images, res.images)
+    with pytest.raises(UserError, match="unknown NDTM settings"):
+        fp.sample_fiber(pixel_prior, objective, n=1, steps=3, **{"references": _refs()})

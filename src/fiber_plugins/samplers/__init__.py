@@ -6,7 +6,7 @@ from .config import GUIDANCE_SCHEDULES, GuidanceSchedule, NDTMConfig
 from .dps import DPSConfig, DPSSampler
 from .engine import FiberSampler
 from .inversion import PixelInversionConfig, PixelInversionSampler, total_variation
-from .ndtm import NDTMSampler
+from .ndtm import NDTMSampler, sample_fiber
 from .noise_opt import NoiseOptConfig, NoiseOptSampler
 from .refine import LatentRefineConfig, refine_latent
 from .result import FiberResult
@@ -29,5 +29,6 @@ __all__ = [
     "GuidanceSchedule",
     "GUIDANCE_SCHEDULES",
     "FiberResult",
+    "sample_fiber",
     "load_image",
 ]

@@ -146,3 +146,57 @@ class NDTMSampler(FiberSampler):
         x_g = (x + gamma * u).detach()
         batch.fail(alive & ~finite_rows(x_g), f"non-finite guided state x_t + gamma u {at}")
         return x_g, fl
+
+
+def sample_fiber(
+    prior,
+    objective,
+    references=None,
+    targets=None,
+    n: int = 4,
+    seed: int = 0,
+    batch_size: int | str | None = None,
+    progress: bool = True,
+    out=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    **ndtm_settings,
+):
+    """One call: NDTM fiber samples of ``objective`` for each reference (or explicit target).
+
+    Parameters
+    ----------
+    prior:
+        A :class:`~fiber_plugins.DiffusionPrior`, or a folder / Hub id for
+        :func:`~fiber_plugins.load_prior`.
+    objective:
+        The :class:`~fiber_plugins.FiberObjective`.
+    references, targets, n, seed, batch_size, progress, out, resume, overwrite:
+        As in :meth:`FiberSampler.sample <fiber_plugins.samplers.engine.FiberSampler.sample>`.
+    ndtm_settings:
+        :class:`NDTMConfig` fields (``num_steps``, ``inner_steps``, ``guidance``, ...).
+
+    Returns
+    -------
+    FiberResult: images (R, n, C, H, W) in [0, 1], fiber_loss (R, n), ...
+
+    Examples
+    --------
+    >>> result = sample_fiber("path/to/prior", objective, ["cat.png"], n=8)  # doctest: +SKIP
+    """
+    from ..priors import DiffusionPrior, load_prior
+
+    if not isinstance(prior, DiffusionPrior):
+        prior = load_prior(prior)
+    sampler = NDTMSampler(prior, objective, NDTMConfig.from_dict(ndtm_settings))
+    return sampler.sample(
+        references=references,
+        targets=targets,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+    )
