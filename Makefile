@@ -39,7 +39,7 @@ $(SAELENS_STAMP): $(STAMP) Makefile
 saelens-overlay: $(SAELENS_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fiber-plugins demo --out $(DEMO_OUT)
+	$(BIN)/fiber-plugins demo --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP) $(SAELENS_STAMP)
 	$(BIN)/python -m pytest -q
