@@ -12,7 +12,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import MissingFileError, RunInterrupted, UserError, UserValueError
+from ..errors import (
+    MissingExtraError,
+    MissingFileError,
+    RunInterrupted,
+    UserError,
+    UserValueError,
+)
 
 
 def _load_prior(spec: str, device: str | None):
@@ -160,7 +166,12 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     with objective.attached():
         evaluate_run(result, objective, out)
-    report = write_report(out, result)
+    try:
+        report = write_report(out, result)
+    except MissingExtraError as err:  # the samples are written; only the page needs plots
+        print(f"wrote {out / 'grid.png'}, samples.safetensors, metrics.json, evaluation.json")
+        print(f"no report.html: {err}")
+        return 0
     print(f"wrote {out / 'grid.png'}, samples.safetensors, metrics.json, evaluation.json, {report}")
     return 0
 

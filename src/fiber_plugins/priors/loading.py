@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -160,10 +161,21 @@ def _load_model(folder: Path, default_class: str | None = None):
         raise UserValueError(f"{cfg_file} names unknown diffusers class {cls_name!r}")
     try:
         return cls.from_pretrained(folder, use_safetensors=True)
-    except (OSError, ValueError) as err:  # a config.json that does not match its weights, ...
+    except (OSError, ValueError, RuntimeError) as err:
+        # a config.json that does not match its weights: a ValueError with accelerate
+        # installed, torch's "Error(s) in loading state_dict" RuntimeError without it
+        if isinstance(err, RuntimeError) and "loading state_dict" not in str(err):
+            raise
         # the first sentence only: diffusers goes on to suggest ignore_mismatched_sizes=True,
         # which would leave random weights in the prior
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:300]
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        if isinstance(err, RuntimeError) and len(lines) > 1:
+            lines = lines[1:]  # the first mismatching tensor, not the header
+            m = re.match(r"size mismatch for (\S+): copying a param with shape (.+) from "
+                         r"checkpoint, the shape in current model is (.+?)\.?$", lines[0])
+            if m:  # said as the accelerate path says it
+                lines[0] = f"{m.group(1)}: weights of shape {m.group(2)}, expected shape {m.group(3)}"
+        first = (lines or [type(err).__name__])[0].split(". ")[0][:300]
         raise UserValueError(
             f"diffusers cannot load {str(folder)!r} as {cls_name} ({first}); its config.json "
             "and weights must come from one save_pretrained"
