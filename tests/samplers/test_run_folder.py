@@ -362,3 +362,13 @@ def test_sample_fiber_one_call_from_a_prior_folder(pixel_prior_dir, pixel_prior,
     assert torch.equal(fp.FiberResult.load(tmp_path / "run").images, res.images)
     with pytest.raises(UserError, match="unknown NDTM settings"):
         fp.sample_fiber(pixel_prior, objective, n=1, steps=3, **{"references": _refs()})
+
+
+def test_every_sampler_writes_its_own_config_entries_into_the_run(pixel_prior, subject, tmp_path):
+    """NoiseOptSampler took no out= before, and its config["iterations"] never reached disk."""
+    s = fp.NoiseOptSampler(
+        pixel_prior, fp.FiberObjective(subject), num_steps=2, max_iters=2, threshold=None
+    )
+    res = s.sample(references=_refs(), n=1, out=tmp_path / "run", progress=False)
+    assert res.config["iterations"] == [[2], [2]]
+    assert fp.FiberResult.load(tmp_path / "run").config["iterations"] == [[2], [2]]

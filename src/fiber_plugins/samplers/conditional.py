@@ -99,14 +99,13 @@ class ConditionalFiberSampler(FiberSampler):
                 f"(fingerprint {fp}); retrain the fiber model for this subject"
             )
 
-    def sample(self, *args, **kwargs):
-        result = super().sample(*args, **kwargs)
+    def annotate(self, result) -> None:
+        """``config["fiber_model"]``: what the conditional model was trained with."""
         info = self.prior.info
         result.config["fiber_model"] = {
             k: info.get(k)
             for k in ("objective", "fiber_weight", "fiber_t_max", "steps", "subject_fingerprint")
         }
-        return result
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
         cfg, model = self.config, self.prior

@@ -77,6 +77,11 @@ class FiberSampler(abc.ABC):
         from given images instead."""
         return randn_rows(generators, self.prior.latent_shape, self.device)
 
+    def annotate(self, result: FiberResult) -> None:
+        """Add the algorithm's own entries to ``result.config`` before the run is written
+        (default: none)."""
+        return None
+
     def num_trace_steps(self) -> int:
         return self.config.num_steps
 
@@ -307,6 +312,7 @@ class FiberSampler(abc.ABC):
             targets=y.cpu().value,
             reasons=store.reasons,
         )
+        self.annotate(result)
         if store.folder is not None:
             if mode == "resume":
                 result.wall_time += float(store.folder.manifest.get("wall_time_s", 0.0))

@@ -178,7 +178,7 @@ def sample_fiber(
 
     Returns
     -------
-    FiberResult: images (R, n, C, H, W) in [0, 1], fiber_loss (R, n), ...
+    FiberResult: images (R, n, C, H, W) in [0, 1], fiber_loss (R, n), loss_trace (R, n, T).
 
     Examples
     --------

@@ -141,20 +141,10 @@ class NoiseOptSampler(FiberSampler):
         """One iteration through the whole chain (memory does not grow with iterations)."""
         return replace(self.config, max_iters=1, threshold=None)
 
-    def sample(
-        self,
-        references=None,
-        targets=None,
-        n: int = 4,
-        seed: int = 0,
-        batch_size: int | str | None = None,
-        progress: bool = True,
-    ) -> FiberResult:
-        """As :meth:`FiberSampler.sample`; adds ``config["iterations"]`` (R, M): the
-        iterations each row ran before reaching ``threshold`` (or ``max_iters``)."""
-        result = super().sample(references, targets, n, seed, batch_size, progress)
+    def annotate(self, result: FiberResult) -> None:
+        """``config["iterations"]`` (R, M): the iterations each row ran before reaching
+        ``threshold`` (or ``max_iters``)."""
         result.config["iterations"] = torch.isfinite(result.loss_trace).sum(-1).tolist()
-        return result
 
     # ------------------------------------------------------------------ the chain
     def _transition(self, x: torch.Tensor, step: Step, noise: torch.Tensor | None) -> torch.Tensor:
