@@ -467,7 +467,123 @@ def flops_only(args) -> list[dict]:
     return out
 
 
-def run_workload(wl: Workload, args, device: torch.device) -> dict:
+class Budget:
+    """The harness's wall-clock budget (``--budget-s``): optional steps are skipped, with the
+    reason recorded, when the time they are expected to take is no longer left."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.t0 = time.perf_counter()
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - (time.perf_counter() - self.t0)
+
+    def allows(self, expected_s: float) -> bool:
+        return self.left() >= expected_s
+
+
+def _guarded(rec: dict, name: str, fn: Callable[[], object], device: torch.device):
+    """Run one measurement; an exception is recorded under ``rec['errors'][name]`` and printed,
+    and the harness goes on with the next one (one failed variant must not lose the run)."""
+    import traceback
+
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded and reported, never silent
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        rec.setdefault("errors", {})[name] = msg
+        print(f"[{rec['workload']}] {name} FAILED: {msg}", flush=True)
+        traceback.print_exc()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def _skip(rec: dict, name: str, why: str) -> None:
+    rec.setdefault("skipped", {})[name] = why
+    print(f"[{rec['workload']}] {name} skipped: {why}", flush=True)
+
+
+def batch_sweep(wl: Workload, target, batches, autocast, device, repeats) -> list[dict]:
+    """Time the networks alone (one inner step: prior -> decode -> subject, fwd + input grad)
+    at each batch size; ms per image and peak memory, or the error (out of memory)."""
+    out = []
+    for b in batches:
+        row: dict = {"batch": b}
+        try:
+            chain, _, _ = _floor_fns(wl, target, b, autocast)
+            with wl.objective.attached(), PeakMemory(device) as mem:
+                t = _time(chain, device, repeats)
+            row.update(inner_step_ms_per_image=1e3 * t / b, peak_mem_gib=mem.value_gib)
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            row["error"] = "out of memory"
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(
+            f"[{wl.name}] sweep batch {b}: "
+            + (
+                row.get("error")
+                or f"{row['inner_step_ms_per_image']:.2f} ms/image, "
+                f"{_fmt(row['peak_mem_gib'], '.3g')} GiB"
+            ),
+            flush=True,
+        )
+        out.append(row)
+        if "error" in row:
+            break  # larger batches will not fit either
+    return out
+
+
+def best_batch(sweep: list[dict], tolerance: float = 0.03) -> int | None:
+    """The smallest batch within ``tolerance`` of the fastest ms per image in the sweep."""
+    ok = [r for r in sweep if "error" not in r]
+    if not ok:
+        return None
+    fastest = min(r["inner_step_ms_per_image"] for r in ok)
+    return min(r["batch"] for r in ok if r["inner_step_ms_per_image"] <= fastest * (1 + tolerance))
+
+
+def _derive(rec: dict) -> None:
+    """The columns computed from the timings: samples/h, TFLOP/s, speedup vs naive, x floor."""
+    methods = rec["methods"]
+    flops = rec["flops"]["ndtm_TFLOP_per_sample"]
+    for m in methods.values():
+        s = m["s_per_sample"]
+        m["samples_per_hour"] = 3600.0 / s if s > 0 else math.inf
+        m["TFLOP_per_sample"] = flops
+        m["TFLOP_per_s"] = flops / s if s > 0 else math.inf
+    for name, m in methods.items():
+        if not name.startswith("engine"):
+            continue
+        if "naive" in methods:
+            m["speedup_vs_naive"] = methods["naive"]["s_per_sample"] / m["s_per_sample"]
+        if "floor" in methods:
+            m["x_floor"] = m["s_per_sample"] / methods["floor"]["s_per_sample"]
+
+
+def run_workload(
+    wl: Workload,
+    args,
+    device: torch.device,
+    budget: Budget | None = None,
+    save: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measure one workload: FLOPs, naive, (batch sweep), engine, floor, variants.
+
+    ``save(rec)`` is called after every measurement, so a run stopped from outside keeps what it
+    measured. Variants are skipped (with the reason) when ``budget`` has too little time left.
+    """
+    budget = budget or Budget(None)
+    save = save or (lambda rec: None)
     T, N, B = args.steps, args.inner_steps, args.batch_size
     autocast = {"auto": device.type == "cuda", "on": True, "off": False}[args.autocast]
     cfg = fp.NDTMConfig(num_steps=T, inner_steps=N, autocast=autocast)
@@ -496,113 +612,162 @@ def run_workload(wl: Workload, args, device: torch.device) -> dict:
 
     # FLOPs at batch 1 (the NDTM work of one sample)
     rec["flops"] = count_flops(wl, target, T, N, autocast)
-    flops_sample = rec["flops"]["ndtm_TFLOP_per_sample"] * 1e12
+
+    def finish():  # the derived columns, recomputed after every measurement
+        _derive(rec)
+        save(rec)
 
     # (a) naive
+    naive_imgs = None
     if args.naive_samples > 0:
-        warm = dataclasses.replace(cfg, num_steps=1, autocast=False)
-        naive_sample(prior, obj, target, warm, args.seed, 0)
-        imgs = []
+
+        def naive():
+            warm = dataclasses.replace(cfg, num_steps=1, autocast=False)
+            naive_sample(prior, obj, target, warm, args.seed, 0)
+            imgs = []
+            with PeakMemory(device) as mem:
+                _sync(device)
+                t0 = time.perf_counter()
+                for m in range(args.naive_samples):
+                    imgs.append(naive_sample(prior, obj, target, cfg, args.seed, m))
+                _sync(device)
+                dt = time.perf_counter() - t0
+            methods["naive"] = {
+                "batch": 1,
+                "s_per_sample": dt / args.naive_samples,
+                "peak_mem_gib": mem.value_gib,
+                "precision": "fp32",
+            }
+            return torch.stack(imgs)
+
+        naive_imgs = _guarded(rec, "naive", naive, device)
+        finish()
+
+    # (a') batch sweep of the networks alone: the engine runs at the best batch found
+    if args.batch_sweep:
+        sweep = _guarded(
+            rec,
+            "batch sweep",
+            lambda: batch_sweep(
+                wl, target, args.batch_sweep, autocast, device, max(1, args.floor_repeats - 2)
+            ),
+            device,
+        )
+        if sweep:
+            rec["batch_sweep"] = sweep
+            found = best_batch(sweep)
+            if found is not None:
+                B = found
+                rec["settings"]["batch_size"] = B
+                print(f"[{wl.name}] best batch from the sweep: {B}", flush=True)
+        save(rec)
+    samples = args.samples if not args.batch_sweep else max(args.samples, B)
+    rec["settings"]["samples"] = samples
+    run_args = argparse.Namespace(**{**vars(args), "batch_size": B, "samples": samples})
+
+    # (b) engine
+    def engine_row():
+        sampler = fp.NDTMSampler(prior, obj, cfg)
+        fp.NDTMSampler(prior, obj, dataclasses.replace(cfg, num_steps=1)).sample(
+            targets=target, n=min(B, samples), batch_size=B, seed=args.seed, progress=False
+        )
         with PeakMemory(device) as mem:
             _sync(device)
             t0 = time.perf_counter()
-            for m in range(args.naive_samples):
-                imgs.append(naive_sample(prior, obj, target, cfg, args.seed, m))
+            result = sampler.sample(
+                targets=target, n=samples, batch_size=B, seed=args.seed, progress=False
+            )
             _sync(device)
             dt = time.perf_counter() - t0
-        methods["naive"] = {
-            "batch": 1,
-            "s_per_sample": dt / args.naive_samples,
+        methods["engine"] = {
+            "batch": min(B, samples),
+            "s_per_sample": dt / samples,
             "peak_mem_gib": mem.value_gib,
-            "precision": "fp32",
+            "precision": "bf16 autocast" if rec["settings"]["engine_autocast_bf16"] else "fp32",
+            "failed": int(result.failed.sum()),
+            "final_fiber_loss_median": float(result.fiber_loss.nanmedian()),
         }
-        naive_imgs = torch.stack(imgs)
+        if naive_imgs is not None:
+            k = min(args.naive_samples, samples)
+            diff = (naive_imgs[:k] - result.images[0, :k]).abs().max()
+            rec["naive_vs_engine_max_abs_diff"] = float(diff)
 
-    # (b) engine
-    sampler = fp.NDTMSampler(prior, obj, cfg)
-    fp.NDTMSampler(prior, obj, dataclasses.replace(cfg, num_steps=1)).sample(
-        targets=target, n=min(B, args.samples), batch_size=B, seed=args.seed, progress=False
-    )
-    with PeakMemory(device) as mem:
-        _sync(device)
-        t0 = time.perf_counter()
-        result = sampler.sample(
-            targets=target, n=args.samples, batch_size=B, seed=args.seed, progress=False
-        )
-        _sync(device)
-        dt = time.perf_counter() - t0
-    methods["engine"] = {
-        "batch": min(B, args.samples),
-        "s_per_sample": dt / args.samples,
-        "peak_mem_gib": mem.value_gib,
-        "precision": "bf16 autocast" if rec["settings"]["engine_autocast_bf16"] else "fp32",
-        "failed": int(result.failed.sum()),
-        "final_fiber_loss_median": float(result.fiber_loss.nanmedian()),
-    }
-    if args.naive_samples > 0:
-        k = min(args.naive_samples, args.samples)
-        diff = (naive_imgs[:k] - result.images[0, :k]).abs().max()
-        rec["naive_vs_engine_max_abs_diff"] = float(diff)
+    _guarded(rec, "engine", engine_row, device)
+    finish()
 
     # (c) floor: the networks alone at the engine's batch size, multiplied out to NDTM's cost
-    Bf = methods["engine"]["batch"]
-    chain, fwd, parts = _floor_fns(wl, target, Bf, autocast)
-    with obj.attached(), PeakMemory(device) as mem:
-        t_inner = _time(chain, device, args.floor_repeats)
-        t_fwd = _time(fwd, device, args.floor_repeats)
-    with obj.attached():
-        comps = {k: 1e3 * _time(f, device, args.floor_repeats) / Bf for k, f in parts.items()}
-    methods["floor"] = {
-        "batch": Bf,
-        "s_per_sample": T * (N * t_inner + t_fwd) / Bf,
-        "peak_mem_gib": mem.value_gib,
-        "precision": methods["engine"]["precision"],
-        "inner_step_ms_per_image": 1e3 * t_inner / Bf,
-        "prior_fwd_ms_per_image": 1e3 * t_fwd / Bf,
-    }
-    rec["floor_components_ms_per_image"] = comps
+    def floor_row():
+        Bf = min(B, samples)
+        chain, fwd, parts = _floor_fns(wl, target, Bf, autocast)
+        with obj.attached(), PeakMemory(device) as mem:
+            t_inner = _time(chain, device, args.floor_repeats)
+            t_fwd = _time(fwd, device, args.floor_repeats)
+        with obj.attached():
+            comps = {k: 1e3 * _time(f, device, args.floor_repeats) / Bf for k, f in parts.items()}
+        methods["floor"] = {
+            "batch": Bf,
+            "s_per_sample": T * (N * t_inner + t_fwd) / Bf,
+            "peak_mem_gib": mem.value_gib,
+            "precision": "bf16 autocast" if rec["settings"]["engine_autocast_bf16"] else "fp32",
+            "inner_step_ms_per_image": 1e3 * t_inner / Bf,
+            "prior_fwd_ms_per_image": 1e3 * t_fwd / Bf,
+        }
+        rec["floor_components_ms_per_image"] = comps
+
+    _guarded(rec, "floor", floor_row, device)
+    finish()
 
     # (d) engine variants: one speed setting changed each, on a copy of the prior
     for variant in args.variants:
-        methods[f"engine[{variant}]"] = run_variant(wl, args, device, cfg, target, variant)
-
-    for m in methods.values():
-        s = m["s_per_sample"]
-        m["samples_per_hour"] = 3600.0 / s if s > 0 else math.inf
-        m["TFLOP_per_sample"] = flops_sample / 1e12
-        m["TFLOP_per_s"] = flops_sample / 1e12 / s if s > 0 else math.inf
-    for name, m in methods.items():
-        if not name.startswith("engine"):
-            continue
-        if "naive" in methods:
-            m["speedup_vs_naive"] = methods["naive"]["s_per_sample"] / m["s_per_sample"]
-        m["x_floor"] = m["s_per_sample"] / methods["floor"]["s_per_sample"]
+        add_variant(wl, rec, run_args, device, cfg, target, variant, budget, finish)
     return rec
 
 
+def add_variant(wl, rec, args, device, cfg, target, variant, budget, finish) -> None:
+    """One engine variant into ``rec`` (timed, skipped for lack of time, or its error)."""
+    name = f"engine[{variant}]"
+    engine = rec["methods"].get("engine")
+    one_run = engine["s_per_sample"] * args.samples if engine else 60.0
+    # warm-up + timed run; compiling costs extra time up front (est. --compile-estimate-s)
+    expected = 1.1 * one_run + (args.compile_estimate_s if "compile-blocks" in variant else 0)
+    if not budget.allows(expected):
+        _skip(
+            rec, name, f"needs ~{expected:.0f} s, {max(budget.left(), 0):.0f} s of the budget left"
+        )
+        finish()
+        return
+    row = _guarded(rec, name, lambda: run_variant(wl, args, device, cfg, target, variant), device)
+    if row is not None:
+        rec["methods"][name] = row
+    finish()
+
+
 def run_variant(wl: Workload, args, device, cfg, target, variant: str) -> dict:
-    """The engine with one speed setting changed, timed like the plain engine row."""
+    """The engine with one speed setting changed (or several joined by '+', e.g.
+    ``bf16-weights+channels-last``), timed like the plain engine row."""
     prior = wl.prior
     batch: int | str = args.batch_size
     compile_s = None
     precision = "bf16 autocast" if cfg.autocast else "fp32"
-    if variant in ("bf16-weights", "channels-last", "compile-blocks", "checkpointing"):
+    settings = variant.split("+")
+    if set(settings) & {"bf16-weights", "channels-last", "compile-blocks", "checkpointing"}:
         prior = copy.deepcopy(wl.prior)
-    if variant == "bf16-weights":
-        prior.accelerate(weights="bf16")
-        precision = "bf16 weights"
-    elif variant == "channels-last":
-        prior.accelerate(channels_last=True)
-    elif variant == "compile-blocks":
+    if "compile-blocks" in settings:
         torch._dynamo.reset()
-        prior.accelerate(compile="blocks", compile_backend=args.compile_backend)
-    elif variant == "checkpointing":
-        prior.accelerate(checkpointing=True)
-    elif variant == "auto-batch":
+    prior.accelerate(
+        weights="bf16" if "bf16-weights" in settings else None,
+        channels_last=True if "channels-last" in settings else None,
+        compile="blocks" if "compile-blocks" in settings else "keep",
+        compile_backend=args.compile_backend,
+        checkpointing=True if "checkpointing" in settings else None,
+    )
+    if "bf16-weights" in settings:
+        precision = "bf16 weights"
+    if "auto-batch" in settings:
         batch = "auto"
     sampler = fp.NDTMSampler(prior, wl.objective, cfg)
     n = args.samples
-    warm_n = n if variant == "auto-batch" else min(args.batch_size, n)
+    warm_n = n if "auto-batch" in settings else min(args.batch_size, n)
     t0 = time.perf_counter()
     # warm-up (compiles the blocks for compile-blocks: forward and backward at this batch)
     warm = fp.NDTMSampler(prior, wl.objective, dataclasses.replace(cfg, num_steps=1))
@@ -610,7 +775,7 @@ def run_variant(wl: Workload, args, device, cfg, target, variant: str) -> dict:
         targets=target, n=warm_n, batch_size=batch, seed=args.seed, progress=False
     )
     _sync(device)
-    if variant == "compile-blocks":
+    if "compile-blocks" in settings:
         compile_s = time.perf_counter() - t0
     with PeakMemory(device) as mem:
         _sync(device)
@@ -737,8 +902,8 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
     ]
     for rec in records:
         params = ", ".join(f"{k} {v:.1f}M" for k, v in rec["params_M"].items())
-        comps = ", ".join(f"{k} {v:.3g}" for k, v in rec["floor_components_ms_per_image"].items())
         fl = rec["flops"]
+        methods = rec["methods"]
         lines += [
             f"## {rec['workload']}",
             "",
@@ -746,9 +911,34 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
             f"- FLOPs: inner step {fl['inner_step_TFLOP']:.4g} TFLOP, prior fwd "
             f"{fl['prior_fwd_TFLOP']:.4g} TFLOP per image; NDTM {fl['ndtm_TFLOP_per_sample']:.4g} "
             f"TFLOP/sample (the naive code executes {fl['naive_executed_TFLOP_per_sample']:.4g})",
-            f"- floor components, ms per image at batch {rec['methods']['floor']['batch']}: {comps}",
         ]
-        for name, m in rec["methods"].items():
+        if "wall_s" in rec:
+            lines.append(f"- wall time of this workload's measurements: {rec['wall_s']:.0f} s")
+        if rec.get("batch_sweep"):
+            cells = [
+                f"{r['batch']}: "
+                + (
+                    r["error"]
+                    if "error" in r
+                    else f"{r['inner_step_ms_per_image']:.3g} ms/image "
+                    f"({_fmt(r['peak_mem_gib'], '.3g')} GiB)"
+                )
+                for r in rec["batch_sweep"]
+            ]
+            lines.append(
+                "- batch sweep (one inner step, networks alone): "
+                + "; ".join(cells)
+                + f" -> engine batch {rec['settings']['batch_size']}"
+            )
+        if "floor_components_ms_per_image" in rec and "floor" in methods:
+            comps = ", ".join(
+                f"{k} {v:.3g}" for k, v in rec["floor_components_ms_per_image"].items()
+            )
+            lines.append(
+                f"- floor components, ms per image at batch {methods['floor']['batch']}: {comps}"
+            )
+        plain = methods.get("engine", {}).get("final_fiber_loss_median")
+        for name, m in methods.items():
             if name.startswith("engine["):
                 extra = (
                     f"; compile + warm-up {m['compile_and_warmup_s']:.1f} s (not counted)"
@@ -758,8 +948,13 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
                 lines.append(
                     f"- {name}: batch {m['batch']}, median final fiber loss "
                     f"{m['final_fiber_loss_median']:.3g} (plain engine "
-                    f"{rec['methods']['engine']['final_fiber_loss_median']:.3g}){extra}"
+                    f"{_fmt(plain, '.3g')}){extra}"
                 )
+        if "engine" in methods:
+            lines.append(
+                f"- engine: {methods['engine']['failed']} failed rows, median final fiber loss "
+                f"{methods['engine']['final_fiber_loss_median']:.3g}"
+            )
         if "naive_vs_engine_max_abs_diff" in rec:
             lines.append(
                 "- naive vs engine, same x_T: max |image difference| "
@@ -770,6 +965,10 @@ def markdown_report(meta: dict, records: list[dict]) -> str:
                     else "both fp32: should be ~1e-5)"
                 )
             )
+        for name, why in rec.get("skipped", {}).items():
+            lines.append(f"- {name}: skipped, {why}")
+        for name, msg in rec.get("errors", {}).items():
+            lines.append(f"- {name}: FAILED, `{msg}`")
         lines.append("")
     return "\n".join(lines)
 
@@ -806,13 +1005,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated engine variants from {list(VARIANTS)}, 'all' or 'none' "
-        "(default: all on CUDA, none on the CPU)",
+        help=f"comma-separated engine variants from {list(VARIANTS)}, 'all' or 'none'; "
+        "join settings with '+' to combine them (default: all on CUDA, none on the CPU)",
     )
     p.add_argument(
         "--compile-backend",
         default="inductor",
         help="torch.compile backend of the compile-blocks variant (aot_eager: trace only)",
+    )
+    p.add_argument(
+        "--batch-sweep",
+        default=None,
+        help="comma-separated batch sizes: time one inner step of the networks alone at each "
+        "and run the engine at the fastest per image (the smallest within 3%%)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget: variants that would not fit in what is left are skipped "
+        "(recorded with the reason)",
+    )
+    p.add_argument(
+        "--compile-estimate-s",
+        type=float,
+        default=120.0,
+        help="compile time assumed by --budget-s for compile-blocks (default 120)",
+    )
+    p.add_argument(
+        "--variants-last",
+        action="store_true",
+        help="measure every workload's naive/engine/floor first, then the variants in the "
+        "order given, each across the workloads (so --budget-s runs out on the last variant)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
@@ -858,10 +1082,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         variants = list(VARIANTS)
     elif variants == ["none"]:
         variants = []
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if not set(v.split("+")) <= set(VARIANTS)]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}, 'all' or 'none'")
     args.variants = variants
+    sweep = []
+    for part in (args.batch_sweep or "").split(","):
+        part = part.strip()
+        if part:
+            if not part.isdigit() or int(part) < 1:
+                p.error(f"--batch-sweep takes positive integers, got {part!r}")
+            sweep.append(int(part))
+    args.batch_sweep = sorted(set(sweep))
+    if args.budget_s is not None and not args.budget_s > 0:
+        p.error(f"--budget-s must be > 0, got {args.budget_s}")
     for name in ("steps", "inner_steps", "batch_size", "samples", "floor_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -901,25 +1135,14 @@ def main(argv=None) -> dict:
             "workloads": args.workloads,
         },
     }
+    meta["settings"].update(
+        batch_sweep=args.batch_sweep, budget_s=args.budget_s, variants_last=args.variants_last
+    )
     print(f"device: {dev_name} ({device}); torch {torch.__version__}; tiny={args.tiny}")
-    records = []
-    cache: dict = {}
-    for name in args.workloads:
-        t0 = time.perf_counter()
-        wl = build_workload(name, args.tiny, device, cache)
-        params = ", ".join(f"{k} {v:.1f}M params" for k, v in wl.params.items())
-        print(f"[{name}] {wl.description}; {params}", flush=True)
-        rec = run_workload(wl, args, device)
-        rec["wall_s"] = time.perf_counter() - t0
-        records.append(rec)
-        del wl
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    rows = table_rows(records)
-    print()
-    print(text_table(HEADER, rows))
-    out: dict = {"meta": meta, "records": records, "rows": rows}
+    budget = Budget(args.budget_s)
+    out: dict = {"meta": meta}
+    records: list[dict] = []
+    md = js = None
     if not args.no_save:
         if device.type == "cuda":
             stem = f"gpu-{slug(dev_name)}{'-tiny' if args.tiny else ''}-{date}"
@@ -932,10 +1155,74 @@ def main(argv=None) -> dict:
             stem += f"-{slug(tag)}"
         args.out_dir.mkdir(parents=True, exist_ok=True)
         md, js = args.out_dir / f"{stem}.md", args.out_dir / f"{stem}.json"
-        md.write_text(markdown_report(meta, records))
-        js.write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-        print(f"\nwrote {md} and {js.name}")
         out["markdown_path"], out["json_path"] = md, js
+
+    def save(rec: dict | None = None) -> None:
+        """Write the tables now: a run stopped from outside keeps every finished measurement."""
+        if rec is not None and rec not in records:
+            records.append(rec)
+        if md is None:
+            return
+        meta["budget_left_s"] = None if args.budget_s is None else round(budget.left(), 1)
+        for path, text in (
+            (md, markdown_report(meta, records)),
+            (js, json.dumps({"meta": meta, "records": records}, indent=2)),
+        ):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+
+    # --variants-last: every workload's naive/engine/floor first, then the variants one by one
+    # across the workloads, so a budget runs out on the least important measurement
+    later = list(args.variants) if args.variants_last else []
+    run_args = argparse.Namespace(**{**vars(args), "variants": [] if later else args.variants})
+    cache: dict = {}
+    kept: dict[str, Workload] = {}
+    for name in args.workloads:
+        t0 = time.perf_counter()
+        if later:
+            cache = {}  # every workload keeps its own networks for the variants afterwards
+        wl = build_workload(name, args.tiny, device, cache)
+        params = ", ".join(f"{k} {v:.1f}M params" for k, v in wl.params.items())
+        print(f"[{name}] {wl.description}; {params}", flush=True)
+        rec = run_workload(wl, run_args, device, budget, save)
+        rec["wall_s"] = time.perf_counter() - t0
+        save(rec)
+        if later:
+            kept[name] = wl
+        del wl
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    autocast = {"auto": device.type == "cuda", "on": True, "off": False}[args.autocast]
+    cfg = fp.NDTMConfig(num_steps=args.steps, inner_steps=args.inner_steps, autocast=autocast)
+    for variant in later:
+        for rec in records:
+            t0 = time.perf_counter()
+            wl = kept[rec["workload"]]
+            wl_args = argparse.Namespace(
+                **{
+                    **vars(args),
+                    "batch_size": rec["settings"]["batch_size"],
+                    "samples": rec["settings"]["samples"],
+                }
+            )
+
+            def finish(rec=rec):
+                _derive(rec)
+                save()
+
+            target = _random_target(wl, args.seed)
+            add_variant(wl, rec, wl_args, device, cfg, target, variant, budget, finish)
+            rec["wall_s"] = rec.get("wall_s", 0.0) + time.perf_counter() - t0
+    kept.clear()
+    rows = table_rows(records)
+    print()
+    print(text_table(HEADER, rows))
+    out.update(records=records, rows=rows)
+    if md is not None:
+        save()
+        print(f"\nwrote {md} and {js.name}")
     return out
 
 

@@ -4,7 +4,15 @@
 #
 #   bash benchmarks/device/gpu_checks.sh MODE
 #
-# MODE  env           versions, GPU, and that fiber_plugins + diffusers import (seconds)
+# MODE  all           everything that matters in ONE call within $BUDGET_S seconds (default 450):
+#                     env, pytest -m gpu (at most 150 s), then ADM-256 + ResNet50 and DiT-XL/2 +
+#                     SD-VAE + ResNet50 (naive, a batch sweep of the networks alone, the engine at
+#                     the best batch, floor, FLOPs, peak memory), then the variants bf16-weights,
+#                     checkpointing, channels-last, bf16-weights+channels-last and compile-blocks
+#                     (in that order) across both workloads while the
+#                     budget lasts (a variant that would not fit is skipped and recorded). Every
+#                     measurement is written to $OUT as soon as it is taken.
+#       env           versions, GPU, and that fiber_plugins + diffusers import (seconds)
 #       tests         pytest -m gpu (tests/samplers/test_cuda.py)
 #       adm           ADM-256 + ResNet50: naive, engine, floor (no variants)
 #       adm-variants  ADM-256 + ResNet50: engine, floor, variants bf16-weights, channels-last,
@@ -20,14 +28,14 @@
 # call's carry); they are installed into $SITE (default /tmp/site). Tables and logs go to $OUT
 # (the device tool's folder that comes back), or benchmarks/results/device/ when OUT is unset.
 set -euo pipefail
-MODES="env | tests | adm | adm-variants | adm-compile | dit | dit-compile | dinov2 | precision"
+MODES="all | env | tests | adm | adm-variants | adm-compile | dit | dit-compile | dinov2 | precision"
 MODE=${1:?"give a MODE: $MODES"}
 OUT=${OUT:-benchmarks/results/device}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 case "$MODE" in
-    env|tests|adm|adm-variants|adm-compile|dit|dit-compile|dinov2|precision) ;;
+    all|env|tests|adm|adm-variants|adm-compile|dit|dit-compile|dinov2|precision) ;;
     *)
         echo "unknown MODE '$MODE'; choose $MODES" >&2
         exit 2 ;;
@@ -41,7 +49,33 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 HARNESS=("$PY" benchmarks/gpu_ndtm.py --out-dir "$OUT" --steps 50 --inner-steps 4)
 FOUR=bf16-weights,channels-last,checkpointing,auto-batch
 log() { tee "$OUT/$MODE.log"; }
+env_line() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    "$PY" -c "import sys, torch, diffusers, timm, fiber_plugins as fp; \
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', \
+torch.cuda.is_available(), '| diffusers', diffusers.__version__, '| timm', timm.__version__, \
+'| fiber_plugins', fp.__version__)"
+}
 case "$MODE" in
+    all)
+        START=$SECONDS
+        BUDGET_S=${BUDGET_S:-450}
+        {
+            echo "== env"
+            env_line 2>&1 || true
+            echo "== pytest -m gpu (at most 150 s)"
+            timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA \
+                tests/samplers/test_cuda.py 2>&1 || echo "pytest exit status $?"
+            LEFT=$((BUDGET_S - (SECONDS - START) - 15))
+            echo "== harness, budget ${LEFT} s"
+            timeout $((LEFT + 10)) "${HARNESS[@]}" \
+                --workload adm256-resnet50,dit-xl2-sdvae-resnet50 \
+                --batch-size 8 --samples 8 --naive-samples 1 --batch-sweep 4,8,16 \
+                --floor-repeats 3 \
+                --variants bf16-weights,checkpointing,channels-last,bf16-weights+channels-last,compile-blocks \
+                --variants-last --budget-s "$LEFT" --tag all 2>&1 || echo "harness exit status $?"
+            echo "== done in $((SECONDS - START)) s"
+        } | log ;;
     env)
         (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
          "$PY" -c "import sys, torch, diffusers, timm, fiber_plugins as fp; \

@@ -63,10 +63,25 @@ def test_every_timing_mode_passes_arguments_the_harness_accepts():
             if '"${HARNESS[@]}"' not in body:
                 continue
             cmd = body.split('"${HARNESS[@]}"')[1].split("2>&1")[0].replace("\\\n", " ")
-            args = harness.parse_args([*base, *shlex.split(cmd.replace('"$FOUR"', four))])
-            assert len(args.workloads) == 1 and args.steps == 50 and args.inner_steps == 4, mode
+            cmd = cmd.replace('"$FOUR"', four).replace('"$LEFT"', "300")
+            args = harness.parse_args([*base, *shlex.split(cmd)])
+            assert args.steps == 50 and args.inner_steps == 4, mode
+            if mode == "all":  # the one-call mode: both target workloads, every variant, budgeted
+                assert args.workloads == ["adm256-resnet50", "dit-xl2-sdvae-resnet50"]
+                assert args.variants_last and args.budget_s == 300 and args.batch_sweep
+                assert args.variants[-1] == "compile-blocks"  # the longest, so the last
+            else:
+                assert len(args.workloads) == 1, mode
             tags[mode] = args.tag
-        assert set(tags) == {"adm", "adm-variants", "adm-compile", "dit", "dit-compile", "dinov2"}
+        assert set(tags) == {
+            "all",
+            "adm",
+            "adm-variants",
+            "adm-compile",
+            "dit",
+            "dit-compile",
+            "dinov2",
+        }
         assert len(set(tags.values())) == len(tags)  # one file per mode
     finally:
         sys.modules.pop("gpu_ndtm", None)

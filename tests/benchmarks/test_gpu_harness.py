@@ -106,3 +106,55 @@ def test_cli_rejects_unknown_workload(harness):
     assert harness.parse_args(["--device", "cpu", "--variants", "all"]).variants == list(
         harness.VARIANTS
     )
+
+
+def test_best_batch_is_the_smallest_within_tolerance_of_the_fastest(harness):
+    sweep = [
+        {"batch": 4, "inner_step_ms_per_image": 10.0},
+        {"batch": 8, "inner_step_ms_per_image": 8.1},
+        {"batch": 16, "inner_step_ms_per_image": 8.0},
+        {"batch": 32, "error": "out of memory"},
+    ]
+    assert harness.best_batch(sweep) == 8
+    assert harness.best_batch(sweep, tolerance=0.0) == 16
+    assert harness.best_batch([{"batch": 4, "error": "out of memory"}]) is None
+
+
+def test_budget_failures_and_combined_variants_are_recorded_and_saved(
+    harness, tmp_path, monkeypatch
+):
+    """--variants-last with a budget: a variant that fails is recorded with its error and the
+    run goes on; one that does not fit what is left is skipped with the reason; a combined
+    variant applies both settings; the tables on disk hold every finished measurement."""
+    real = harness.run_variant
+
+    def flaky(wl, args, device, cfg, target, variant):
+        if variant == "checkpointing":
+            raise RuntimeError("planted failure\nsecond line")
+        return real(wl, args, device, cfg, target, variant)
+
+    monkeypatch.setattr(harness, "run_variant", flaky)
+    out = harness.main(
+        ["--tiny", "--device", "cpu", "--workload", "adm256-resnet50", "-T", "2", "-N", "1"]
+        + ["--floor-repeats", "1", "--naive-samples", "0", "--batch-sweep", "1,2"]
+        + ["--variants", "channels-last+bf16-weights,checkpointing,compile-blocks"]
+        + ["--variants-last", "--budget-s", "600", "--compile-estimate-s", "1e6"]
+        + ["--out-dir", str(tmp_path)]
+    )
+    (rec,) = out["records"]
+    assert rec["settings"]["batch_size"] == harness.best_batch(rec["batch_sweep"])
+    assert [r["batch"] for r in rec["batch_sweep"]] == [1, 2]
+    combo = rec["methods"]["engine[channels-last+bf16-weights]"]
+    assert combo["precision"] == "bf16 weights" and combo["failed"] == 0
+    assert rec["errors"] == {"engine[checkpointing]": "RuntimeError: planted failure"}
+    assert "engine[checkpointing]" not in rec["methods"]
+    assert "needs ~" in rec["skipped"]["engine[compile-blocks]"]
+    on_disk = json.loads(out["json_path"].read_text())["records"][0]
+    assert on_disk["errors"] == rec["errors"] and on_disk["skipped"] == rec["skipped"]
+    text = out["markdown_path"].read_text()
+    assert "FAILED, `RuntimeError: planted failure`" in text
+    assert "engine[compile-blocks]: skipped" in text and "batch sweep" in text
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--variants", "bf16-weights+turbo"])
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--batch-sweep", "4,x"])
