@@ -25,7 +25,25 @@ class Batch:
     _codes: torch.Tensor | None = None
     _texts: list[str] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def for_rows(cls, rows, generators, x_T: torch.Tensor, targets, ref_latents) -> Batch:
+        """The batch of ``rows`` ((reference, sample) pairs) starting from ``x_T`` (B, *latent):
+        each row's target is its reference's row of ``targets`` (a
+        :class:`~fiber_plugins.objectives.targets.Targets` of R rows), likewise ``ref_latents``
+        (R, *latent) or None; every row alive."""
+        device = x_T.device
+        idx = torch.tensor([r for r, _ in rows], device=device)
+        return cls(
+            rows=list(rows),
+            generators=list(generators),
+            x_T=x_T,
+            target=targets.rows(idx).value,
+            ref_latent=ref_latents[idx] if ref_latents is not None else None,
+            alive=torch.ones(len(rows), dtype=torch.bool, device=device),
+        )
+
     def step_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise like ``like`` (B, ...), each row from its own generator."""
         return randn_rows(self.generators, tuple(like.shape[1:]), like.device, like.dtype)
 
     def fail(self, rows: torch.Tensor, reason: str) -> None:

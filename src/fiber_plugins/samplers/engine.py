@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._utils import randn_rows, row_generator, to_model_range, to_unit_range, warn
+from .._utils import randn_rows, row_generator, to_model_range, to_unit_range
 from ..errors import UserTypeError, UserValueError
-from ..images import as_reference_batch
 from ..objectives.base import FiberObjective
 from ..objectives.targets import Targets
 from ..priors.prior import DiffusionPrior
 from ._common import check_int
 from .batch import Batch
 from .memory import MemoryPolicy
-from .preflight import check_devices, check_gradient_path, raise_if_shape_mismatch
+from .precision import network_autocast, warn_half_on_cpu
+from .preflight import check_devices, reference_targets
 from .result import FiberResult
 from .rows import RowStore, sigterm_as_interrupt
 from .run_folder import check_out_dir
@@ -97,21 +97,9 @@ class FiberSampler(abc.ABC):
     def device(self) -> torch.device:
         return self.prior.device
 
-    def _half_precision(self) -> bool:
-        return self.prior.dtype in (torch.bfloat16, torch.float16) or bool(
-            getattr(self.config, "autocast", False)
-        )
-
     def autocast(self):
-        """Autocast of the networks: bf16 when ``config.autocast`` is set (CUDA, or CPU for
-        tests), and always in the prior's weight dtype when its weights are half precision
-        (``prior.accelerate(weights="bf16")``), so normalisations and softmax stay fp32."""
-        dtype = self.prior.dtype
-        if dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast(self.device.type, dtype=dtype)
-        if getattr(self.config, "autocast", False):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The networks' autocast for this call (:func:`~.precision.network_autocast`)."""
+        return network_autocast(self.prior, bool(getattr(self.config, "autocast", False)))
 
     def fiber_loss(self, images: torch.Tensor, target) -> torch.Tensor:
         """d(phi(images), y*) per sample in fp32: images (B, C, H, W) in [-1, 1], target a
@@ -180,48 +168,12 @@ class FiberSampler(abc.ABC):
         start = time.perf_counter()
         prior = self.prior
         check_devices(self.objective, self.device)
-        if self.device.type == "cpu" and self._half_precision():
-            warn(
-                "bf16/fp16 networks on the CPU: CPUs without native bf16 kernels run them many "
-                "times slower than fp32 (see docs/performance.md); use fp32 on the CPU and keep "
-                "half precision for the GPU"
-            )
+        warn_half_on_cpu(prior, bool(getattr(self.config, "autocast", False)))
         with contextlib.ExitStack() as scope, sigterm_as_interrupt(out is not None):
             memory = MemoryPolicy(prior, scope)  # checkpointing it turns on ends with the call
             return self._sample(
                 references, targets, n, seed, batch_size, progress, start, out, mode, memory
             )
-
-    def _targets(self, references, targets) -> tuple[torch.Tensor | None, Targets]:
-        """(references (R, C, H, W) in [0, 1] or None, targets y* on the device, fp32).
-
-        The subject runs once on the references (or, for explicit targets, once on a grey
-        probe), with a graph, so that the same forward gives y* and the gradient check
-        (:meth:`_check_gradient_path`)."""
-        prior, device = self.prior, self.device
-        if references is not None:
-            refs = as_reference_batch(references, prior.image_size, prior.image_channels)
-            x = to_model_range(refs.to(device)).requires_grad_(True)
-        else:
-            refs = None
-            x = torch.zeros(1, prior.image_channels, *prior.image_size, device=device)
-            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-            x = (x + 0.01 * noise.to(x)).requires_grad_(True)
-        try:
-            with torch.enable_grad(), self.autocast():
-                feats = Targets.of(self.objective.features(x)).float()
-        except RuntimeError as err:
-            raise_if_shape_mismatch(err, prior)
-            raise
-        check_gradient_path(self.objective, x, feats, at_reference=refs is not None)
-        if refs is not None:
-            y = Targets.of(self.objective.target_of(feats.value))
-        else:
-            width = feats.widths
-            y = Targets.of(
-                self.objective.check_target(targets, width if len(width) > 1 else width[0])
-            )
-        return refs, y.float().to(device)
 
     def _config_record(self, seed, batch_size) -> dict:
         return {
@@ -240,7 +192,7 @@ class FiberSampler(abc.ABC):
     ) -> FiberResult:
         prior, device = self.prior, self.device
         with self.objective.attached():
-            refs, y = self._targets(references, targets)
+            refs, y = reference_targets(self, references, targets)
             num_refs = y.num_rows
             if getattr(self.config, "target_mode", "static") == "reapprox" and refs is None:
                 raise UserValueError(
@@ -320,18 +272,8 @@ class FiberSampler(abc.ABC):
         return result
 
     def _run_rows(self, chunk, y, ref_latents, seed, bar):
-        device = self.device
         gens = [row_generator(seed, r, m) for r, m in chunk]
-        x_T = self.initial_state(chunk, gens)
-        idx = torch.tensor([r for r, _ in chunk], device=device)
-        batch = Batch(
-            rows=chunk,
-            generators=gens,
-            x_T=x_T,
-            target=y.rows(idx).value,
-            ref_latent=ref_latents[idx] if ref_latents is not None else None,
-            alive=torch.ones(len(chunk), dtype=torch.bool, device=device),
-        )
+        batch = Batch.for_rows(chunk, gens, self.initial_state(chunk, gens), y, ref_latents)
         img, trace = self.run_batch(batch, bar)
         with torch.no_grad():
             img = img.float().clamp(-1, 1)

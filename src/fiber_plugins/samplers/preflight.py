@@ -1,6 +1,7 @@
-"""Checks before sampling that turn silent no-ops and deep tracebacks into one-line errors:
-the subject is on the prior's device, phi passes a gradient to the image (or is merely inactive
-at the reference), and the subject can take the prior's image size."""
+"""Before sampling: the targets y* of a call, and the checks that turn silent no-ops and deep
+tracebacks into one-line errors: the subject is on the prior's device, phi passes a gradient to
+the image (or is merely inactive at the reference), and the subject can take the prior's image
+size."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import re
 
 import torch
 
+from .._utils import to_model_range
 from ..errors import UserValueError
+from ..images import as_reference_batch
 from ..objectives.targets import Targets
 
 
@@ -73,3 +76,45 @@ def raise_if_shape_mismatch(err: RuntimeError, prior) -> None:
             "objective a Preprocess that resizes to the subject's input size "
             "(preprocess=Preprocess(size=...)) or use a prior of that size"
         ) from err
+
+
+def reference_targets(sampler, references, targets) -> tuple[torch.Tensor | None, Targets]:
+    """The targets of a call, with the checks above.
+
+    Parameters
+    ----------
+    sampler: the :class:`~fiber_plugins.samplers.engine.FiberSampler` (its prior, objective,
+        device and autocast); call inside ``objective.attached()``.
+    references: anything :func:`~fiber_plugins.images.as_reference_batch` reads, or None.
+    targets: explicit targets when ``references`` is None: (K,) or (R, K) (a tuple for sums).
+
+    Returns
+    -------
+    (references (R, C, H, W) in [0, 1] at the prior's size, or None; y* as
+    :class:`~fiber_plugins.objectives.targets.Targets` of R rows, fp32 on the device).
+
+    The subject runs once on the references (or, for explicit targets, once on a grey probe),
+    with a graph, so that the same forward gives y* and the gradient check.
+    """
+    prior, objective, device = sampler.prior, sampler.objective, sampler.device
+    if references is not None:
+        refs = as_reference_batch(references, prior.image_size, prior.image_channels)
+        x = to_model_range(refs.to(device)).requires_grad_(True)
+    else:
+        refs = None
+        x = torch.zeros(1, prior.image_channels, *prior.image_size, device=device)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        x = (x + 0.01 * noise.to(x)).requires_grad_(True)
+    try:
+        with torch.enable_grad(), sampler.autocast():
+            feats = Targets.of(objective.features(x)).float()
+    except RuntimeError as err:
+        raise_if_shape_mismatch(err, prior)
+        raise
+    check_gradient_path(objective, x, feats, at_reference=refs is not None)
+    if refs is not None:
+        y = Targets.of(objective.target_of(feats.value))
+    else:
+        width = feats.widths
+        y = Targets.of(objective.check_target(targets, width if len(width) > 1 else width[0]))
+    return refs, y.float().to(device)

@@ -140,8 +140,7 @@ class FiberResult:
         """Finish ``folder`` with this (complete) result."""
         folder.manifest.update(self._manifest_extra(), wall_time_s=self.wall_time)
         reasons = [
-            [self.reason(r, m) for m in range(self.num_samples)]
-            for r in range(self.num_references)
+            [self.reason(r, m) for m in range(self.num_samples)] for r in range(self.num_references)
         ]
         folder.finish(
             self.images, self.loss_trace, self.fiber_loss, self.failed, reasons, self.metrics()
@@ -181,7 +180,9 @@ class FiberResult:
         images = trace = None
         fiber_loss = torch.full((R, M), math.nan)
         failed = torch.ones(R, M, dtype=torch.bool)
-        reasons: list[list[str | None]] = [["not sampled: the run was interrupted"] * M for _ in range(R)]
+        reasons: list[list[str | None]] = [
+            ["not sampled: the run was interrupted"] * M for _ in range(R)
+        ]
         for r, m, img, tr, loss, bad, why in folder.rows():
             if images is None:
                 images = torch.zeros(R, M, *img.shape)
