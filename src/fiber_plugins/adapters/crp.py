@@ -92,6 +92,8 @@ class CRPObjective(FiberObjective):
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[CRPObjective]:
+        """Attach like :meth:`FiberObjective.attached`, after checking that no zennit composite
+        is registered on the model (its modified gradients would change the fiber loss)."""
         if self.model is not None and self._depth == 0:
             check_no_composite(self.model, self.composite)
         with super().attached():

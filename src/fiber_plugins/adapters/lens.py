@@ -97,6 +97,9 @@ def _token_axis(name: str, hook_point: nn.Module) -> int:
 
 
 def check_token(token: Token) -> Token:
+    """Return ``token`` if it is 'cls', 'mean', 'max', 'all' or an int position; else raise a
+    one-line error naming the choices.
+    """
     if isinstance(token, bool) or not (isinstance(token, int) or token in TOKENS):
         raise UserValueError(
             f"unknown token {token!r}; choose one of {list(TOKENS)} or an int position "
@@ -177,6 +180,9 @@ class HookObjective(FiberObjective):
         self.layer_name = hook_name  # messages quote the user's name, not an internal path
 
     def convert(self, act: torch.Tensor) -> torch.Tensor:
+        """The hook point's own conversion of the raw activation (TransformerBridge's
+        ``hook_conversion``), so values equal ``run_with_cache``; identity elsewhere.
+        """
         conversion = getattr(self.hook_point, "hook_conversion", None)
         return act if conversion is None else conversion.convert(act)
 
@@ -185,6 +191,7 @@ class HookObjective(FiberObjective):
         return select(act, self.hook_index, self.where)
 
     def describe(self) -> dict:
+        """JSON-safe description: the base objective's plus adapter, hook, token and index."""
         out = super().describe()
         out.update(
             adapter=self.adapter,

@@ -1,6 +1,6 @@
 """Fiber objectives: phi, its target y* and the distance d."""
 
-from .base import FiberObjective, WeightedSum, find_module
+from .base import FiberObjective, WeightedSum
 from .distances import DISTANCES, cosine, get_distance, kl_logits, l1, squared_l2
 from .preprocess import IDENTITY, Preprocess
 from .selection import REDUCTIONS, reduce, select
@@ -19,5 +19,4 @@ __all__ = [
     "kl_logits",
     "reduce",
     "select",
-    "find_module",
 ]

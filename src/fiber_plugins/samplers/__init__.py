@@ -1,11 +1,10 @@
 """Samplers on one shared engine."""
 
-from ..images import load_image
 from .conditional import ConditionalConfig, ConditionalFiberSampler
 from .config import GUIDANCE_SCHEDULES, GuidanceSchedule, NDTMConfig
 from .dps import DPSConfig, DPSSampler
 from .engine import FiberSampler
-from .inversion import PixelInversionConfig, PixelInversionSampler, total_variation
+from .inversion import PixelInversionConfig, PixelInversionSampler, total_variation  # noqa: F401 (tests)
 from .ndtm import NDTMSampler, sample_fiber
 from .noise_opt import NoiseOptConfig, NoiseOptSampler
 from .refine import LatentRefineConfig, refine_latent
@@ -23,12 +22,10 @@ __all__ = [
     "ConditionalFiberSampler",
     "ConditionalConfig",
     "PixelInversionConfig",
-    "total_variation",
     "refine_latent",
     "LatentRefineConfig",
     "GuidanceSchedule",
     "GUIDANCE_SCHEDULES",
     "FiberResult",
     "sample_fiber",
-    "load_image",
 ]

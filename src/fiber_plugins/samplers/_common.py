@@ -113,10 +113,14 @@ class SettingsMixin:
     _label = "sampler"
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (JSON-safe; read back by :meth:`from_dict`)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict):
+        """Settings from a dict; unknown keys and invalid values raise one-line errors that name
+        the setting and the valid choices.
+        """
         if not isinstance(d, dict):
             raise UserTypeError(f"{cls._label} settings must be a dict, got {d!r}")
         known = {f.name for f in fields(cls)}

@@ -108,6 +108,12 @@ class ConditionalFiberSampler(FiberSampler):
         }
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
+        """Sample the conditional model p(x | y*) for one batch.
+
+        Returns
+        -------
+        (images (B, C, H, W) in [-1, 1], loss trace (B, T), NaN where not traced).
+        """
         cfg, model = self.config, self.prior
         y = model.check_condition(batch.target)
         steps = model.timesteps(cfg.num_steps)

@@ -78,6 +78,13 @@ class DPSSampler(FiberSampler):
         return replace(self.config, num_steps=1, guidance=1.0)
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
+        """DPS on one batch: each step's update is pushed down the gradient of the fiber loss of
+        x0_hat(x_t).
+
+        Returns
+        -------
+        (images (B, C, H, W) in [-1, 1], fiber-loss trace (B, T)).
+        """
         cfg, prior = self.config, self.prior
         steps = prior.timesteps(cfg.num_steps)
         x = batch.x_T.float()

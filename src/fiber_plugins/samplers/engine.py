@@ -83,6 +83,7 @@ class FiberSampler(abc.ABC):
         return None
 
     def num_trace_steps(self) -> int:
+        """T, the length of each row's loss trace (B, T)."""
         return self.config.num_steps
 
     def probe_config(self):
@@ -95,6 +96,7 @@ class FiberSampler(abc.ABC):
     # ------------------------------------------------------------------ shared helpers
     @property
     def device(self) -> torch.device:
+        """The device the prior (and so the sampling state) is on."""
         return self.prior.device
 
     def autocast(self):

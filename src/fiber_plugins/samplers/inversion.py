@@ -110,6 +110,12 @@ class PixelInversionSampler(FiberSampler):
         return (self.config.init_scale * noise).clamp(-1, 1)
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
+        """Optimise the pixels of one batch (no prior) towards y*.
+
+        Returns
+        -------
+        (images (B, C, H, W) in [-1, 1], fiber-loss trace (B, T) over the iterations).
+        """
         cfg = self.config
         x = self.initial_images(batch)
         alive = batch.alive

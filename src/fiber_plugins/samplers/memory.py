@@ -30,11 +30,13 @@ class CudaMemory:
         self.device, self.fraction = device, fraction
 
     def reset(self) -> None:
+        """Synchronise, free the cache and reset the peak-memory counter of the device."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> int:
+        """Peak bytes allocated on the device since :meth:`reset`."""
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device)
 
@@ -95,6 +97,7 @@ class MemoryPolicy:
 
     @property
     def device(self) -> torch.device:
+        """The prior's device (the memory that is fitted)."""
         return self.prior.device
 
     def batch_size(self, batch_size, num_rows: int, run_probe: Callable[[int], None]) -> int:
@@ -112,6 +115,10 @@ class MemoryPolicy:
         )
 
     def auto_batch_size(self, num_rows: int, run_probe: Callable[[int], None]) -> int:
+        """The largest batch whose measured peak (probe runs at b = 1 and 2, extrapolated
+        linearly) fits the free memory, at most ``num_rows`` and 64; all rows, at most 16, where
+        memory cannot be measured (the CPU).
+        """
         meter = memory_meter(self.device)
         if meter is None:
             return min(num_rows, DEFAULT_MAX_BATCH)

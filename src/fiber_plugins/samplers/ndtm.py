@@ -61,6 +61,13 @@ class NDTMSampler(FiberSampler):
         return Targets.of(feats).float().value
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
+        """NDTM on one batch: at each step, N Adam steps on the control u of x_t + gamma u, then
+        the DDIM update from the guided state.
+
+        Returns
+        -------
+        (images (B, C, H, W) in [-1, 1], fiber-loss trace (B, T) of the last inner step).
+        """
         cfg, prior = self.config, self.prior
         steps = prior.timesteps(cfg.num_steps)
         x = batch.x_T.float()

@@ -135,6 +135,7 @@ class NoiseOptSampler(FiberSampler):
     config_class = NoiseOptConfig
 
     def num_trace_steps(self) -> int:
+        """The trace holds one fiber loss per optimisation iteration."""
         return self.config.max_iters
 
     def probe_config(self) -> NoiseOptConfig:
@@ -183,6 +184,12 @@ class NoiseOptSampler(FiberSampler):
 
     # ------------------------------------------------------------------ the algorithm
     def run_batch(self, batch: Batch, progress: tqdm | None):
+        """Optimise the initial noise x_T of one batch through the (checkpointed) sampler.
+
+        Returns
+        -------
+        (images (B, C, H, W) in [-1, 1], fiber-loss trace (B, iterations)).
+        """
         cfg, prior = self.config, self.prior
         steps = prior.timesteps(cfg.num_steps)
         z = batch.x_T.float()

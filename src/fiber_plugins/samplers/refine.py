@@ -74,9 +74,11 @@ class LatentRefineSampler(FiberSampler):
         self.images01 = images01
 
     def num_trace_steps(self) -> int:
+        """The trace holds one fiber loss per refinement iteration."""
         return self.config.steps + 1
 
     def probe_config(self):
+        """The probe for ``batch_size='auto'``: one refinement iteration."""
         return self.config
 
     def initial_state(self, rows, generators) -> torch.Tensor:
@@ -84,6 +86,12 @@ class LatentRefineSampler(FiberSampler):
         return to_model_range(torch.stack([self.images01[r, m] for r, m in rows]).to(self.device))
 
     def run_batch(self, batch, progress):
+        """Refine the encoded latents of one batch of given images.
+
+        Returns
+        -------
+        (images (B, C, H, W) in [-1, 1], fiber-loss trace (B, iterations)).
+        """
         prior, cfg = self.prior, self.config
         x = batch.x_T
         b = x.shape[0]

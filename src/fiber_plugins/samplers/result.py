@@ -53,17 +53,21 @@ class FiberResult:
 
     @property
     def num_references(self) -> int:
+        """R, the number of references (or explicit targets)."""
         return self.images.shape[0]
 
     @property
     def num_samples(self) -> int:
+        """n, the samples per reference."""
         return self.images.shape[1]
 
     def median_loss(self) -> float:
+        """Median final fiber loss over the samples that did not fail (NaN if all failed)."""
         ok = self.fiber_loss[~self.failed]
         return float(ok.median()) if ok.numel() else math.nan
 
     def summary(self) -> str:
+        """One line: references x samples, median fiber loss, failures, wall time."""
         return (
             f"{self.num_references} reference(s) x {self.num_samples} sample(s): median fiber loss "
             f"{self.median_loss():.4g}, {int(self.failed.sum())} failed, {self.wall_time:.1f} s"
@@ -78,6 +82,9 @@ class FiberResult:
         return "non-finite value during sampling"
 
     def metrics(self) -> dict:
+        """The run's metrics (what ``metrics.json`` holds): per sample its fiber loss, failure and
+        reason, plus the median and the counts.
+        """
         per = []
         for r in range(self.num_references):
             for m in range(self.num_samples):

@@ -121,6 +121,7 @@ def describe_folder(path: Path) -> str:
 
 
 def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds (part of) a run: run.json, samples.safetensors or metrics.json."""
     return any((path / name).exists() for name in (RUN_FILE, SAMPLES_FILE, METRICS_FILE))
 
 
@@ -316,6 +317,7 @@ class RunFolder:
 
     @property
     def index(self) -> list[dict]:
+        """The index entries written so far, one dict per finished row."""
         return list(self._index)
 
     def done(self) -> set[tuple[int, int]]:

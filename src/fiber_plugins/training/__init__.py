@@ -7,7 +7,7 @@
   trainers (:mod:`fiber_plugins.zoo.training`) run on it too.
 """
 
-from .conditional import DEFAULT_UNET, train_fiber_model
-from .loop import TrainingRecord, cosine_lr, train_loop
+from .conditional import train_fiber_model
+from .loop import TrainingRecord, cosine_lr, train_loop  # noqa: F401 (tests)
 
-__all__ = ["train_fiber_model", "DEFAULT_UNET", "train_loop", "TrainingRecord", "cosine_lr"]
+__all__ = ["train_fiber_model", "train_loop", "TrainingRecord"]

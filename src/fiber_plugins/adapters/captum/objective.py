@@ -83,7 +83,9 @@ def _resolve_layer(
             )
         return find_module(root, layer), layer
     if not isinstance(layer, nn.Module):
-        raise UserTypeError(f"layer must be an nn.Module or a dotted name, got {type(layer).__name__}")
+        raise UserTypeError(
+            f"layer must be an nn.Module or a dotted name, got {type(layer).__name__}"
+        )
     if root is None:
         return layer, type(layer).__name__
     names = {id(m): n for n, m in root.named_modules()}

@@ -54,7 +54,9 @@ def _neuron_index(selector: NeuronSelector, where: str):
     if callable(selector):  # select() checks that it keeps the batch dimension
         return selector
     if isinstance(selector, bool):
-        raise UserTypeError(f"neuron_selector must be an int, a tuple or a callable, got {selector!r}")
+        raise UserTypeError(
+            f"neuron_selector must be an int, a tuple or a callable, got {selector!r}"
+        )
     if isinstance(selector, int):
         return selector
     if isinstance(selector, slice):  # not in Captum's types; read as a one-entry tuple
@@ -164,6 +166,9 @@ class PerExampleTargetObjective(FiberObjective):
         return torch.cat(blocks, dim=1)
 
     def target(self, reference: torch.Tensor) -> torch.Tensor:
+        """y* of references (B, C, H, W) in [-1, 1]: (B, K), each row keeping only its own
+        example's selection (the rest NaN, see :meth:`target_of`); B must equal the number of
+        per-example entries."""
         self._check_count(reference.shape[0])
         return super().target(reference)
 
@@ -208,4 +213,5 @@ class PerExampleTargetObjective(FiberObjective):
         return self._base_distance(f_own, t_own)
 
     def describe(self) -> dict:
+        """JSON-safe description: the base objective's plus the per-example targets."""
         return {**super().describe(), "target": repr(self.entries)}

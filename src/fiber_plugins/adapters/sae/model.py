@@ -53,10 +53,12 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def d_in(self) -> int:
+        """Width of the activations the SAE reads."""
         return self.W_enc.shape[0]
 
     @property
     def d_sae(self) -> int:
+        """Number of SAE features."""
         return self.W_enc.shape[1]
 
     def reset_parameters(self) -> None:
@@ -89,6 +91,7 @@ class SparseAutoencoder(nn.Module):
         return features @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of ``x`` (..., d_in): decode(encode(x)), (..., d_in)."""
         return self.decode(self.encode(x))
 
     # ------------------------------------------------------------------ files

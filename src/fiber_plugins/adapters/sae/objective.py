@@ -79,15 +79,20 @@ class SAEObjective(HookObjective):
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[SAEObjective]:
+        """Attach the hook and hold the SAE, like the model, in eval mode without parameter
+        gradients for the block.
+        """
         with super().attached(), frozen(self.sae):
             yield self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # the SAE runs in the selection step, after the model's forward: keep it frozen there too
+        """phi(x): images (B, C, H, W) in [-1, 1] -> selected SAE features (B, K)."""
         with self.attached():
             return super().features(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """SAE features (or pre-activations) of activations (..., d_in) -> (..., d_sae)."""
         dtype = _sae_dtype(self.sae)
         if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
@@ -130,6 +135,8 @@ class SAEObjective(HookObjective):
         return feats
 
     def describe(self) -> dict:
+        """JSON-safe description: the hook objective's plus the SAE's class, its widths and
+        whether pre-activations are matched."""
         out = super().describe()
         out.update(
             sae=type(self.sae).__name__,
