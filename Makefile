@@ -53,6 +53,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m mypy src
 
 clean-venv:
 	rm -rf $(VENV)

@@ -59,8 +59,11 @@ def _undocumented(folder: Path) -> list[str]:
         def walk(node, prefix="", path=path):
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    if child.name.startswith("_"):
-                        continue
+                    if child.name.startswith("_") or any(
+                        getattr(d, "id", getattr(d, "attr", None)) == "overload"
+                        for d in getattr(child, "decorator_list", [])
+                    ):
+                        continue  # private, or a typing overload (the implementation is documented)
                     if not ast.get_docstring(child):
                         missing.append(
                             f"{path.relative_to(SRC)}:{child.lineno} {prefix}{child.name}"

@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import TypeVar
 
 import torch
@@ -38,6 +38,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside this package (the user's line),
     however deep inside the package the warning is raised."""
+    frame: FrameType | None
     level, frame = 2, sys._getframe(1)  # stacklevel 2 = the caller of warn()
     while frame is not None and (
         frame.f_code.co_filename.startswith(_PACKAGE_DIR)
@@ -151,8 +152,9 @@ def frozen(module: _M, eval: bool = True, requires_grad: bool | None = False) ->
     try:
         if eval:
             module.eval()
-        for p, _ in flags:
-            p.requires_grad_(requires_grad)
+        if requires_grad is not None:  # else `flags` is empty
+            for p, _ in flags:
+                p.requires_grad_(requires_grad)
         yield module
     finally:
         for m, mode in modes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -56,7 +57,8 @@ def run_demo(
 
     g_train, _ = cm.load_digits("train")
     pool, _ = cm.make_colored(g_train, torch.Generator().manual_seed(99))
-    nn_loss, _ = NearestNeighbourBaseline(objective, pool)(result.targets)
+    targets = cast(torch.Tensor, result.targets)  # one objective: a (R, K) tensor
+    nn_loss, _ = NearestNeighbourBaseline(objective, pool)(targets)
 
     page = Page("fiber-plugins demo: what E(decolorize(x)) does not see")
     page.text(

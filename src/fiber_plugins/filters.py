@@ -60,7 +60,7 @@ def lowpass(x: torch.Tensor, cutoff: float) -> torch.Tensor:
     if cutoff >= 1.0:
         return x
     work = x if x.dtype == torch.float64 else x.float()
-    size = tuple(work.shape[-2:])
+    size = (work.shape[-2], work.shape[-1])
     mask = lowpass_mask(size, cutoff, device=work.device, dtype=work.dtype)
     spectrum = torch.fft.rfft2(work, norm="ortho")
     out = torch.fft.irfft2(spectrum * mask, s=size, norm="ortho")

@@ -57,7 +57,9 @@ def fiber_grid(
         cells = [references[i]] + [samples[i, j] for j in range(m)]
         for j, img in enumerate(cells):
             x = pad + j * (tw + pad)
-            pil = Image.fromarray(to_uint8(img)).resize((tw, th), Image.NEAREST)
+            # PIL sets Image.NEAREST with setattr (invisible to its type hints); it is kept over
+            # Image.Resampling.NEAREST, which needs pillow >= 9.1
+            pil = Image.fromarray(to_uint8(img)).resize((tw, th), Image.NEAREST)  # type: ignore[attr-defined]
             canvas.paste(pil, (x, y))
             if j == 0:
                 draw.rectangle(

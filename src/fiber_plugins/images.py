@@ -261,9 +261,9 @@ def _from_pil(image) -> tuple[torch.Tensor, bool]:
     if mode == "I":
         return _hwc_to_chw(_scale_int32(image)), False
     if mode == "F":
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-        _check_float(pixels, "reference image of mode 'F'")
-        return pixels[None], False
+        values = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        _check_float(values, "reference image of mode 'F'")
+        return values[None], False
     try:
         image = image.convert("RGB")  # CMYK, YCbCr, HSV, LAB, RGBX
     except ValueError:
@@ -400,7 +400,9 @@ def _check_background(background) -> torch.Tensor:
     values = 1.0 if background is None else background
     values = values if isinstance(values, (tuple, list)) else (values,)
     if len(values) not in (1, 3) or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1 for v in values
+        # typeshed's numbers.Real declares no __ge__, so `0 <= v` looks unsupported to mypy
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1  # type: ignore[operator]
+        for v in values
     ):
         raise UserValueError(
             f"background must be a grey level in [0, 1] or an (r, g, b) tuple of them, "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,6 +105,7 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
 # the model's train/eval and requires_grad flags.
 class _Wrapper(nn.Module):
     _fiber_wrapper = True  # its train flag is not the user's (see FiberObjective.attached)
+    model: Any  # a timm model: forward_features / forward_head / forward_intermediates
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -239,6 +241,7 @@ def timm_objective(
     elif kind == "features":
         subject, default = _Features(model), _feature_reduction(model)
     else:
+        assert layer_index is not None  # checked above for kind='intermediate'
         num = _num_blocks(model)
         if num is not None and not -num <= layer_index < num:
             raise UserIndexError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,9 @@ __all__ = ["OutputFiber", "LayerFiber", "NeuronFiber"]
 def _check_inputs(inputs) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise UserValueError(f"inputs must be a (R, C, H, W) tensor of images in [0, 1], got {shape}")
+        raise UserValueError(
+            f"inputs must be a (R, C, H, W) tensor of images in [0, 1], got {shape}"
+        )
     return inputs
 
 
@@ -50,16 +52,19 @@ def _check_target_length(target, inputs: torch.Tensor) -> None:
 def _concat(results: list[FiberResult]) -> FiberResult:
     targets = [r.targets for r in results]
     tensors = all(isinstance(t, torch.Tensor) for t in targets)
-    same = tensors and len({t.shape[1:] for t in targets}) == 1
+    as_tensors = cast(list[torch.Tensor], targets)  # read only where `tensors` holds
+    same = tensors and len({t.shape[1:] for t in as_tensors}) == 1
+    # each run was sampled from its reference, so none has references=None
+    references = cast(list[torch.Tensor], [r.references for r in results])
     return FiberResult(
         images=torch.cat([r.images for r in results]),
-        references=torch.cat([r.references for r in results]),
+        references=torch.cat(references),
         fiber_loss=torch.cat([r.fiber_loss for r in results]),
         loss_trace=torch.cat([r.loss_trace for r in results]),
         failed=torch.cat([r.failed for r in results]),
         config={**results[0].config, "per_reference_runs": len(results)},
         wall_time=sum(r.wall_time for r in results),
-        targets=torch.cat(targets) if same else None,
+        targets=torch.cat(as_tensors) if same else None,
     )
 
 

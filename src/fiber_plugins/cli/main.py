@@ -11,6 +11,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import (
     MissingExtraError,
@@ -19,6 +20,9 @@ from ..errors import (
     UserError,
     UserValueError,
 )
+
+if TYPE_CHECKING:  # the CLI imports the samplers lazily
+    from ..samplers.engine import FiberSampler
 
 
 def _load_prior(spec: str, device: str | None):
@@ -137,6 +141,7 @@ def cmd_sample(args) -> int:
     objective = objective_from_spec(
         model, args.target, preprocess=pre, distance=args.distance, sae=sae
     )
+    sampler: FiberSampler
     if prior.conditional_on_features:  # a trained fiber model: conditional sampling
         from ..samplers import ConditionalConfig, ConditionalFiberSampler
 
@@ -206,7 +211,9 @@ def _read_vector(path: str):
     what = "target vector file"
     p = _existing_file(path, what)
     if p.suffix not in VECTOR_SUFFIXES:
-        raise UserValueError(f"cannot read {what} {path!r}: give a {', '.join(VECTOR_SUFFIXES)} file")
+        raise UserValueError(
+            f"cannot read {what} {path!r}: give a {', '.join(VECTOR_SUFFIXES)} file"
+        )
     if p.suffix == ".safetensors":
         tensors = read_safetensors(p, what=what)
         if not tensors:
@@ -348,7 +355,9 @@ def cmd_train(args) -> int:
         raise UserValueError(f"--fiber-weight must be >= 0, got {args.fiber_weight}")
     if args.fiber_t_max is not None and not 0 < args.fiber_t_max <= 1:
         raise UserValueError(f"--fiber-t-max must be in (0, 1], got {args.fiber_t_max}")
-    if args.model != "conditional" and (args.fiber_weight is not None or args.fiber_t_max is not None):
+    if args.model != "conditional" and (
+        args.fiber_weight is not None or args.fiber_t_max is not None
+    ):
         raise UserValueError(
             f"--fiber-weight / --fiber-t-max are settings of 'train conditional', not of "
             f"'train {args.model}'"
@@ -504,9 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="finish the interrupted run in --out (same command otherwise): only missing rows run",
     )
-    s.add_argument(
-        "--overwrite", action="store_true", help="remove the earlier run in --out first"
-    )
+    s.add_argument("--overwrite", action="store_true", help="remove the earlier run in --out first")
     s.set_defaults(func=cmd_sample)
 
     tg = sub.add_parser("targets", help="list a subject's layers / hook points with their shapes")

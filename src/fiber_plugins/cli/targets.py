@@ -22,6 +22,7 @@ form                                       phi
 from __future__ import annotations
 
 import ast
+from typing import TypedDict
 
 from torch import nn
 
@@ -42,11 +43,20 @@ TARGET_FORMS = (
 )
 
 
+class _Common(TypedDict):
+    """The keyword arguments every target form passes to its builder."""
+
+    preprocess: Preprocess | None
+    distance: str
+
+
 def _int(text: str, what: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise UserValueError(f"{what} in target {spec!r} must be an integer, got {text!r}") from None
+        raise UserValueError(
+            f"{what} in target {spec!r} must be an integer, got {text!r}"
+        ) from None
 
 
 def _options(parts: list[str], spec: str, allowed: tuple[str, ...]) -> dict:
@@ -55,7 +65,9 @@ def _options(parts: list[str], spec: str, allowed: tuple[str, ...]) -> dict:
     for part in parts:
         key, eq, value = part.partition("=")
         if key not in allowed:
-            raise UserValueError(f"unknown option {key!r} in target {spec!r}; allowed: {list(allowed)}")
+            raise UserValueError(
+                f"unknown option {key!r} in target {spec!r}; allowed: {list(allowed)}"
+            )
         opts[key] = value if eq else True
     return opts
 
@@ -84,7 +96,7 @@ def objective_from_spec(
     """
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
-    common = {"preprocess": preprocess, "distance": distance}
+    common: _Common = {"preprocess": preprocess, "distance": distance}
     if kind == "logits":
         if len(parts) > 1:
             raise UserValueError(f"target {spec!r}: use 'logits' or 'logits:INDEX'")
@@ -133,6 +145,7 @@ def objective_from_spec(
             raise UserValueError(f"target {spec!r} needs an SAE: pass sae=... (CLI: --sae FOLDER)")
         opts = _options(parts[1:], spec, ("feature", "pre", "token"))
         feat = opts.get("feature", "all")
+        features: int | list[int] | None
         features = None if feat in ("all", True) else _ids(feat, spec)
         if features is not None and len(features) == 1:
             features = features[0]

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from ..samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
 from .metrics import NearestNeighbourBaseline, augmentation_baseline, histogram_kl, wasserstein1
 
 # NDTM settings used by the benchmark and the demo (chosen on the shipped models; docs/color_mnist.md)
-BENCH_NDTM = dict(
+BENCH_NDTM: dict[str, Any] = dict(
     inner_steps=3,
     guidance=GuidanceSchedule("constant", 1.0),
     lr_start=0.1,
@@ -86,11 +87,11 @@ def _make_sampler(method: str, prior, objective, steps: int, inner_steps: int):
     return PixelInversionSampler(prior, objective, PixelInversionConfig(**BENCH_INVERSION))
 
 
-BENCH_DPS = dict(guidance=GuidanceSchedule("constant", 5.0), normalize=True)
-BENCH_NOISE_OPT = dict(
+BENCH_DPS: dict[str, Any] = dict(guidance=GuidanceSchedule("constant", 5.0), normalize=True)
+BENCH_NOISE_OPT: dict[str, Any] = dict(
     num_steps=8, max_iters=20, optimiser="adam", lr=1.0, lowpass=0.5, threshold=None
 )
-BENCH_INVERSION = dict(num_steps=200, lr=0.05, tv_weight=1e-3)
+BENCH_INVERSION: dict[str, Any] = dict(num_steps=200, lr=0.05, tv_weight=1e-3)
 
 
 def consistency(images01: torch.Tensor) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from .distances import Distance, get_distance
 from .preprocess import Preprocess, as_preprocess
 from .selection import Index, check_reduction, reduce, select
 
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
 Target = Any  # a (B, K) tensor for a single objective, a tuple of them for a sum
 
 
@@ -29,7 +32,26 @@ class _StopForward(Exception):
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
-    """Look up a submodule by dotted name, with a 'closest names' hint when it does not exist."""
+    """Look up a submodule by dotted name, with a 'closest names' hint when it does not exist.
+
+    Parameters
+    ----------
+    model:
+        The model to search (any ``nn.Module``).
+    name:
+        A dotted submodule name as in ``model.named_modules()``, e.g. ``"layer4.1"``; ``""`` is
+        the model itself.
+
+    Returns
+    -------
+    nn.Module
+        The submodule.
+
+    Raises
+    ------
+    UserKeyError
+        ``name`` is not a submodule of ``model`` (the message lists the closest names).
+    """
     modules = dict(model.named_modules())
     if name not in modules:
         raise UserKeyError(
@@ -51,17 +73,29 @@ class FiberObjective:
         ``None`` uses the model's output.
     index:
         Selection after the reduction: int / list of ints (channels), slice, tuple (one index per
-        non-batch dimension) or a callable.
+        non-batch dimension) or a callable ``(B, ...) -> (B, ...)``; see :func:`select`.
     reduction:
-        'none', 'spatial_mean', 'spatial_max', 'cls', 'token_mean', 'token_max'.
+        'none', 'auto', 'spatial_mean', 'spatial_max' ((B, C, H, W) -> (B, C)), 'cls',
+        'token_mean', 'token_max' ((B, N, D) -> (B, D)); see :func:`reduce`.
     distance:
         'l2' (squared L2 summed per sample, the paper's Eq. 3), 'l1', 'cosine', 'kl' or a callable
-        ``d(features, target) -> (B,)``.
+        ``d(features (B, K), target (B, K) or (1, K)) -> (B,)``.
     preprocess:
         :class:`Preprocess` from the prior's space into the subject's input (default: [-1, 1] ->
-        [0, 1], same size). Pass ``IDENTITY`` to feed [-1, 1] images unchanged.
+        [0, 1], same size), or a dict of its fields. Pass ``IDENTITY`` to feed [-1, 1] images
+        unchanged.
+    capture:
+        With a ``layer``: ``"output"`` records the layer's output (the first element of a tuple
+        output), ``"input"`` its first positional input (a forward pre-hook).
     name:
-        Label used in logs and reports.
+        Label used in logs and reports (default: built from the subject, layer and index).
+
+    Attributes
+    ----------
+    model:
+        The subject when it is an ``nn.Module``, else ``None``.
+    layer, layer_name:
+        The hooked submodule and its dotted name (``None`` when phi is the model's output).
 
     Examples
     --------
@@ -95,12 +129,16 @@ class FiberObjective:
         self.layer_name: str | None = None
         self.layer: nn.Module | None = None
         if isinstance(layer, str):
+            assert self.model is not None  # checked above: a layer needs a module subject
             self.layer_name = layer
             self.layer = find_module(self.model, layer)
         elif isinstance(layer, nn.Module):
+            assert self.model is not None  # checked above: a layer needs a module subject
             names = {id(m): n for n, m in self.model.named_modules()}
             if id(layer) not in names:
-                raise UserValueError(f"layer {type(layer).__name__} is not a submodule of the subject")
+                raise UserValueError(
+                    f"layer {type(layer).__name__} is not a submodule of the subject"
+                )
             self.layer, self.layer_name = layer, names[id(layer)]
         elif layer is not None:
             raise UserTypeError(f"layer must be a name or a module, got {type(layer).__name__}")
@@ -114,7 +152,7 @@ class FiberObjective:
         self.capture = capture
         self.name = name or self._default_name()
         self._depth = 0
-        self._handle = None
+        self._handle: RemovableHandle | None = None
         self._saved: list = []
         self._value: torch.Tensor | None = None
         self._capturing = False
@@ -133,6 +171,13 @@ class FiberObjective:
 
     @property
     def where(self) -> str:
+        """Where phi is read, for messages.
+
+        Returns
+        -------
+        str
+            ``"layer 'NAME'"``, or ``"the output"`` without a layer.
+        """
         return f"layer {self.layer_name!r}" if self.layer_name is not None else "the output"
 
     # ------------------------------------------------------------------ hooks and model state
@@ -142,7 +187,12 @@ class FiberObjective:
 
         Everything is undone in ``finally``: the hook is removed and each module's train/eval flag
         and each parameter's ``requires_grad`` are restored, also when the body raises.
-        Re-entrant: nested uses install once.
+        Re-entrant: nested uses install once. For a plain callable subject nothing is installed.
+
+        Returns
+        -------
+        Iterator[FiberObjective]
+            A context manager that yields this objective.
         """
         if self.model is None or self._depth > 0:
             self._depth += 1
@@ -190,9 +240,32 @@ class FiberObjective:
 
     # ------------------------------------------------------------------ phi
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        """The raw activation (before reduction/selection) for prior-space images ``x``."""
+        """The raw activation (before reduction/selection) for prior-space images ``x``.
+
+        Parameters
+        ----------
+        x:
+            (B, C, H, W) images in the prior's space, [-1, 1]; :attr:`preprocess` maps them to
+            the subject's input.
+
+        Returns
+        -------
+        torch.Tensor
+            The layer's output or input (the first element of a tuple), or the subject's output
+            (the first element of a tuple, or its ``.logits``), as recorded: (B, ...) for a
+            subject that keeps the batch dimension first (checked by :meth:`features`), e.g.
+            (B, C, h, w) for a conv layer or (B, N, D) for transformer tokens.
+
+        Raises
+        ------
+        UserStateError
+            The layer was not called during the forward pass.
+        UserTypeError
+            phi gave something other than a tensor.
+        """
         with self.attached():
             inp = self.preprocess(x)
+            out: object
             if self.layer is None:
                 out = self.subject(inp)
                 if isinstance(out, (tuple, list)):
@@ -218,7 +291,27 @@ class FiberObjective:
             return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """phi(x): (B, K) features of prior-space images x (B, C, H, W) in [-1, 1]."""
+        """phi(x): (B, K) features of prior-space images x (B, C, H, W) in [-1, 1].
+
+        The :meth:`activation`, reduced (:attr:`reduction`), selected (:attr:`index`) and
+        flattened to one row per image.
+
+        Parameters
+        ----------
+        x:
+            (B, C, H, W) images in the prior's space, [-1, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            (B, K) float32 features, differentiable with respect to ``x``.
+
+        Raises
+        ------
+        UserValueError
+            The activation does not keep the batch dimension first, or the reduction / index
+            does not fit its shape.
+        """
         with self.attached():  # an index callable may hold modules too (an SAE)
             act = self.activation(x)
             if act.dim() == 0 or act.shape[0] != x.shape[0]:
@@ -231,7 +324,18 @@ class FiberObjective:
             return act.reshape(act.shape[0], -1).float()
 
     def target(self, reference: torch.Tensor) -> torch.Tensor:
-        """y* = phi(x*) for reference images (R, C, H, W) in the prior's space; no gradient."""
+        """y* = phi(x*) for reference images (R, C, H, W) in the prior's space; no gradient.
+
+        Parameters
+        ----------
+        reference:
+            (R, C, H, W) reference images x* in the prior's space, [-1, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            (R, K) float32 targets, computed under ``torch.no_grad`` (see :meth:`target_of`).
+        """
         with torch.no_grad():
             return self.target_of(self.features(reference))
 
@@ -239,7 +343,18 @@ class FiberObjective:
         """The target y* of references whose features (R, K) are given (detached). The sampler
         computes the references' features once, with a graph for its gradient check, and takes
         the target from them; objectives whose target is more than phi(x*) (a mask, as for
-        Captum's per-example targets) override this."""
+        Captum's per-example targets) override this.
+
+        Parameters
+        ----------
+        features:
+            (R, K) features phi(x*) of R references, as :meth:`features` gives them.
+
+        Returns
+        -------
+        torch.Tensor
+            (R, K) targets y*: ``features`` detached from the graph.
+        """
         return features.detach()
 
     def check_target(self, target: torch.Tensor, width: int) -> torch.Tensor:
@@ -247,6 +362,25 @@ class FiberObjective:
 
         The width must match and every entry must be finite (a NaN or inf target gives a NaN
         loss and gradient, which the sampler would follow without a word).
+
+        Parameters
+        ----------
+        target:
+            (K,) or (R, K) target values: a tensor or anything ``torch.as_tensor`` takes.
+        width:
+            K, the number of features this objective gives per image.
+
+        Returns
+        -------
+        torch.Tensor
+            (R, K) float32 targets ((1, K) for a (K,) vector).
+
+        Raises
+        ------
+        UserTypeError
+            ``target`` is not numeric.
+        UserValueError
+            Its shape is not (K,) or (R, K), or it holds a NaN or inf.
         """
         try:
             t = torch.as_tensor(target, dtype=torch.float32)
@@ -274,14 +408,49 @@ class FiberObjective:
         return t
 
     def loss(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        """Fiber loss d(phi(x), y*) per sample: (B,). ``target`` is (B, K) or (1, K)."""
+        """Fiber loss d(phi(x), y*) per sample: (B,). ``target`` is (B, K) or (1, K).
+
+        Parameters
+        ----------
+        x:
+            (B, C, H, W) images in the prior's space, [-1, 1].
+        target:
+            (B, K) targets, one per image, or (1, K) shared by all (a tuple of them for a
+            :class:`WeightedSum`).
+
+        Returns
+        -------
+        torch.Tensor
+            (B,) fiber loss of each image, differentiable with respect to ``x``.
+        """
         return self.distance(self.features(x), target)
 
     def distance_between(self, features, target) -> torch.Tensor:
+        """The distance d between given features and targets (no forward pass).
+
+        Parameters
+        ----------
+        features:
+            (B, K) features, as :meth:`features` gives them.
+        target:
+            (B, K) or (1, K) targets.
+
+        Returns
+        -------
+        torch.Tensor
+            (B,) distance of each row.
+        """
         return self.distance(features, target)
 
     # ------------------------------------------------------------------ composition
     def terms(self) -> list[tuple[float, FiberObjective]]:
+        """The weighted terms of this objective, as a :class:`WeightedSum` combines them.
+
+        Returns
+        -------
+        list[tuple[float, FiberObjective]]
+            ``[(1.0, self)]`` for a single objective.
+        """
         return [(1.0, self)]
 
     def __mul__(self, weight: float) -> WeightedSum:
@@ -295,6 +464,14 @@ class FiberObjective:
         return WeightedSum(self.terms() + other.terms())
 
     def describe(self) -> dict:
+        """The objective's settings, as stored with a run (JSON-serialisable).
+
+        Returns
+        -------
+        dict
+            ``name``, ``layer``, ``capture``, ``index`` (its repr; ``None`` for none or a
+            callable), ``reduction``, ``distance`` (its name) and ``preprocess`` (a dict).
+        """
         return {
             "name": self.name,
             "layer": self.layer_name,
@@ -310,7 +487,24 @@ class FiberObjective:
 
 
 class WeightedSum(FiberObjective):
-    """sum_i w_i d_i(phi_i(x), y*_i): built with ``2.0 * obj_a + obj_b``. Targets are tuples."""
+    """sum_i w_i d_i(phi_i(x), y*_i): built with ``2.0 * obj_a + obj_b``. Targets are tuples.
+
+    Features, targets and widths are tuples with one entry per term, in the order of
+    :meth:`terms`: term i gives (B, K_i) features and takes (B, K_i) or (1, K_i) targets.
+
+    Parameters
+    ----------
+    terms:
+        ``(weight, objective)`` pairs, at least one. The sum takes ``subject``, ``model`` and
+        ``preprocess`` from the first term, so that code written for one objective reads them.
+
+    Examples
+    --------
+    >>> s = 2.0 * obj_a + obj_b  # doctest: +SKIP
+    >>> y_star = s.target(reference)  # (R, K_a), (R, K_b)  # doctest: +SKIP
+    >>> with s.attached():  # doctest: +SKIP
+    ...     loss = s.loss(images, y_star)  # (B,)
+    """
 
     def __init__(self, terms: list[tuple[float, FiberObjective]]):
         if not terms:
@@ -326,25 +520,97 @@ class WeightedSum(FiberObjective):
         self.distance_name = "+".join(o.distance_name for _, o in self._terms)
 
     def terms(self) -> list[tuple[float, FiberObjective]]:
+        """The weighted terms of the sum.
+
+        Returns
+        -------
+        list[tuple[float, FiberObjective]]
+            A new list of the ``(weight, objective)`` pairs.
+        """
         return list(self._terms)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[WeightedSum]:
+        """:meth:`FiberObjective.attached` for every term at once (undone in reverse order).
+
+        Returns
+        -------
+        Iterator[WeightedSum]
+            A context manager that yields this sum.
+        """
         with contextlib.ExitStack() as stack:
             for _, o in self._terms:
                 stack.enter_context(o.attached())
             yield self
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # A sum's features and targets are tuples, one (B, K_i) tensor per term, where a single
+    # objective has one tensor: they are typed as `Target`, as FiberObjective.loss takes them.
+    def features(self, x: torch.Tensor) -> Target:
+        """Each term's phi(x).
+
+        Parameters
+        ----------
+        x:
+            (B, C, H, W) images in the prior's space, [-1, 1].
+
+        Returns
+        -------
+        tuple[torch.Tensor, ...]
+            One (B, K_i) float32 feature tensor per term.
+        """
         return tuple(o.features(x) for _, o in self._terms)
 
-    def target(self, reference: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def target(self, reference: torch.Tensor) -> Target:
+        """Each term's y* = phi_i(x*); no gradient.
+
+        Parameters
+        ----------
+        reference:
+            (R, C, H, W) reference images in the prior's space, [-1, 1].
+
+        Returns
+        -------
+        tuple[torch.Tensor, ...]
+            One (R, K_i) target tensor per term.
+        """
         return tuple(o.target(reference) for _, o in self._terms)
 
-    def target_of(self, features) -> tuple[torch.Tensor, ...]:
+    def target_of(self, features) -> Target:
+        """Each term's target from the references' features.
+
+        Parameters
+        ----------
+        features:
+            One (R, K_i) feature tensor per term, as :meth:`features` gives them.
+
+        Returns
+        -------
+        tuple[torch.Tensor, ...]
+            One (R, K_i) target tensor per term (each term's :meth:`FiberObjective.target_of`).
+        """
         return tuple(o.target_of(f) for (_, o), f in zip(self._terms, features))
 
-    def check_target(self, target, width) -> tuple[torch.Tensor, ...]:
+    def check_target(self, target, width) -> Target:
+        """Validate explicit targets, one per term, with each term's
+        :meth:`FiberObjective.check_target`.
+
+        Parameters
+        ----------
+        target:
+            A tuple or list of one (K_i,) or (R, K_i) target per term.
+        width:
+            The feature widths (K_1, K_2, ...), one per term.
+
+        Returns
+        -------
+        tuple[torch.Tensor, ...]
+            One (R, K_i) float32 target per term ((1, K_i) for a (K_i,) vector).
+
+        Raises
+        ------
+        UserValueError
+            ``target`` is not a tuple or list with one entry per term, or a term's check fails.
+        """
         if not isinstance(target, (tuple, list)) or len(target) != len(self._terms):
             raise UserValueError(
                 f"a sum of {len(self._terms)} objectives needs a tuple of {len(self._terms)} targets"
@@ -352,12 +618,51 @@ class WeightedSum(FiberObjective):
         return tuple(o.check_target(t, w) for (_, o), t, w in zip(self._terms, target, width))
 
     def loss(self, x: torch.Tensor, target) -> torch.Tensor:
+        """The weighted fiber loss sum_i w_i d_i(phi_i(x), y*_i) per sample.
+
+        Parameters
+        ----------
+        x:
+            (B, C, H, W) images in the prior's space, [-1, 1].
+        target:
+            One (B, K_i) or (1, K_i) target per term.
+
+        Returns
+        -------
+        torch.Tensor
+            (B,) weighted fiber loss of each image.
+        """
         return self.distance_between(self.features(x), target)
 
     def distance_between(self, features, target) -> torch.Tensor:
-        return sum(w * o.distance(f, t) for (w, o), f, t in zip(self._terms, features, target))
+        """sum_i w_i d_i(features_i, target_i), from given features (no forward pass).
+
+        Parameters
+        ----------
+        features:
+            One (B, K_i) feature tensor per term.
+        target:
+            One (B, K_i) or (1, K_i) target per term.
+
+        Returns
+        -------
+        torch.Tensor
+            (B,) weighted sum of the terms' distances.
+        """
+        # a sum has at least one term (checked in __init__), so the result is never the start 0
+        return cast(
+            torch.Tensor,
+            sum(w * o.distance(f, t) for (w, o), f, t in zip(self._terms, features, target)),
+        )
 
     def describe(self) -> dict:
+        """The settings of every term, as stored with a run.
+
+        Returns
+        -------
+        dict
+            ``{"sum": [...]}``: each term's :meth:`FiberObjective.describe` with its ``weight``.
+        """
         return {"sum": [{"weight": w, **o.describe()} for w, o in self._terms]}
 
     def __repr__(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,6 +31,17 @@ class Preprocess:
         Number of channels the subject expects; 1 averages RGB to grey, 3 repeats a grey image.
     interpolation:
         One of 'bilinear', 'bicubic', 'nearest', 'area'; antialiased when shrinking.
+
+    Raises
+    ------
+    UserValueError
+        An unknown interpolation, only one of mean/std, or a std that is not positive.
+
+    Examples
+    --------
+    >>> pre = Preprocess(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    >>> pre(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 3, 224, 224])
     """
 
     size: int | tuple[int, int] | None = None
@@ -52,6 +62,25 @@ class Preprocess:
             raise UserValueError(f"std must be positive, got {self.std}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Map prior-space images to the subject's input; differentiable.
+
+        Parameters
+        ----------
+        x:
+            (B, C, H, W) images in the prior's space, [-1, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            (B, C', H', W') subject input: C' = :attr:`channels` (C when ``None``), (H', W') =
+            :attr:`size` ((H, W) when ``None``), values in :attr:`value_range`, then normalised
+            by :attr:`mean` / :attr:`std` when given.
+
+        Raises
+        ------
+        UserValueError
+            ``x`` is not 4-dimensional, or its channels cannot be mapped to :attr:`channels`.
+        """
         if x.dim() != 4:
             raise UserValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         x = to_unit_range(x)
@@ -79,11 +108,32 @@ class Preprocess:
         return x
 
     def to_dict(self) -> dict:
+        """The fields as a dict (``Preprocess(**p.to_dict())`` rebuilds ``p``).
+
+        Returns
+        -------
+        dict
+            ``size``, ``value_range``, ``mean``, ``std``, ``channels`` and ``interpolation``.
+        """
         return asdict(self)
 
     @classmethod
     def from_timm(cls, model) -> Preprocess:
-        """Input size, interpolation and mean/std from ``timm.data.resolve_data_config``."""
+        """Input size, interpolation and mean/std from ``timm.data.resolve_data_config``.
+
+        Parameters
+        ----------
+        model:
+            A timm model. A ViT whose patch embedding has a fixed ``img_size`` gets that size
+            (it may differ from the pretrained config's).
+
+        Returns
+        -------
+        Preprocess
+            Resizes to the model's (H, W) input size and normalises with its mean/std (value
+            range (0, 1)); an interpolation other than the four supported ones becomes
+            'bilinear'.
+        """
         from .._utils import require
 
         timm_data = require("timm.data")
@@ -116,7 +166,25 @@ def _stats(mean, std, device, dtype):
 IDENTITY = Preprocess(value_range=(-1.0, 1.0))
 
 
-def as_preprocess(p: Preprocess | dict | Sequence | None) -> Preprocess:
+def as_preprocess(p: Preprocess | dict | None) -> Preprocess:
+    """The :class:`Preprocess` an objective's ``preprocess=`` argument stands for.
+
+    Parameters
+    ----------
+    p:
+        ``None`` (the default ``Preprocess()``: [-1, 1] -> [0, 1], same size), a
+        :class:`Preprocess`, or a dict of its fields.
+
+    Returns
+    -------
+    Preprocess
+        The preprocessing (``p`` itself when it is one).
+
+    Raises
+    ------
+    UserTypeError
+        ``p`` is anything else (a sequence too).
+    """
     if p is None:
         return Preprocess()
     if isinstance(p, Preprocess):

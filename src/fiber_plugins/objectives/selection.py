@@ -15,6 +15,23 @@ REDUCTIONS = ("none", "auto", "spatial_mean", "spatial_max", "cls", "token_mean"
 
 
 def check_reduction(reduction: str) -> str:
+    """Refuse an unknown reduction name.
+
+    Parameters
+    ----------
+    reduction:
+        The name to check, one of :data:`REDUCTIONS`.
+
+    Returns
+    -------
+    str
+        ``reduction`` unchanged.
+
+    Raises
+    ------
+    UserValueError
+        ``reduction`` is not in :data:`REDUCTIONS`.
+    """
     if reduction not in REDUCTIONS:
         raise UserValueError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
     return reduction
@@ -27,6 +44,27 @@ def reduce(act: torch.Tensor, reduction: str, where: str = "activation") -> torc
     - ``cls`` / ``token_mean`` / ``token_max``: (B, N, D) tokens -> (B, D)
     - ``none``: unchanged
     - ``auto``: ``spatial_mean`` for (B, C, H, W) maps, unchanged otherwise
+
+    Parameters
+    ----------
+    act:
+        (B, ...) activation: (B, C, *spatial) (at least 3 dimensions) for the spatial
+        reductions, (B, N, D) tokens for the token reductions.
+    reduction:
+        One of :data:`REDUCTIONS`.
+    where:
+        What ``act`` is (``"layer 'layer4'"``), for the error message.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, C) for the spatial reductions, (B, D) for the token ones, ``act`` itself for
+        ``none`` (and for ``auto`` below 4 dimensions).
+
+    Raises
+    ------
+    UserValueError
+        ``act`` has too few dimensions for a spatial reduction, or not 3 for a token one.
     """
     if reduction == "none":
         return act
@@ -57,6 +95,33 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
     - ``slice``: a channel range
     - ``tuple``: one index per non-batch dimension, e.g. ``(5, 2, 2)`` = channel 5 at (2, 2)
     - callable: ``fn(act) -> (B, ...)``
+
+    Parameters
+    ----------
+    act:
+        (B, C, ...) activation, usually after :func:`reduce` (e.g. (B, C)).
+    index:
+        The selection above; ``None`` selects everything.
+    where:
+        What ``act`` is (``"layer 'layer4'"``), for the error messages.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, ...) the selected part: (B, ...) without dim 1 for an int, (B, n, ...) for a list
+        of n channels or a slice, (B, ...) without the indexed dimensions for a tuple of ints,
+        the callable's output, or ``act`` itself for ``None``.
+
+    Raises
+    ------
+    UserIndexError
+        A channel or tuple entry is out of range, or the tuple has more entries than ``act``
+        has non-batch dimensions.
+    UserTypeError
+        ``index`` is a bool or of an unsupported type.
+    UserValueError
+        ``act`` has no dimension to select from, or the callable does not return a tensor
+        with ``act``'s batch size.
     """
     if index is None:
         return act
@@ -87,6 +152,11 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
             if isinstance(i, int):
                 _check_channel(i, act.shape[d + 1], where, dim=d + 1)
         return act[(slice(None), *index)]
+    if isinstance(index, (str, bytes)):  # a Sequence, but "12" is not channels [1, 2]
+        raise UserTypeError(
+            f"index must be int, slice, tuple, list of channels or callable, got the string "
+            f"{index!r}"
+        )
     if isinstance(index, Sequence) or isinstance(index, torch.Tensor):
         idx = [int(i) for i in index]
         for i in idx:

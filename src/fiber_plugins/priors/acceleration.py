@@ -111,7 +111,7 @@ def compile_targets(prior, compile: str) -> list[nn.Module]:
         networks.append(prior.vae.decoder)
     if compile == "full":
         return networks
-    out = []
+    out: list[nn.Module] = []
     for net in networks:
         found = list(_blocks(net))
         out.extend(found if found else [net])
@@ -130,7 +130,9 @@ def set_weights(prior, weights: str) -> None:
     """Cast the denoiser and VAE; modules a diffusers model lists in ``_keep_in_fp32_modules``
     stay fp32 (autocast feeds them), as ``from_pretrained(torch_dtype=...)`` would keep them."""
     if weights not in WEIGHTS:
-        raise UserValueError(f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}")
+        raise UserValueError(
+            f"unknown weights precision {weights!r}; choose one of {list(WEIGHTS)}"
+        )
     dtype = WEIGHTS[weights]
     for net in (prior.denoiser, prior.vae):
         if net is None:

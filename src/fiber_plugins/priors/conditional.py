@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ from ..errors import MissingFileError, UserTypeError, UserValueError
 from .prior import DiffusionPrior
 from .schedules import Step
 
-FLOW_SCHEDULER = {
+FLOW_SCHEDULER: dict[str, Any] = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
     "num_train_timesteps": 1000,
     "shift": 1.0,
@@ -47,6 +48,9 @@ FLOW_SCHEDULER = {
 
 class ConditionEmbedding(nn.Module):
     """y (B, K) -> (B, width): standardised with the training targets' mean/std, then an MLP."""
+
+    mean: torch.Tensor  # (K,) buffer
+    std: torch.Tensor  # (K,) buffer
 
     def __init__(self, in_features: int, out_features: int, hidden: int = 256):
         super().__init__()
@@ -62,8 +66,11 @@ class ConditionEmbedding(nn.Module):
         )
 
     def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "hidden": self.hidden}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "hidden": self.hidden,
+        }
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.net((y - self.mean) / self.std)
@@ -96,7 +103,7 @@ class ConditionalFiberModel(DiffusionPrior):
         info: dict | None = None,
     ):
         name = type(denoiser).__name__
-        if name != "UNet2DModel" or denoiser.config.class_embed_type != "identity":
+        if name != "UNet2DModel" or cast(Any, denoiser.config).class_embed_type != "identity":
             raise UserTypeError(
                 "a conditional fiber model needs a UNet2DModel with class_embed_type='identity' "
                 f"(y enters through the time embedding); got {name} with class_embed_type="
@@ -182,7 +189,7 @@ class ConditionalFiberModel(DiffusionPrior):
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        self.denoiser.save_pretrained(out / "unet")
+        cast(Any, self.denoiser).save_pretrained(out / "unet")  # a diffusers UNet2DModel
         cfg = {k: v for k, v in self.schedule.config.items() if not k.startswith("_")}
         FlowMatchEulerDiscreteScheduler.from_config(cfg).save_pretrained(out / "scheduler")
         (out / "condition").mkdir(exist_ok=True)
@@ -203,8 +210,12 @@ class ConditionalFiberModel(DiffusionPrior):
         root = Path(folder)
         missing = [
             p
-            for p in ("unet/config.json", "scheduler/scheduler_config.json",
-                      "condition/config.json", "condition/model.safetensors")
+            for p in (
+                "unet/config.json",
+                "scheduler/scheduler_config.json",
+                "condition/config.json",
+                "condition/model.safetensors",
+            )
             if not (root / p).is_file()
         ]
         if missing:
@@ -232,7 +243,7 @@ class ConditionalFiberModel(DiffusionPrior):
 
 def time_embedding_width(unet: nn.Module) -> int:
     """The width of a UNet2DModel's time embedding, which the condition is added to."""
-    return int(unet.time_embedding.linear_2.out_features)
+    return int(cast(Any, unet).time_embedding.linear_2.out_features)
 
 
 def subject_fingerprint(objective) -> str | None:

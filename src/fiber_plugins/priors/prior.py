@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ class DiffusionPrior:
         self.schedule = make_schedule(scheduler_config)
         self.denoiser_type = name
         self.acceleration = Acceleration()
-        cfg = denoiser.config
+        cfg: Any = denoiser.config  # diffusers' config (a FrozenDict read by attribute)
         self.latent_channels = int(cfg.in_channels)
         size = cfg.sample_size
         self.latent_size = tuple(size) if isinstance(size, (list, tuple)) else (int(size),) * 2
@@ -91,7 +92,7 @@ class DiffusionPrior:
                 "scheduler_config.json if that is not intended"
             )
         if self.vae is not None:
-            vcfg = self.vae.config
+            vcfg: Any = self.vae.config
             self.scaling_factor = float(getattr(vcfg, "scaling_factor", 1.0) or 1.0)
             self.shift_factor = float(getattr(vcfg, "shift_factor", 0.0) or 0.0)
             factor = 2 ** (len(vcfg.block_out_channels) - 1)
@@ -263,10 +264,13 @@ class DiffusionPrior:
         if self.denoiser_type == "UNet2DModel":
             out = self.denoiser(x, tt).sample
         elif self.denoiser_type == "UNet2DConditionModel":
-            ctx = self.conditioning.to(device=x.device, dtype=x.dtype).expand(b, -1, -1)
+            # __init__ sets the conditioning tensor for this denoiser
+            conditioning = cast(torch.Tensor, self.conditioning)
+            ctx = conditioning.to(device=x.device, dtype=x.dtype).expand(b, -1, -1)
             out = self.denoiser(x, tt, encoder_hidden_states=ctx).sample
         else:
-            labels = torch.full((b,), self.class_label, device=x.device, dtype=torch.long)
+            class_label = cast(int, self.class_label)  # __init__ sets it for DiT
+            labels = torch.full((b,), class_label, device=x.device, dtype=torch.long)
             out = self.denoiser(x, timestep=tt, class_labels=labels).sample
         if out.shape[1] == 2 * self.latent_channels:  # learned-variance models (DiT, ADM)
             out = out[:, : self.latent_channels]
@@ -307,13 +311,15 @@ class DiffusionPrior:
         if self.vae is None:
             return z
         z = z / self.scaling_factor + self.shift_factor
-        return self.vae.decode(self._net_input(z, self.vae)).sample.to(z.dtype)
+        # an AutoencoderKL: nn.Module's typed attribute lookup does not know its decode/encode
+        return cast(Any, self.vae).decode(self._net_input(z, self.vae)).sample.to(z.dtype)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> latent (the posterior mean; identity for pixel priors)."""
         if self.vae is None:
             return image
-        z = self.vae.encode(self._net_input(image, self.vae)).latent_dist.mean.to(image.dtype)
+        vae = cast(Any, self.vae)  # an AutoencoderKL, as in decode
+        z = vae.encode(self._net_input(image, self.vae)).latent_dist.mean.to(image.dtype)
         return (z - self.shift_factor) * self.scaling_factor
 
     def sample_unguided(

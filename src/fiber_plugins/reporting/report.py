@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -36,9 +37,10 @@ def evaluate_run(result: FiberResult, objective, out_dir: str | Path, pool01=Non
     the low-pass curve of every sample, the augmentation baseline and (given a reference set
     ``pool01``) the nearest-neighbour baseline."""
     out = Path(out_dir)
-    targets = result.targets
-    if targets is None or Targets.of(targets).summed:  # baselines need one target tensor
+    given = result.targets
+    if given is None or Targets.of(given).summed:  # baselines need one target tensor
         return {}
+    targets = cast(torch.Tensor, given)  # not a sum: a result then holds one (R, K) tensor
     r, m = result.fiber_loss.shape
     flat = result.images.reshape(r * m, *result.images.shape[2:])
     rows = targets.repeat_interleave(m, 0)
@@ -106,7 +108,9 @@ def write_report(run_dir: str | Path, result: FiberResult | None = None) -> Path
     for i in range(result.num_references):
         ok = ~result.failed[i]
         row = [i] + [
-            f"failed: {result.reason(i, j)}" if result.failed[i, j] else float(result.fiber_loss[i, j])
+            f"failed: {result.reason(i, j)}"
+            if result.failed[i, j]
+            else float(result.fiber_loss[i, j])
             for j in range(result.num_samples)
         ]
         row.append(_median(result.fiber_loss[i][ok]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, fields
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -41,9 +41,40 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     message = f"{name} must be an integer{' ' + span if span else ''}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise UserTypeError(message)
-    if (low is not None and value < low) or (high is not None and value > high):
+    number = int(value)
+    if (low is not None and number < low) or (high is not None and number > high):
         raise UserValueError(message)
-    return int(value)
+    return number
+
+
+@overload
+def check_float(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: Literal[False] = False,
+    what: str = "",
+    unit: str = "",
+) -> float: ...
+
+
+@overload
+def check_float(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool,
+    what: str = "",
+    unit: str = "",
+) -> float | None: ...
 
 
 def check_float(
@@ -114,7 +145,7 @@ class SettingsMixin:
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (JSON-safe; read back by :meth:`from_dict`)."""
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload]  # mixed into dataclasses only
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -123,7 +154,7 @@ class SettingsMixin:
         """
         if not isinstance(d, dict):
             raise UserTypeError(f"{cls._label} settings must be a dict, got {d!r}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # dataclasses only
         unknown = set(d) - known
         if unknown:
             raise UserValueError(

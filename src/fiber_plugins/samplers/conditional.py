@@ -56,6 +56,8 @@ class ConditionalFiberSampler(FiberSampler):
     >>> result = sampler.sample(references=[x_ref], n=64)
     """
 
+    prior: ConditionalFiberModel  # checked in __init__
+
     name = "conditional"
 
     config_class = ConditionalConfig

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,7 +40,7 @@ class FiberSampler(abc.ABC):
 
     name = "base"
 
-    config_class: type | None = None  # the algorithm's config dataclass (to_dict / from_dict)
+    config_class: type[Any] | None = None  # the algorithm's config dataclass (to_dict / from_dict)
 
     conditional = False  # whether the sampler takes a trained ConditionalFiberModel
 
@@ -222,10 +223,9 @@ class FiberSampler(abc.ABC):
                 targets=y.cpu(),
             )
             rows = store.pending(bad_target.cpu())
-            probe = None
-            if batch_size == "auto":  # the most memory-hungry unit of this sampler, b rows
-                probe = copy.copy(self)
-                probe.config = self.probe_config()
+            # for batch_size="auto": the most memory-hungry unit of this sampler, on b rows
+            probe = copy.copy(self)
+            probe.config = self.probe_config()
             bs = memory.batch_size(
                 batch_size,
                 len(rows),

@@ -52,7 +52,7 @@ class NDTMSampler(FiberSampler):
 
     def _step_target(self, batch: Batch, step, noise_ref: torch.Tensor | None):
         """The static y*, or the re-approximated y*_t = phi(D(x0_hat(x*_t)))."""
-        if self.config.target_mode == "static" or batch.ref_latent is None:
+        if self.config.target_mode == "static" or batch.ref_latent is None or noise_ref is None:
             return batch.target
         with torch.no_grad(), self.autocast():
             x_ref_t = self.prior.add_noise(batch.ref_latent, noise_ref, step)

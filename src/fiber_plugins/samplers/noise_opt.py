@@ -196,7 +196,7 @@ class NoiseOptSampler(FiberSampler):
         b = z.shape[0]
         noises = [batch.step_noise(z) for _ in steps] if cfg.eta > 0 else None
         # the optimised tensors: z_T, then (optimise='all') the per-step noises
-        params = [z] + (list(noises) if cfg.optimise == "all" else [])
+        params = [z] + (list(noises) if noises is not None and cfg.optimise == "all" else [])
         radii = [p.flatten(1).norm(dim=1) for p in params]
         opt = RowOptimiser(cfg.optimiser, cfg.lr)
         alive = batch.alive

@@ -24,7 +24,9 @@ def check_gradient_path(objective, x: torch.Tensor, feats: Targets, at_reference
     if not all(bool(torch.isfinite(f).all()) for f in first):
         return  # phi is not finite there: the reference's rows fail with that reason
     with torch.enable_grad():
-        probe = sum((f * torch.randn(f.shape, generator=w).to(f)).sum() for f in first)
+        probe = torch.stack(
+            [(f * torch.randn(f.shape, generator=w).to(f)).sum() for f in first]
+        ).sum()
         if not probe.requires_grad:
             grad = None
         else:

@@ -222,8 +222,10 @@ def refine_latent(
     loss_in = _given_loss(sampler, images01, Targets.of(result.targets), batch_size)
 
     failed = result.failed
-    reasons = result.reasons
     if failed_in is not None:
+        if result.reasons is None:
+            result.reasons = [[None] * result.num_samples for _ in range(result.num_references)]
+        reasons = result.reasons
         failed_in = failed_in.bool()
         for r, m in failed_in.nonzero().tolist():
             reasons[r][m] = f"failed before refinement: {source.reason(r, m)}"

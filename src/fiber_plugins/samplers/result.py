@@ -184,19 +184,20 @@ class FiberResult:
         refs, targets = folder.inputs()
         (unit,) = man["units"]
         R, M = unit["num_references"], unit["n"]
-        images = trace = None
+        images: torch.Tensor | None = None
+        trace: torch.Tensor | None = None
         fiber_loss = torch.full((R, M), math.nan)
         failed = torch.ones(R, M, dtype=torch.bool)
         reasons: list[list[str | None]] = [
             ["not sampled: the run was interrupted"] * M for _ in range(R)
         ]
         for r, m, img, tr, loss, bad, why in folder.rows():
-            if images is None:
+            if images is None or trace is None:
                 images = torch.zeros(R, M, *img.shape)
                 trace = torch.full((R, M, *tr.shape), math.nan)
             images[r, m], trace[r, m], fiber_loss[r, m], failed[r, m] = img, tr, loss, bad
             reasons[r][m] = why if bad else None
-        if images is None:
+        if images is None or trace is None:
             raise UserValueError(
                 f"run folder {str(run_dir)!r} holds no finished row yet; finish it with "
                 "--resume (resume=True)"

@@ -67,7 +67,8 @@ class RowStore:
     def pending(self, bad_reference: torch.Tensor) -> list[tuple[int, int]]:
         """The rows still to sample, reference-major; rows of a reference whose target is not
         finite are failed (and committed) at once instead."""
-        rows, skipped = [], []
+        rows: list[tuple[int, int]] = []
+        skipped: list[tuple[int, int]] = []
         for r in range(self.num_refs):
             for m in range(self.n):
                 if (r, m) in self.done:
@@ -98,6 +99,8 @@ class RowStore:
 
     def interrupted(self) -> RunInterrupted:
         """Record the run as interrupted; the exception that says how to finish it."""
+        if self.folder is None:
+            raise RuntimeError("interrupted() needs a run folder (out=...)")
         total = self.num_refs * self.n
         have = len(self.folder.done())
         self.folder.mark("interrupted", interrupted=_run_folder_now())

@@ -88,8 +88,9 @@ def train_fiber_model(
         raise UserValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         raise UserValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
-    if not (isinstance(fiber_weight, (int, float)) and math.isfinite(fiber_weight)
-            and fiber_weight >= 0):
+    if not (
+        isinstance(fiber_weight, (int, float)) and math.isfinite(fiber_weight) and fiber_weight >= 0
+    ):
         raise UserValueError(f"fiber_weight must be >= 0, got {fiber_weight!r}")
     if not (isinstance(fiber_t_max, (int, float)) and 0 < fiber_t_max <= 1):
         raise UserValueError(f"fiber_t_max must be in (0, 1], got {fiber_t_max!r}")
@@ -105,18 +106,25 @@ def train_fiber_model(
                 _check_images(x)
             feats = [objective.features(to_model_range(x.to(dev))) for x in chunks]
         if isinstance(feats[0], tuple):
-            raise UserTypeError("train_fiber_model needs one objective (a summed objective gives a "
-                            "tuple of features)")
+            raise UserTypeError(
+                "train_fiber_model needs one objective (a summed objective gives a "
+                "tuple of features)"
+            )
         y = torch.cat(feats)
         if fiber_weight > 0:
             _check_differentiable(objective, to_model_range(chunks[0][:2].to(dev)))
         channels, size = x.shape[1], x.shape[-1]
         ucfg = {**DEFAULT_UNET, **(unet_config or {})}
-        ucfg.update(sample_size=size, in_channels=channels, out_channels=channels,
-                    class_embed_type="identity")
+        ucfg.update(
+            sample_size=size,
+            in_channels=channels,
+            out_channels=channels,
+            class_embed_type="identity",
+        )
         with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
             torch.manual_seed(seed)
-            unet = UNet2DModel(**ucfg).to(dev).train()
+            # diffusers' type hints export a torch-less placeholder UNet2DModel (no .to)
+            unet = UNet2DModel(**ucfg).to(dev).train()  # type: ignore[attr-defined]
             cond = ConditionEmbedding(y.shape[1], time_embedding_width(unet)).to(dev)
         cond.mean.copy_(y.mean(0))
         cond.std.copy_(y.std(0).clamp_min(1e-6))
@@ -199,7 +207,9 @@ def _batches(data, generator: torch.Generator) -> Callable[[int], torch.Tensor]:
 def _training_device(objective, device) -> torch.device:
     """``device``, or (None / 'auto') the subject's device; a mismatch is refused clearly."""
     params = [
-        p for _, term in objective.terms() if term.model is not None
+        p
+        for _, term in objective.terms()
+        if term.model is not None
         for p in term.model.parameters()
     ]
     where = params[0].device if params else None
@@ -210,7 +220,9 @@ def _training_device(objective, device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+        raise UserValueError(
+            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        ) from None
     if where is not None and where.type != dev.type:
         raise UserValueError(
             f"the subject is on {where} but training was asked for on {dev}; move the subject "
@@ -236,7 +248,11 @@ def _check_differentiable(objective, x: torch.Tensor) -> None:
 
 def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise UserTypeError(f"a training batch must be (B, C, H, W), got {getattr(x, 'shape', x)!r}")
+        raise UserTypeError(
+            f"a training batch must be (B, C, H, W), got {getattr(x, 'shape', x)!r}"
+        )
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise UserValueError(f"training images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        raise UserValueError(
+            f"training images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]"
+        )

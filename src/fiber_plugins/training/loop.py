@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -56,7 +57,7 @@ def train_loop(
     *,
     steps: int,
     lr: float,
-    optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
     weight_decay: float = 0.0,
     lr_schedule: LrSchedule | None = cosine_lr,
     clip_grad_norm: float | None = None,
@@ -120,7 +121,7 @@ def train_loop(
                 group["lr"] = lr_schedule(i, steps, lr)
         with torch.enable_grad():
             out = step(i)
-            loss = out["loss"]
+            loss = cast(torch.Tensor, out["loss"])  # the minimised entry is a scalar tensor
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         value = float(loss.detach())
         if not math.isfinite(value):

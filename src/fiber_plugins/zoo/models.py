@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -117,7 +118,10 @@ class DigitCNN(nn.Module):
 # ---------------------------------------------------------------- the shipped models
 # One decorated loader per shipped model: its name, its weights' folder under assets/ and the
 # `fiber-plugins train` model that writes them. The summaries make the table in zoo's docstring.
-def _on(model: nn.Module, device) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _on(model: _M, device) -> _M:
     """``model`` in eval mode, moved to ``device`` (None: left on the CPU)."""
     model = model.eval()
     if device is None:
@@ -127,7 +131,7 @@ def _on(model: nn.Module, device) -> nn.Module:
     return model.to(resolve_device(str(device)))
 
 
-def _load_state(module: nn.Module, folder: Path, device) -> nn.Module:
+def _load_state(module: _M, folder: Path, device) -> _M:
     from safetensors.torch import load_file
 
     module.load_state_dict(load_file(str(folder / "model.safetensors")))

@@ -12,6 +12,7 @@ import json
 import math
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,11 +77,12 @@ def train_prior(
     torch.manual_seed(seed)
     g, _ = cm.load_digits("train")
     gen = torch.Generator().manual_seed(seed)
-    unet = UNet2DModel(**PRIOR_ARCH).to(dev)
-    sched = DDPMScheduler(**PRIOR_SCHEDULE)
+    # diffusers' type hints export torch-less placeholder classes (no .to, .config, ...)
+    unet = UNet2DModel(**PRIOR_ARCH).to(dev)  # type: ignore[attr-defined]
+    sched: Any = DDPMScheduler(**PRIOR_SCHEDULE)
     acp = sched.alphas_cumprod.to(dev)
 
-    def step(_: int) -> dict[str, torch.Tensor]:
+    def step(_step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen, ood=ood)
         x0 = to_model_range(x).to(dev)
@@ -256,7 +258,7 @@ def _fit_classifier(
     gen = torch.Generator().manual_seed(seed)
     net = net.to(dev)
 
-    def step(_: int) -> dict[str, torch.Tensor]:
+    def step(_step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen)
         return {"loss": torch.nn.functional.cross_entropy(net(x.to(dev)), y[idx].to(dev))}
@@ -404,13 +406,14 @@ def train_sae(
     vit.eval()
     g, _ = cm.load_digits("train")
     gen = torch.Generator().manual_seed(seed)
-    acts = []
+    chunks: list[torch.Tensor] = []
     with torch.no_grad():
         for i in range(0, g.shape[0], 250):
             x, _ = cm.make_colored(g[i : i + 250], gen)
             _, cache = vit.run_with_cache(x, names_filter=[hook])
-            acts.append(cache[hook].reshape(-1, cache[hook].shape[-1]))
-    acts = torch.cat(acts)
+            chunks.append(cache[hook].reshape(-1, cache[hook].shape[-1]))
+    acts = torch.cat(chunks)
+    del chunks  # only `acts` is kept through training
     d_in = acts.shape[1]
     sae = SparseAutoencoder(d_in=d_in, d_sae=expansion * d_in)
     with torch.no_grad():

@@ -30,6 +30,8 @@ class _CaptumForward(nn.Module):
     so the hook can be placed on it.
     """
 
+    fn: Callable  # set with object.__setattr__ (not a registered child)
+
     def __init__(self, fn: Callable, root: nn.Module | None, layer: nn.Module | None, extra: tuple):
         super().__init__()
         # a plain attribute, not a registered child: the model is registered once, as `model`

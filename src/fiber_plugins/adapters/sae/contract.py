@@ -86,7 +86,7 @@ def sae_pre_activation(sae: Any, x: torch.Tensor) -> torch.Tensor:
     try:
         params = inspect.signature(sae.encode).parameters
     except (TypeError, ValueError):
-        params = {}
+        params = inspect.Signature().parameters  # no signature: no parameters
     if "return_hidden_pre" in params:  # vit-prisma's standard SAE
         out = sae.encode(x, return_hidden_pre=True)
         if isinstance(out, (tuple, list)) and len(out) >= 3:

@@ -44,11 +44,10 @@ class SparseAutoencoder(nn.Module):
         for label, value in (("d_in", d_in), ("d_sae", d_sae)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserValueError(f"{label} must be a positive int, got {value!r}")
-        kw = {"dtype": dtype, "device": device}
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
         self.reset_parameters()
 
     @property
@@ -65,7 +64,7 @@ class SparseAutoencoder(nn.Module):
         """Unit-norm decoder rows, encoder = decoder transposed, zero biases."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.W_dec, a=math.sqrt(5))
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
             self.W_enc.copy_(self.W_dec.t())
             self.b_enc.zero_()
             self.b_dec.zero_()
