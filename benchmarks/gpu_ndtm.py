@@ -193,7 +193,10 @@ def _subject(kind: str, tiny: bool):
 
 
 def _objective(model: torch.nn.Module, size: int) -> fp.FiberObjective:
-    pre = dataclasses.replace(fp.Preprocess.from_timm(model), size=(size, size))
+    # a plain resize to the subject size (timm's crop is not part of the speed question)
+    pre = dataclasses.replace(
+        fp.Preprocess.from_timm(model), resize=None, crop=None, size=(size, size)
+    )
     # phi = the subject's output: logits for ResNet50, the pooled embedding for DINOv2 (no head)
     return fp.FiberObjective(model, layer=None, preprocess=pre, name=type(model).__name__)
 

@@ -154,6 +154,16 @@ def as_reference_batch(
     return torch.stack(images)
 
 
+def native_references(references, channels: int = 3) -> list[torch.Tensor]:
+    """Each reference at its own resolution, (C, H, W) in [0, 1] (no warning; the caller loads
+    the resized batch with :func:`as_reference_batch` too, which warns about transparency)."""
+    is_batch = isinstance(references, (list, tuple)) or (
+        isinstance(references, (torch.Tensor, np.ndarray)) and references.ndim == 4
+    )
+    sources = references if is_batch else [references]
+    return [_load(source, None, channels, None)[0] for source in sources]
+
+
 # ---------------------------------------------------------------------------- the pipeline
 
 

@@ -122,6 +122,12 @@ class _FiberAttributionBase:
         """
         start = time.perf_counter()
         inputs = _check_inputs(inputs)
+        if objective_kwargs.get("preprocess") is None:
+            # the model takes `inputs` as they are: samples are resized to their size, and y* is
+            # computed from `inputs` themselves, so the fiber is of the value Captum explains
+            objective_kwargs["preprocess"] = Preprocess(
+                size=(int(inputs.shape[-2]), int(inputs.shape[-1])), channels=int(inputs.shape[1])
+            )
         objective = captum_objective(self.forward_func, **objective_kwargs)
         prior = sampling.prior
         if not isinstance(prior, DiffusionPrior):
@@ -205,7 +211,9 @@ class OutputFiber(_FiberAttributionBase):
         n, seed, batch_size, progress:
             As in :meth:`~fiber_plugins.NDTMSampler.sample` (progress bar off by default).
         preprocess, distance:
-            As in :func:`captum_objective`.
+            As in :func:`captum_objective`. The default preprocess resizes samples from the
+            prior's size to the inputs' size (values in [0, 1]), and y* is computed from the
+            inputs themselves: the fiber is of the exact value Captum explains.
         config, ndtm_settings:
             An :class:`~fiber_plugins.NDTMConfig` and/or its fields as keywords (``num_steps``,
             ``inner_steps``, ...). NDTM's ``target_mode`` ('static' / 'reapprox') can also be

@@ -133,6 +133,24 @@ class Targets:
         """
         return Targets(tuple(fn(p) for p in self.parts), self.summed)
 
+    @classmethod
+    def cat(cls, items: list[Targets]) -> Targets:
+        """Stack the rows of several Targets of the same kind (part by part).
+
+        Parameters
+        ----------
+        items:
+            Targets with the same number of parts and widths, (R_j, K_i) each.
+
+        Returns
+        -------
+        Targets
+            (sum_j R_j, K_i) parts, with the items' :attr:`summed`.
+        """
+        first = items[0]
+        parts = tuple(torch.cat([t.parts[i] for t in items]) for i in range(len(first.parts)))
+        return cls(parts, first.summed)
+
     def rows(self, index: torch.Tensor) -> Targets:
         """The rows ``index`` (a (B,) index tensor or a bool mask) of every part.
 

@@ -11,7 +11,7 @@ import torch
 
 from .._utils import to_model_range
 from ..errors import UserValueError
-from ..images import as_reference_batch
+from ..images import as_reference_batch, native_references
 from ..objectives.targets import Targets
 
 
@@ -99,24 +99,44 @@ def reference_targets(sampler, references, targets) -> tuple[torch.Tensor | None
     with a graph, so that the same forward gives y* and the gradient check.
     """
     prior, objective, device = sampler.prior, sampler.objective, sampler.device
-    if references is not None:
-        refs = as_reference_batch(references, prior.image_size, prior.image_channels)
-        x = to_model_range(refs.to(device)).requires_grad_(True)
-    else:
-        refs = None
+    if references is None:
         x = torch.zeros(1, prior.image_channels, *prior.image_size, device=device)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
         x = (x + 0.01 * noise.to(x)).requires_grad_(True)
-    try:
-        with torch.enable_grad(), sampler.autocast():
-            feats = Targets.of(objective.features(x)).float()
-    except RuntimeError as err:
-        raise_if_shape_mismatch(err, prior)
-        raise
-    check_gradient_path(objective, x, feats, at_reference=refs is not None)
-    if refs is not None:
-        y = Targets.of(objective.target_of(feats.value))
-    else:
+        feats = _features(sampler, x)
+        check_gradient_path(objective, x, feats, at_reference=False)
         width = feats.widths
         y = Targets.of(objective.check_target(targets, width if len(width) > 1 else width[0]))
+        return None, y.float().to(device)
+    refs = as_reference_batch(references, prior.image_size, prior.image_channels)
+    # y* = phi(x*) as the subject sees the reference natively: when every term's preprocessing
+    # fixes the subject's input size, from the reference at its own resolution (not from the
+    # copy resized to the prior's size and back); else from that copy
+    views = [r[None] for r in refs]
+    if all(term.preprocess.fixes_size for _, term in objective.terms()):
+        views = [r[None] for r in native_references(references, prior.image_channels)]
+    if len({tuple(v.shape) for v in views}) == 1:
+        batches = [torch.cat(views)]
+    else:  # references of different sizes: one forward each
+        batches = views
+    parts = []
+    for i, batch in enumerate(batches):
+        x = to_model_range(batch.to(device)).requires_grad_(i == 0)
+        feats = _features(sampler, x)
+        if i == 0:
+            check_gradient_path(objective, x, feats, at_reference=True)
+        parts.append(feats.map(torch.Tensor.detach))
+    feats = Targets.cat(parts)
+    y = Targets.of(objective.target_of(feats.value))
     return refs, y.float().to(device)
+
+
+def _features(sampler, x: torch.Tensor) -> Targets:
+    """phi(x) in fp32 under the call's autocast; a subject that cannot take x's size gets one
+    line naming Preprocess."""
+    try:
+        with torch.enable_grad(), sampler.autocast():
+            return Targets.of(sampler.objective.features(x)).float()
+    except RuntimeError as err:
+        raise_if_shape_mismatch(err, sampler.prior)
+        raise
