@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
+import pytest
+
 from fiber_plugins.cli.main import main
 
 
@@ -19,6 +21,8 @@ class _Links(HTMLParser):
 
 
 def test_demo_report_references_existing_files(tmp_path, capsys):
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (extra 'metrics')")
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "-n", "2", "--steps", "6", "--device", "cpu"]) == 0
     html = (out / "report.html").read_text()

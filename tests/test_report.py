@@ -6,6 +6,7 @@ import json
 from html.parser import HTMLParser
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fiber_plugins.cli.main import main
@@ -21,6 +22,7 @@ class _Srcs(HTMLParser):
 
 
 def test_sample_writes_report_and_report_command_rewrites_it(pixel_prior_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (extra 'metrics')")
     ref = tmp_path / "ref.png"
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")).save(ref)
     out = tmp_path / "run"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fiber_plugins._utils import frozen, module_device, to_model_range, to_unit_range
+from tests.helpers import model_state
 
 
 def test_value_ranges_are_inverse_and_exact_at_the_ends():
@@ -34,14 +35,10 @@ def _model():
     return m
 
 
-def _state(m):
-    return [x.training for x in m.modules()], [p.requires_grad for p in m.parameters()]
-
-
 @pytest.mark.parametrize("raises", [False, True])
 def test_frozen_restores_every_flag(raises):
     m = _model()
-    before = _state(m)
+    before = model_state(m)
 
     def body():
         with frozen(m) as same:
@@ -56,22 +53,22 @@ def test_frozen_restores_every_flag(raises):
             body()
     else:
         body()
-    assert _state(m) == before
+    assert model_state(m) == before
 
 
 def test_frozen_options_and_nesting():
     m = _model()
-    before = _state(m)
+    before = model_state(m)
     with frozen(m, eval=False):
-        assert _state(m)[0] == before[0] and not any(_state(m)[1])
+        assert model_state(m)[0] == before[0] and not any(model_state(m)[1])
     with frozen(m, requires_grad=None):
-        assert _state(m)[1] == before[1] and not any(_state(m)[0])
+        assert model_state(m)[1] == before[1] and not any(model_state(m)[0])
     with frozen(m, eval=False, requires_grad=True):
-        assert all(_state(m)[1])
+        assert all(model_state(m)[1])
         with frozen(m):
-            assert not any(_state(m)[1])
-        assert all(_state(m)[1])
-    assert _state(m) == before
+            assert not any(model_state(m)[1])
+        assert all(model_state(m)[1])
+    assert model_state(m) == before
     fn = lambda x: x  # noqa: E731
     with frozen(fn) as same:  # not a module: passed through
         assert same is fn

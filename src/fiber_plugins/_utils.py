@@ -25,6 +25,8 @@ _EXTRAS = {
     "vit_prisma": "prisma",
     "transformer_lens": "lens",
     "timm": "timm",
+    "transformers": "hf",
+    "open_clip": "openclip",
     "torchmetrics": "metrics",
     "scipy": "metrics",
     "matplotlib": "metrics",

@@ -29,6 +29,7 @@ from fiber_plugins.attribution import (  # noqa: E402
 )
 from fiber_plugins.objectives import IDENTITY  # noqa: E402
 from tests.conftest import TinySubject  # noqa: E402
+from tests.helpers import has_no_hooks, model_state  # noqa: E402
 
 FAST = {"num_steps": 3, "inner_steps": 1}
 
@@ -279,14 +280,6 @@ def test_visualize_invariance_uses_captum(pixel_prior, subject, references):
 
 
 # ---------------------------------------------------------------- hooks and model state
-def _state(model: nn.Module):
-    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
-
-
-def _no_hooks(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
 @pytest.fixture
 def mixed_model():
     model = TinySubject().train()
@@ -315,10 +308,10 @@ def _forward_function(model):
     ids=["neuron", "layer-input", "per-example", "function", "bound-method"],
 )
 def test_no_hooks_left_and_state_restored(pixel_prior, mixed_model, references, make, monkeypatch):
-    before = _state(mixed_model)
+    before = model_state(mixed_model)
     obj = make(mixed_model)
     fp.NDTMSampler(pixel_prior, obj, **FAST).sample(references=references, n=1, progress=False)
-    assert _no_hooks(mixed_model) and _state(mixed_model) == before
+    assert has_no_hooks(mixed_model) and model_state(mixed_model) == before
 
     def boom(inp):
         raise RuntimeError("conv1 failed")
@@ -326,7 +319,7 @@ def test_no_hooks_left_and_state_restored(pixel_prior, mixed_model, references, 
     monkeypatch.setattr(mixed_model.conv1, "forward", boom)  # raises inside the attached block
     with pytest.raises(RuntimeError, match="conv1 failed"):
         obj.features(torch.zeros(2, 3, 16, 16))
-    assert _no_hooks(mixed_model) and _state(mixed_model) == before
+    assert has_no_hooks(mixed_model) and model_state(mixed_model) == before
 
 
 @pytest.mark.filterwarnings("ignore:.*train mode:UserWarning")
@@ -338,7 +331,7 @@ def test_no_hooks_left_when_the_model_raises(mixed_model, x):
         mixed_model(inp)
         raise Boom("forward failed")
 
-    before = _state(mixed_model)
+    before = model_state(mixed_model)
     obj = captum_objective(broken, target=1)
     with pytest.raises(Boom):
         obj.features(x)
@@ -349,7 +342,7 @@ def test_no_hooks_left_when_the_model_raises(mixed_model, x):
     obj = captum_objective(mixed_model, layer="conv1", neuron_selector=bad_selector)
     with pytest.raises(Boom):
         obj.features(x)
-    assert _no_hooks(mixed_model) and _state(mixed_model) == before
+    assert has_no_hooks(mixed_model) and model_state(mixed_model) == before
 
 
 # ---------------------------------------------------------------- bad input

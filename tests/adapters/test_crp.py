@@ -7,6 +7,7 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins.objectives import IDENTITY, WeightedSum
+from tests.helpers import hook_count, model_state
 
 pytest.importorskip("zennit", reason="zennit not installed (extra 'zennit')")
 pytest.importorskip("crp", reason="zennit-crp not installed (extra 'zennit')")
@@ -15,14 +16,6 @@ from crp.helper import get_layer_names  # noqa: E402
 from zennit.composites import EpsilonPlusFlat  # noqa: E402
 
 from fiber_plugins.adapters.crp import crp_objective, crp_objectives  # noqa: E402
-
-
-def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def flags(model):
-    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
 
 
 def crp_record(model, x, layers):
@@ -125,16 +118,16 @@ def test_composite_guard(subject):
 def test_no_hooks_left_after_sampling_and_errors(subject, pixel_prior):
     subject.conv1.train()
     subject.fc.weight.requires_grad_(False)
-    before = flags(subject)
+    before = model_state(subject)
     refs = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     obj = crp_objective(subject, {"conv2": [1, 2], "y": [0]})
     fp.NDTMSampler(pixel_prior, obj, num_steps=3, inner_steps=1).sample(
         references=refs, n=1, progress=False
     )
-    assert hook_count(subject) == 0 and flags(subject) == before
+    assert hook_count(subject) == 0 and model_state(subject) == before
     bad = crp_objective(subject, {"conv2": [1], "fc": [50]})
     with pytest.raises(IndexError, match="size 6"):
         fp.NDTMSampler(pixel_prior, bad, num_steps=3, inner_steps=1).sample(
             references=refs, n=1, progress=False
         )
-    assert hook_count(subject) == 0 and flags(subject) == before
+    assert hook_count(subject) == 0 and model_state(subject) == before

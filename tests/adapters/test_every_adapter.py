@@ -14,7 +14,9 @@ pytest.importorskip("transformer_lens", reason="transformer-lens not installed (
 pytest.importorskip("crp", reason="zennit-crp not installed (extra 'zennit')")
 pytest.importorskip("captum", reason="captum not installed (extra 'captum')")
 
-from .test_lens import TinyHookedViT, flags, hook_count  # noqa: E402
+from tests.helpers import hook_count, model_state  # noqa: E402
+
+from .test_lens import TinyHookedViT  # noqa: E402
 
 
 class MeanPooledViT(TinyHookedViT):
@@ -61,13 +63,13 @@ def sae():
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_no_hook_left_and_model_unchanged(spec, model, sae, pixel_prior, references):
-    before_hooks, before_flags = hook_count(model), flags(model)
+    before_hooks, before_flags = hook_count(model), model_state(model)
     objective = objective_from_spec(model, spec, sae=sae)
     sampler = fp.NDTMSampler(pixel_prior, objective, num_steps=2, inner_steps=1)
     with pytest.warns(UserWarning, match="train mode"):
         res = sampler.sample(references=references[:1], n=1, progress=False)
     assert torch.isfinite(res.fiber_loss).all()
-    assert hook_count(model) == before_hooks and flags(model) == before_flags
+    assert hook_count(model) == before_hooks and model_state(model) == before_flags
 
     def exploding(f, y):
         raise RuntimeError("raised inside sampling")
@@ -77,7 +79,7 @@ def test_no_hook_left_and_model_unchanged(spec, model, sae, pixel_prior, referen
         term.distance = exploding
     with pytest.raises(RuntimeError, match="raised inside sampling"), pytest.warns(UserWarning):
         sampler.sample(references=references[:1], n=1, progress=False)
-    assert hook_count(model) == before_hooks and flags(model) == before_flags
+    assert hook_count(model) == before_hooks and model_state(model) == before_flags
 
 
 @pytest.mark.parametrize("spec", SPECS)

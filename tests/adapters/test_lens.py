@@ -8,6 +8,7 @@ from torch import nn
 
 import fiber_plugins as fp
 from fiber_plugins.objectives import IDENTITY
+from tests.helpers import hook_count, model_state
 
 tl = pytest.importorskip("transformer_lens", reason="transformer-lens not installed (extra 'lens')")
 from transformer_lens import HookedRootModule  # noqa: E402
@@ -45,16 +46,6 @@ class TinyHookedViT(HookedRootModule):
         post = self.hook_mlp_post(torch.nn.functional.gelu(self.mlp_in(self.ln(resid))))
         resid = self.hook_resid_post(resid + self.drop(self.mlp_out(post)))
         return self.hook_logits(self.head(resid[:, 0]))
-
-
-def hook_count(model):
-    n = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    points = getattr(model, "hook_dict", {}).values()
-    return n + sum(len(p.fwd_hooks) + len(p.bwd_hooks) for p in points)
-
-
-def flags(model):
-    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
 
 
 @pytest.fixture
@@ -138,7 +129,7 @@ def test_describe(model):
 def test_no_hooks_left_after_sampling_and_errors(model, pixel_prior):
     model.train()  # sampling warns, runs in eval mode and restores train mode
     model.mlp_in.weight.requires_grad_(False)
-    before, count = flags(model), hook_count(model)
+    before, count = model_state(model), hook_count(model)
     obj = lens_objective(
         model, "hook_resid_post", token="mean"
     )  # the CLS token never sees the image here
@@ -148,13 +139,13 @@ def test_no_hooks_left_after_sampling_and_errors(model, pixel_prior):
             references=refs, n=1, progress=False
         )
     assert result.images.shape == (1, 1, 3, 16, 16)
-    assert hook_count(model) == count and flags(model) == before
+    assert hook_count(model) == count and model_state(model) == before
     bad = lens_objective(model, "hook_resid_post", token=99)
     with pytest.raises(IndexError), pytest.warns(UserWarning):
         fp.NDTMSampler(pixel_prior, bad, num_steps=3, inner_steps=1).sample(
             references=refs, n=1, progress=False
         )
-    assert hook_count(model) == count and flags(model) == before
+    assert hook_count(model) == count and model_state(model) == before
 
 
 # ---------------------------------------------------------------------------- TransformerBridge
@@ -201,13 +192,13 @@ def test_bridge_values_match_run_with_cache(bridge, hook, token, index):
 
 
 def test_bridge_hooks_and_gradient(bridge, pixel_prior):
-    before, count = flags(bridge), hook_count(bridge)
+    before, count = model_state(bridge), hook_count(bridge)
     obj = lens_objective(bridge, "blocks.1.hook_resid_post", token="cls")
     refs = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     fp.NDTMSampler(pixel_prior, obj, num_steps=3, inner_steps=1).sample(
         references=refs, n=1, progress=False
     )
-    assert hook_count(bridge) == count and flags(bridge) == before
+    assert hook_count(bridge) == count and model_state(bridge) == before
     x = torch.rand(1, 3, 16, 16, requires_grad=True)
     obj.loss(x, obj.target(refs)).sum().backward()
     assert x.grad.abs().sum() > 0

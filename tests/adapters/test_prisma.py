@@ -7,6 +7,7 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins.objectives import IDENTITY
+from tests.helpers import hook_count, model_state
 
 pytest.importorskip("vit_prisma", reason="vit-prisma not installed (extra 'prisma')")
 from vit_prisma.configs.HookedViTConfig import HookedViTConfig  # noqa: E402
@@ -37,15 +38,6 @@ def tiny_vit(seed=0, **kw):
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
     return model.eval()
-
-
-def hook_count(model):
-    n = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    return n + sum(len(p.fwd_hooks) + len(p.bwd_hooks) for p in model.hook_dict.values())
-
-
-def flags(model):
-    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +97,17 @@ def test_no_hooks_left_after_sampling_and_errors(pixel_prior):
     vit = tiny_vit()
     vit.blocks[0].train()
     vit.head.W_H.requires_grad_(False)
-    before, count = flags(vit), hook_count(vit)
+    before, count = model_state(vit), hook_count(vit)
     refs = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     obj = prisma_objective(vit, "blocks.1.hook_resid_post", token="mean")
     result = fp.NDTMSampler(pixel_prior, obj, num_steps=3, inner_steps=1).sample(
         references=refs, n=1, progress=False
     )
     assert torch.isfinite(result.fiber_loss).all()
-    assert hook_count(vit) == count and flags(vit) == before
+    assert hook_count(vit) == count and model_state(vit) == before
     bad = prisma_objective(vit, "blocks.1.hook_resid_post", index=99)
     with pytest.raises(IndexError, match="size 32"):
         fp.NDTMSampler(pixel_prior, bad, num_steps=3, inner_steps=1).sample(
             references=refs, n=1, progress=False
         )
-    assert hook_count(vit) == count and flags(vit) == before
+    assert hook_count(vit) == count and model_state(vit) == before

@@ -17,6 +17,7 @@ import fiber_plugins as fp
 from fiber_plugins.adapters.lens import reduce_tokens
 from fiber_plugins.adapters.sae import SparseAutoencoder, sae_objective, sae_pre_activation
 from fiber_plugins.objectives import IDENTITY
+from tests.helpers import hook_count, model_state
 
 D = 8  # token width of TokenNet
 
@@ -127,17 +128,6 @@ def own_features(sae, act):
 
 
 SAES = {"ours": ours, "prisma": PrismaStyleSAE, "saelens-style": LensStyleSAE, "bare": BareSAE}
-
-
-def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def flags(*modules):
-    return [
-        ([m.training for m in mod.modules()], [p.requires_grad for p in mod.parameters()])
-        for mod in modules
-    ]
 
 
 @pytest.fixture
@@ -275,20 +265,20 @@ def test_no_hooks_left_after_sampling_and_errors(model, pixel_prior):
     sae = PrismaStyleSAE()
     model.block.train()
     model.head.weight.requires_grad_(False)
-    before, count = flags(model, sae), hook_count(model) + hook_count(sae)
+    before, count = model_state(model, sae), hook_count(model) + hook_count(sae)
     refs = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     obj = sae_objective(model, "block", sae, features=[1, 2, 3], pre_activation=True)
     fp.NDTMSampler(pixel_prior, obj, num_steps=3, inner_steps=1).sample(
         references=refs, n=1, progress=False
     )
-    assert hook_count(model) + hook_count(sae) == count and flags(model, sae) == before
+    assert hook_count(model) + hook_count(sae) == count and model_state(model, sae) == before
     assert all(p.grad is None for p in sae.parameters())
     bad = sae_objective(model, "block", PrismaStyleSAE(d_in=5))
     with pytest.raises(ValueError, match="SAE input width 5"):
         fp.NDTMSampler(pixel_prior, bad, num_steps=3, inner_steps=1).sample(
             references=refs, n=1, progress=False
         )
-    assert hook_count(model) + hook_count(sae) == count and flags(model, sae) == before
+    assert hook_count(model) + hook_count(sae) == count and model_state(model, sae) == before
 
 
 def test_hooked_vit_hook_name(pixel_prior):

@@ -16,6 +16,7 @@ from fiber_plugins.adapters.timm import (  # noqa: E402
     timm_subject,
 )
 from fiber_plugins.objectives import IDENTITY, Preprocess  # noqa: E402
+from tests.helpers import has_no_hooks, model_state  # noqa: E402
 
 VIT = "vit_tiny_patch16_224"
 VIT_KW = {"num_classes": 10, "img_size": 32, "patch_size": 8, "depth": 2}
@@ -105,8 +106,10 @@ def test_index_selects_classes(resnet, x):
 def test_preprocess_from_timm_data_config():
     model, pre = timm_subject("resnet18", num_classes=10)
     assert not model.training
+    # timm's eval transform: resnet18's crop_pct 0.95 -> resize the shorter side to 235, crop 224
     assert pre == Preprocess(
-        size=(224, 224),
+        resize=235,
+        crop=(224, 224),
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
         interpolation="bicubic",
@@ -122,8 +125,8 @@ def test_preprocess_from_timm_data_config():
 def test_vit_preprocess_uses_the_size_it_was_built_for():
     model, pre = timm_subject(VIT, **VIT_KW)
     # resolve_data_config still says 224 (pretrained config); the model only accepts 32
-    assert Preprocess.from_timm(model).size == (32, 32)
-    assert pre.size == (32, 32)
+    assert Preprocess.from_timm(model).output_size((7, 9)) == (32, 32)
+    assert pre.output_size((7, 9)) == (32, 32)
     assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
     obj = timm_objective(model, "embedding")
     assert obj.features(torch.rand(2, 3, 16, 16) * 2 - 1).shape == (2, 192)
@@ -188,14 +191,6 @@ def test_gradients_reach_the_image(vit, kind):
 
 
 # ---------------------------------------------------------------- hooks and model state
-def _state(model: nn.Module):
-    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
-
-
-def _no_hooks(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
 @pytest.mark.filterwarnings("ignore:.*train mode:UserWarning")
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_hooks_left_and_state_restored(pixel_prior, references, kind, monkeypatch):
@@ -203,13 +198,13 @@ def test_no_hooks_left_and_state_restored(pixel_prior, references, kind, monkeyp
     model = timm.create_model(VIT, pretrained=False, **VIT_KW).train()
     model.blocks[0].eval()  # a mixed state the objective must give back unchanged
     model.patch_embed.proj.weight.requires_grad_(False)
-    before = _state(model)
+    before = model_state(model)
     obj = timm_objective(model, kind, layer_index=1 if kind == "intermediate" else None)
     result = fp.NDTMSampler(pixel_prior, obj, num_steps=3, inner_steps=1).sample(
         references=references, n=1, progress=False
     )
     assert torch.isfinite(result.fiber_loss).all()
-    assert _no_hooks(model) and _state(model) == before
+    assert has_no_hooks(model) and model_state(model) == before
 
     def boom(inp):
         raise RuntimeError("block failed")
@@ -217,7 +212,7 @@ def test_no_hooks_left_and_state_restored(pixel_prior, references, kind, monkeyp
     monkeypatch.setattr(model.blocks[0], "forward", boom)
     with pytest.raises(RuntimeError, match="block failed"):
         obj.features(torch.zeros(1, 3, 16, 16))
-    assert _no_hooks(model) and _state(model) == before
+    assert has_no_hooks(model) and model_state(model) == before
 
 
 def test_train_mode_is_announced(x):
@@ -282,7 +277,7 @@ def test_nhwc_features_are_reduced_over_space(x):
         num_heads=(1, 2),
         num_classes=3,
     ).eval()
-    assert timm_preprocess(swin).size == (32, 32)
+    assert timm_preprocess(swin).output_size((7, 9)) == (32, 32)
     feats = _timm_value(swin, "features", x)  # (B, H, W, C): Swin's NHWC layout
     obj = timm_objective(swin, "features", preprocess=IDENTITY)
     torch.testing.assert_close(obj.features(x), feats.mean(dim=(1, 2)))

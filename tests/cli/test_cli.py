@@ -189,6 +189,9 @@ def test_console_script_exit_code_and_info():
     "model", ["prior", "autoencoder", "classifier", "vit", "sae", "conditional"]
 )
 def test_train_commands_write_weights_and_record(model, tmp_path, capsys):
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+    if model in ("vit", "sae"):
+        pytest.importorskip("vit_prisma", reason="vit-prisma not installed (extra 'prisma')")
     out = tmp_path / model
     assert main(["train", model, "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
     record = json.loads((out / "training.json").read_text())
@@ -210,9 +213,12 @@ def test_sample_with_a_trained_conditional_fiber_model(ref_png, tmp_path, capsys
         folder,
         steps=2,
         batch_size=4,
-        unet_config={"block_out_channels": (8, 16), "norm_num_groups": 4,
-                     "down_block_types": ("DownBlock2D", "DownBlock2D"),
-                     "up_block_types": ("UpBlock2D", "UpBlock2D")},
+        unet_config={
+            "block_out_channels": (8, 16),
+            "norm_num_groups": 4,
+            "down_block_types": ("DownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        },
         progress=False,
     )
     out = tmp_path / "run"

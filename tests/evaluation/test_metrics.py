@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import fiber_plugins as fp
@@ -98,7 +99,9 @@ def test_classifier_agreement_hand_computation():
 
 
 def test_frechet_distance_matches_hand_computation():
-    import scipy.linalg
+    scipy_linalg = pytest.importorskip(
+        "scipy.linalg", reason="scipy not installed (extra 'metrics')"
+    )
 
     from fiber_plugins.evaluation import frechet_distance
 
@@ -114,7 +117,7 @@ def test_frechet_distance_matches_hand_computation():
     a, b = real.flatten(1).double().numpy(), fake.flatten(1).double().numpy()
     ma, mb = a.mean(0), b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = scipy.linalg.sqrtm(ca @ cb).real
+    covmean = scipy_linalg.sqrtm(ca @ cb).real
     want = float(((ma - mb) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
     assert abs(frechet_distance(real, fake, Flat()) - want) < 1e-3 * max(1.0, want)
 

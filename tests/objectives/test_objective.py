@@ -12,6 +12,7 @@ import fiber_plugins as fp
 from fiber_plugins.errors import UserError, UserValueError
 from fiber_plugins.objectives import IDENTITY, Preprocess, reduce, select
 from fiber_plugins.objectives.distances import cosine, get_distance, kl_logits, l1, squared_l2
+from tests.helpers import hook_count, model_state
 
 
 # ---------------------------------------------------------------- distances (hand computations)
@@ -216,12 +217,7 @@ def test_layer_not_on_path(subject):
 
 # ---------------------------------------------------------------- hooks and model state
 def _state(model):
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
-        next(model.parameters()).device,
-    )
+    return (*model_state(model), hook_count(model), next(model.parameters()).device)
 
 
 def test_model_unchanged_after_use_and_after_error(subject):

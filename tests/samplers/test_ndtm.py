@@ -9,6 +9,7 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins.samplers import GuidanceSchedule, NDTMConfig
+from tests.helpers import hook_count
 
 
 def _sampler(prior, objective, **kw):
@@ -165,10 +166,6 @@ def test_explicit_targets(pixel_prior, subject):
         _sampler(pixel_prior, objective).sample(n=1)
 
 
-def _hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_no_hook_left_after_sampling_and_after_error(pixel_prior, subject, references):
     subject.train()
     flags = [p.requires_grad for p in subject.parameters()]
@@ -177,7 +174,7 @@ def test_no_hook_left_after_sampling_and_after_error(pixel_prior, subject, refer
         _sampler(pixel_prior, objective, num_steps=2, inner_steps=1).sample(
             references=references[:1], n=1, progress=False
         )
-    assert _hook_count(subject) == 0 and subject.training
+    assert hook_count(subject) == 0 and subject.training
     assert [p.requires_grad for p in subject.parameters()] == flags
 
     def bad_distance(f, y):
@@ -188,7 +185,7 @@ def test_no_hook_left_after_sampling_and_after_error(pixel_prior, subject, refer
         _sampler(pixel_prior, objective, num_steps=2, inner_steps=1).sample(
             references=references[:1], n=1, progress=False
         )
-    assert _hook_count(subject) == 0 and subject.training
+    assert hook_count(subject) == 0 and subject.training
     assert [p.requires_grad for p in subject.parameters()] == flags
 
 

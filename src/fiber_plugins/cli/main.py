@@ -1,4 +1,4 @@
-"""``fiber-plugins``: sample, info, demo, train.
+"""``fiber-plugins``: sample, info, demo, train, convert.
 
 User mistakes (a :class:`~fiber_plugins.errors.UserError`: bad names, values, paths, shapes) print
 one line ``fiber-plugins: error: ...`` and exit 2; any other exception is a bug and keeps its
@@ -25,14 +25,31 @@ if TYPE_CHECKING:  # the CLI imports the samplers lazily
     from ..samplers.engine import FiberSampler
 
 
-def _load_prior(spec: str, device: str | None):
+def _load_prior(spec: str, device: str | None, args=None):
     from ..priors import load_prior
 
+    text = {
+        "--prompt": getattr(args, "prompt", None),
+        "--clip-skip": getattr(args, "clip_skip", None),
+        "--class-label": getattr(args, "class_label", None),
+    }
     if spec.startswith("zoo:"):
         from .. import zoo
 
+        given = [flag for flag, value in text.items() if value is not None]
+        if given:
+            raise UserValueError(
+                f"{', '.join(given)} are settings of text- or class-conditioned priors, not of "
+                f"the shipped {spec!r}"
+            )
         return zoo.load(spec[4:], device=device)
-    return load_prior(spec, device=device)
+    return load_prior(
+        spec,
+        device=device,
+        prompt=text["--prompt"],
+        clip_skip=text["--clip-skip"],
+        class_label=text["--class-label"],
+    )
 
 
 def _device(name: str) -> str:
@@ -125,7 +142,7 @@ def cmd_sample(args) -> int:
     from .targets import objective_from_spec
 
     model, pre = load_subject(args.subject, args.weights)
-    prior = _load_prior(args.prior, device)
+    prior = _load_prior(args.prior, device, args)
     prior.accelerate(
         weights=args.prior_dtype,
         channels_last=True if args.channels_last else None,
@@ -253,14 +270,22 @@ def cmd_targets(args) -> int:
                 f"{' '.join(map(str, args.input_size))}"
             )
         shape = (1, *args.input_size)
-    elif pre is not None and pre.size is not None:
-        size = (pre.size, pre.size) if isinstance(pre.size, int) else tuple(pre.size)
-        shape = (1, pre.channels or 3, *size)
+    elif pre is not None and pre.fixes_size:
+        shape = (1, pre.channels or 3, *pre.output_size((1, 1)))
     else:
         raise UserValueError("give the subject's input size, e.g. --input-size 3 224 224")
-    points = list_hook_points(model, shape)
+    from ..adapters.hf import hf_outputs, is_hf_model
+    from ..adapters.open_clip import is_open_clip_model, open_clip_outputs
+
+    if is_hf_model(model) or is_open_clip_model(model):  # named outputs: --target output:NAME
+        lister = hf_outputs if is_hf_model(model) else open_clip_outputs
+        points = lister(model, shape)
+        usage = "  (--target output:NAME[:INDEX][:token=cls|mean|max|all|N])"
+    else:
+        points = list_hook_points(model, shape)
+        usage = ""
     width = max((len(n) for n, _ in points), default=10)
-    print(f"{'name':{width}s}  shape (batch 1, input {tuple(shape[1:])})")
+    print(f"{'name':{width}s}  shape (batch 1, input {tuple(shape[1:])}){usage}")
     for name, shp in points:
         print(f"{name:{width}s}  {tuple(shp)}")
     return 0
@@ -402,6 +427,52 @@ def cmd_bench(args) -> int:
     return 0 if report["rows"] else 1
 
 
+# help of guided-diffusion's model/diffusion flags, as its scripts take them (``--num_channels
+# 256`` or ``--num-channels 256``; booleans as ``True``/``False``); the flag names themselves
+# come from fiber_plugins.priors.adm.ARCHITECTURE_FLAGS, which also checks the values
+_ADM_FLAG_HELP = {
+    "image_size": ("N", "image side in pixels"),
+    "num_channels": ("N", "model channels (the first level's width)"),
+    "num_res_blocks": ("N", "res blocks per level"),
+    "channel_mult": ("M,M,...", "width multipliers per level (default: guided-diffusion's)"),
+    "attention_resolutions": ("R,R,...", "resolutions (pixels) with attention, e.g. 32,16,8"),
+    "num_heads": ("N", "attention heads (when --num-head-channels is -1)"),
+    "num_head_channels": ("N", "channels per attention head (-1: use --num-heads)"),
+    "num_heads_upsample": ("N", "heads of the upsampling path (-1: --num-heads)"),
+    "learn_sigma": ("BOOL", "6 output channels (eps and the variance interpolation)"),
+    "class_cond": ("BOOL", "class-conditional (label_emb)"),
+    "num_classes": ("N", "classes of a class-conditional model (default 1000)"),
+    "use_scale_shift_norm": ("BOOL", "FiLM conditioning in the res blocks"),
+    "resblock_updown": ("BOOL", "residual blocks for down/upsampling"),
+    "use_new_attention_order": ("BOOL", "QKVAttention instead of the legacy head order"),
+    "dropout": ("P", "dropout rate (stored in the config; no effect in eval)"),
+    "diffusion_steps": ("N", "training timesteps"),
+    "noise_schedule": ("linear|cosine", "the beta schedule"),
+    "predict_xstart": ("BOOL", "the network predicts x0 instead of eps"),
+    "rescale_timesteps": ("BOOL", "the network took t*1000/steps in training"),
+    "in_channels": ("N", "image channels (default 3)"),
+    "use_fp16": ("BOOL", "accepted, changes nothing (weights are written in fp32)"),
+    "use_checkpoint": ("BOOL", "accepted, changes nothing"),
+}
+
+
+def cmd_convert_adm(args) -> int:
+    from ..priors.adm import ARCHITECTURE_FLAGS, convert_adm
+
+    flags = {name: getattr(args, name) for name in ARCHITECTURE_FLAGS}
+    out = convert_adm(
+        args.checkpoint,
+        args.out_dir,
+        preset=args.preset,
+        class_label=args.class_label,
+        overwrite=args.overwrite,
+        **{k: v for k, v in flags.items() if v is not None},
+    )
+    print(f"wrote {out}: unet/ (UNet2DModel), scheduler/ (DDPMScheduler), adm_conversion.json")
+    print(f"use it with --prior {out} or fiber_plugins.load_prior({str(out)!r})")
+    return 0
+
+
 class _BenchMethods:
     """``--methods`` choices: the benchmark's own METHOD_NAMES, imported only when argparse
     checks a value or prints the choices (so other commands never load the benchmark)."""
@@ -433,7 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="NDTM fiber samples of a subject model for a reference image")
-    s.add_argument("--subject", required=True, help="timm:NAME | module:pkg.mod:factory | zoo:NAME")
+    s.add_argument(
+        "--subject",
+        required=True,
+        help="timm:NAME | hf:FOLDER | open_clip:ARCH | module:pkg.mod:factory | zoo:NAME "
+        "(see docs/subjects.md)",
+    )
     s.add_argument("--weights", help="local weights file for the subject (safetensors or torch)")
     s.add_argument(
         "--target",
@@ -443,6 +519,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--sae", help="SAE folder (cfg.json + sae_weights.safetensors) for sae: targets")
     s.add_argument("--prior", required=True, help="diffusers folder, Hub id, or zoo:NAME")
+    s.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help="text-conditioned priors (Stable Diffusion family): condition on this prompt, "
+        "encoded once with the folder's text encoder(s) (default: the empty prompt)",
+    )
+    s.add_argument(
+        "--clip-skip",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="text encoder hidden states N layers before the last (diffusers' clip_skip)",
+    )
+    s.add_argument(
+        "--class-label",
+        type=_count,
+        default=None,
+        metavar="K",
+        help="class of a class-conditional prior (UNet with num_class_embeds: required; DiT: "
+        "default its null class)",
+    )
     s.add_argument("--reference", nargs="+", help="reference image file(s)")
     s.add_argument(
         "--target-vector",
@@ -508,8 +606,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="remove the earlier run in --out first")
     s.set_defaults(func=cmd_sample)
 
-    tg = sub.add_parser("targets", help="list a subject's layers / hook points with their shapes")
-    tg.add_argument("subject", help="timm:NAME | module:pkg.mod:factory | zoo:NAME")
+    tg = sub.add_parser(
+        "targets",
+        help="list a subject's layers / hook points (hf:, open_clip: its named outputs) with "
+        "their shapes",
+    )
+    tg.add_argument(
+        "subject",
+        help="timm:NAME | module:pkg.mod:factory | zoo:NAME | hf:FOLDER | open_clip:ARCH|FOLDER",
+    )
     tg.add_argument("--weights", help="local weights file")
     tg.add_argument("--input-size", type=int, nargs="+", metavar="DIM", help="e.g. 3 224 224")
     tg.set_defaults(func=cmd_targets)
@@ -577,6 +682,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_count, default=0)
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
+
+    cv = sub.add_parser(
+        "convert", help="convert another code base's checkpoint into a prior folder"
+    )
+    formats = cv.add_subparsers(dest="format", required=True)
+    a = formats.add_parser(
+        "adm",
+        help="an openai/guided-diffusion (ADM) UNet checkpoint -> a diffusers prior folder",
+        description="Convert a guided-diffusion UNet checkpoint (read with weights_only=True) into "
+        "OUT_DIR (unet/ + scheduler/), which load_prior and --prior read. Give a --preset, or the "
+        "architecture flags of the checkpoint's MODEL_FLAGS (guided-diffusion spelling works: "
+        "--num_channels 256 --learn_sigma True ...); see docs/priors.md.",
+    )
+    a.add_argument("checkpoint", help="the ADM state dict (.pt/.pth or .safetensors)")
+    a.add_argument("out_dir", help="the prior folder to write (new or empty, or --overwrite)")
+    from ..priors.adm import ARCHITECTURE_FLAGS, SUPPORTED_PRESETS
+
+    a.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help=f"a published checkpoint: {' | '.join(SUPPORTED_PRESETS)}",
+    )
+    a.add_argument(
+        "--class-label",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="class-conditional checkpoints: write an unconditional prior of this class",
+    )
+    a.add_argument(
+        "--overwrite", action="store_true", help="replace unet/ and scheduler/ in OUT_DIR"
+    )
+    for name in ARCHITECTURE_FLAGS:
+        metavar, text = _ADM_FLAG_HELP.get(name, ("VALUE", ""))
+        a.add_argument(
+            f"--{name.replace('_', '-')}", f"--{name}", dest=name, metavar=metavar, help=text
+        )
+    a.set_defaults(func=cmd_convert_adm)
     return p
 
 

@@ -1,4 +1,6 @@
-"""Subject-model strings for the CLI: ``timm:NAME``, ``module:pkg.mod:factory``, ``zoo:NAME``."""
+"""Subject-model strings for the CLI: ``timm:NAME``, ``module:pkg.mod:factory``, ``zoo:NAME``,
+``hf:FOLDER`` (a Hugging Face transformers vision model) and ``open_clip:ARCH`` (an OpenCLIP
+architecture name or a folder with ``open_clip_config.json``); see docs/subjects.md."""
 
 from __future__ import annotations
 
@@ -10,7 +12,13 @@ from ..errors import UserTypeError, UserValueError
 from ..objectives.preprocess import Preprocess
 from ..weights import load_weights
 
-SUBJECT_FORMS = ("timm:NAME", "module:pkg.mod:factory", "zoo:NAME")
+SUBJECT_FORMS = (
+    "timm:NAME",
+    "module:pkg.mod:factory",
+    "zoo:NAME",
+    "hf:FOLDER",
+    "open_clip:ARCH|FOLDER",
+)
 
 __all__ = ["SUBJECT_FORMS", "load_subject", "load_weights"]
 
@@ -19,8 +27,12 @@ def load_subject(spec: str, weights: str | None = None) -> tuple[nn.Module, Prep
     """Return (model in eval mode, its preprocessing or None for the default).
 
     ``weights`` is a local weights file read by :func:`fiber_plugins.weights.load_weights`
-    (safetensors, or a torch state dict read with ``weights_only=True``); ``zoo:`` models carry
-    their own weights and refuse it.
+    (safetensors, or a torch state dict read with ``weights_only=True``); ``zoo:`` models and
+    ``hf:`` folders carry their own weights and refuse it. ``hf:FOLDER`` loads a transformers
+    vision model with :func:`fiber_plugins.adapters.hf.hf_subject` (its image processor gives the
+    preprocessing); ``open_clip:ARCH`` builds an OpenCLIP model with
+    :func:`fiber_plugins.adapters.open_clip.open_clip_subject` (its eval transform gives the
+    preprocessing). Nothing is downloaded.
     """
     kind, _, rest = spec.partition(":")
     if kind == "timm" and rest:
@@ -69,4 +81,19 @@ def load_subject(spec: str, weights: str | None = None) -> tuple[nn.Module, Prep
                 "weights; drop --weights (or use module:pkg.mod:factory for other weights)"
             )
         return zoo.load(rest), None
+    if kind == "hf" and rest:
+        from ..adapters.hf import hf_subject
+
+        if weights:
+            raise UserValueError(
+                f"subject {spec!r} with --weights {weights!r}: a Hugging Face folder carries its "
+                "own weights (model.safetensors); drop --weights"
+            )
+        hf_model, hf_pre = hf_subject(rest)
+        return hf_model, hf_pre
+    if kind == "open_clip" and rest:
+        from ..adapters.open_clip import open_clip_subject
+
+        oc_model, oc_pre = open_clip_subject(rest, weights)
+        return oc_model, oc_pre
     raise UserValueError(f"unknown subject {spec!r}; valid forms: {', '.join(SUBJECT_FORMS)}")

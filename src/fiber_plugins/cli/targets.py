@@ -16,7 +16,14 @@ form                                       phi
 ``sae:blocks.3.hook_resid_post:feature=123``  SAE features at a hook (``feature=all``,
                                            ``feature=1,5``; options ``:pre``, ``:token=...``)
 ``captum:layer4.1:neuron=(5,2,2)``         Captum ``layer`` + ``neuron_selector``
+``output:pooler_output``                   a named output of an ``hf:`` or ``open_clip:``
+``output:hidden_states.6:token=mean:42``   subject (options ``:INDEX``, ``:token=...``; for
+``output:image_embedding:normalize``       OpenCLIP ``:normalize`` and layer names such as
+                                           ``output:visual.transformer.resblocks.3``)
 =========================================  ===================================================
+
+For ``hf:`` and ``open_clip:`` subjects, ``logits`` / ``logits:INDEX`` is the named output
+``logits`` (``output:logits``), so a model without one is told which outputs it has.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ TARGET_FORMS = (
     "crp:LAYER:IDS",
     "sae:HOOK:feature=ID|all[:pre][:token=T]",
     "captum:LAYER[:neuron=TUPLE]",
+    "output:NAME[:INDEX][:token=T][:normalize]",
 )
 
 
@@ -82,6 +90,49 @@ def _ids(text: str, spec: str) -> list[int]:
     return [_int(t, "an id", spec) for t in text.split(",") if t]
 
 
+def _named_output(model: nn.Module, spec: str, name: str, parts: list[str], common: _Common):
+    """``output:NAME[:INDEX][:token=T][:normalize]`` for a Hugging Face or OpenCLIP subject."""
+    from ..adapters.hf import hf_objective, is_hf_model
+    from ..adapters.open_clip import is_open_clip_model, open_clip_objective
+
+    positional = [p for p in parts if "=" not in p and p.replace(",", "").lstrip("-").isdigit()]
+    if len(positional) > 1:
+        raise UserValueError(f"target {spec!r} gives more than one index: {positional}")
+    opts = _options([p for p in parts if p not in positional], spec, ("token", "normalize"))
+    index: int | list[int] | None = None
+    if positional:
+        ids = _ids(positional[0], spec)
+        index = ids[0] if len(ids) == 1 else ids
+    token = None if opts.get("token") is None else _token(opts["token"], spec)
+    if is_hf_model(model):
+        if "normalize" in opts:
+            raise UserValueError(
+                f"option 'normalize' in target {spec!r} is for open_clip: subjects"
+            )
+        return hf_objective(model, name, token=token, index=index, name=spec, **common)
+    if is_open_clip_model(model):
+        return open_clip_objective(
+            model,
+            name,
+            normalize=bool(opts.get("normalize", False)),
+            token=token,
+            index=index,
+            name=spec,
+            **common,
+        )
+    raise UserValueError(
+        f"target {spec!r} names an output of a Hugging Face or OpenCLIP subject (hf:FOLDER, "
+        f"open_clip:ARCH); {type(model).__name__} is neither: use 'layer:NAME' or 'logits'"
+    )
+
+
+def _named_outputs(model: nn.Module) -> bool:
+    from ..adapters.hf import is_hf_model
+    from ..adapters.open_clip import is_open_clip_model
+
+    return is_hf_model(model) or is_open_clip_model(model)
+
+
 def objective_from_spec(
     model: nn.Module,
     spec: str,
@@ -101,6 +152,8 @@ def objective_from_spec(
         if len(parts) > 1:
             raise UserValueError(f"target {spec!r}: use 'logits' or 'logits:INDEX'")
         index = _int(parts[0], "the logit index", spec) if parts else None
+        if _named_outputs(model):
+            return _named_output(model, spec, "logits", parts, common)
         return FiberObjective(model, index=index, name=spec, **common)
     if kind == "layer":
         if not parts or len(parts) > 2:
@@ -173,4 +226,6 @@ def objective_from_spec(
                     f"got {opts['neuron']!r}"
                 ) from None
         return captum_objective(model, layer=parts[0], neuron_selector=neuron, name=spec, **common)
+    if kind == "output" and parts and parts[0]:
+        return _named_output(model, spec, parts[0], parts[1:], common)
     raise UserValueError(f"unknown target {spec!r}; valid forms: {', '.join(TARGET_FORMS)}")

@@ -127,13 +127,16 @@ class Preprocess:
         return x
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Resize (B, C, H, W) images in [0, 1] as PIL and torchvision do: bilinear and bicubic
+        with antialiasing (PIL's kernels: bicubic a = -0.5), bicubic clamped to [0, 1]."""
         if tuple(x.shape[-2:]) == size:
             return x
-        shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-        kw = {}
-        if self.interpolation in ("bilinear", "bicubic"):
-            kw = {"align_corners": False, "antialias": shrink}
-        return F.interpolate(x, size=size, mode=self.interpolation, **kw)
+        if self.interpolation not in ("bilinear", "bicubic"):
+            return F.interpolate(x, size=size, mode=self.interpolation)
+        x = F.interpolate(
+            x, size=size, mode=self.interpolation, align_corners=False, antialias=True
+        )
+        return x.clamp(0.0, 1.0) if self.interpolation == "bicubic" else x
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(H, W) of the subject input for an image of ``size`` (H, W)."""

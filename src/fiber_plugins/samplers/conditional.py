@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserTypeError
+from ..objectives.preprocess import Preprocess
 from ..priors.conditional import ConditionalFiberModel
 from ._common import SettingsMixin, check_bool, check_int, finite_rows
 from .batch import Batch, mark_nonfinite
@@ -83,7 +84,16 @@ class ConditionalFiberSampler(FiberSampler):
         info = self.prior.info
 
         def as_stored(d):  # JSON round trip: tuples become lists, as in fiber_model.json
-            return json.loads(json.dumps(d, default=str)) if d is not None else None
+            if d is None:
+                return None
+            d = json.loads(json.dumps(d, default=str))
+            if isinstance(d.get("preprocess"), dict):  # fields added since have their defaults
+                try:
+                    full = Preprocess(**d["preprocess"]).to_dict()
+                    d["preprocess"] = json.loads(json.dumps(full, default=str))
+                except (TypeError, ValueError):
+                    pass  # compared as stored
+            return d
 
         trained = as_stored(info.get("objective_settings"))
         now = as_stored(self.objective.describe())

@@ -215,6 +215,15 @@ def _training_device(objective, device) -> torch.device:
     where = params[0].device if params else None
     if device in (None, "auto") and where is not None:
         return where
+    try:  # a device of another kind than the subject's: the mismatch is the message
+        asked = torch.device(device)
+    except (RuntimeError, TypeError):
+        asked = None
+    if where is not None and asked is not None and asked.type != where.type:
+        raise UserValueError(
+            f"the subject is on {where} but training was asked for on {asked}; move the "
+            f"subject (model.to('{asked}')) or pass device='{where}'"
+        )
     dev = resolve_device(device)
     if where is not None and where.type != dev.type:
         raise UserValueError(
