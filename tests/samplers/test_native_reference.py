@@ -77,7 +77,7 @@ def test_captum_companion_targets_exactly_the_value_captum_explains(pixel_prior)
     from fiber_plugins.attribution import OutputFiber
 
     model = PooledConv().eval()
-    inputs = torch.stack([_detailed(56, 5), _detailed(56, 6)])  # larger than the 16-px prior
+    inputs = torch.stack([_detailed(224, 5), _detailed(224, 6)])  # a 224-px input, 16-px prior
     target = [1, 3]
     attr = OutputFiber(model).attribute(
         inputs, target, prior=pixel_prior, n=1, num_steps=1, inner_steps=1

@@ -113,8 +113,9 @@ def _resolve(source: str | Path) -> Path:
         why = "HF_HUB_OFFLINE is set" if offline else "no network"
         raise UserValueError(
             f"prior {text!r} is not a local folder, and the Hugging Face Hub cannot be reached "
-            f"({why}) nor is it in the Hub cache; pass a local prior folder (what a pipeline's "
-            "save_pretrained writes)"
+            f"({why}) nor is it in the Hub cache; download it once where there is a network "
+            f"('huggingface-cli download {text} --local-dir ./{text.rsplit('/', 1)[-1]}') and "
+            "pass that folder"
         ) from None
 
 
