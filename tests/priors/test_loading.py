@@ -241,7 +241,9 @@ def test_hub_id_offline_one_line(offline, tmp_path, monkeypatch):
     message = _one_line(err)
     assert "'no-such-org/no-such-prior' is not a local folder" in message
     assert "Hub cannot be reached" in message and "HF_HUB_OFFLINE" in message
-    assert "pass a local prior folder" in message
+    # the fix, named: the download command for a machine with a network, then the folder
+    assert "huggingface-cli download no-such-org/no-such-prior --local-dir" in message
+    assert "pass that folder" in message
 
 
 def test_hub_id_without_network_one_line(offline, tmp_path, monkeypatch):
