@@ -99,9 +99,7 @@ def test_embedding_exact_at_the_models_size(subject, reference, normalize):
 def test_embedding_after_resizing(subject, reference, normalize):
     """A 96-px photo crop shrunk to 32 px by torchvision/PIL (the eval transform) and by the
     Preprocess: measured 3.4e-3 in [0, 1] units (0.86 grey level) and 0.12% apart in the
-    embedding (relative L2); the bounds are 2 grey levels and 2%. (Upsampling a 16-px image
-    instead: 0.042, i.e. 10.7 grey levels, and 0.6%: torch's bicubic without antialias is not
-    PIL's.)"""
+    embedding (relative L2); the bounds are 2 grey levels and 2%."""
     model, pre = subject
     image = photo(96)
     pixels, expected = _embed(reference, image, normalize)
@@ -112,6 +110,22 @@ def test_embedding_after_resizing(subject, reference, normalize):
         features = open_clip_objective(model, normalize=normalize).features(x)  # default pre
     rel = float((features - expected).norm() / expected.norm())
     assert rel < 2e-2, rel
+
+
+def test_embedding_after_upsampling(subject, reference):
+    """A 16-px image (a small prior) upsampled to 32 px: the Preprocess resamples as PIL does
+    (antialiased bicubic, a = -0.5, clamped), so the gap stays at the uint8 rounding level."""
+    model, pre = subject
+    image = photo(16)
+    pixels, expected = _embed(reference, image, False)
+    x = as_prior(image)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    gap = float(((pre(x) - pixels) * std).abs().max())
+    with torch.no_grad():
+        features = open_clip_objective(model, preprocess=pre).features(x)
+    rel = float((features - expected).norm() / expected.norm())
+    print(f"open_clip upsampling 16 -> 32 px: pixel gap {gap:.4f}, features {rel:.4f}")
+    assert gap <= 2 / 255 and rel < 1e-2, (gap, rel)
 
 
 def test_builtin_name_with_a_weights_file(folder, reference, monkeypatch, tmp_path):
