@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from fiber_plugins import zoo
+from fiber_plugins.color_mnist_bench import consistency
 from fiber_plugins.data import color_mnist as cm
-from fiber_plugins.evaluation.color_mnist_bench import consistency
 from fiber_plugins.objectives import FiberObjective
 from fiber_plugins.priors import load_prior
 from fiber_plugins.samplers import ConditionalFiberSampler

@@ -2,7 +2,7 @@
 colour consistency and image noise.
 
 NDTM on the shipped Color-MNIST priors and subject (T=25, N=3: the benchmark's settings, see
-``fiber_plugins.evaluation.color_mnist_bench.BENCH_NDTM``), 8 held-out references x 4 samples,
+``fiber_plugins.color_mnist_bench.BENCH_NDTM``), 8 held-out references x 4 samples,
 one row per setting. Columns: median and 90th-percentile fiber loss (fidelity); colour KL and W1
 of the recovered background colours against the known mixture (consistency); the share of
 channel colours in the band [0.35, 0.6] next to the mixture's own share (where guided samples
@@ -27,8 +27,8 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins import zoo
+from fiber_plugins.color_mnist_bench import BENCH_NDTM, consistency
 from fiber_plugins.data import color_mnist as cm
-from fiber_plugins.evaluation.color_mnist_bench import BENCH_NDTM, consistency
 from fiber_plugins.samplers.config import GuidanceSchedule
 
 OUT = Path(__file__).resolve().parent / "results" / "color-mnist-settings"

@@ -23,8 +23,8 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins import zoo
+from fiber_plugins.color_mnist_bench import BENCH_NDTM
 from fiber_plugins.data import color_mnist as cm
-from fiber_plugins.evaluation.color_mnist_bench import BENCH_NDTM
 
 OUT = Path(__file__).resolve().parent / "results"
 

@@ -15,8 +15,8 @@ from typing import cast
 import torch
 
 from . import zoo
+from .color_mnist_bench import BENCH_NDTM, consistency
 from .data import color_mnist as cm
-from .evaluation.color_mnist_bench import BENCH_NDTM, consistency
 from .evaluation.metrics import NearestNeighbourBaseline
 from .objectives import FiberObjective
 from .reporting.html import Page

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fiber_plugins.evaluation.color_mnist_bench import run_color_mnist_bench
+from fiber_plugins.color_mnist_bench import run_color_mnist_bench
 
 
 def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):

@@ -490,6 +490,7 @@ def test_unmodified_diffunet_ffhq_layout_at_32px(tmp_path):
             eps = prior.model_output(x, float(t))
         _record(f"ffhq256-dps raw t={t}", raw, want)
         _record(f"ffhq256-dps eps t={t}", eps, want[:, : arch.in_channels])
+        assert MEASURED[f"ffhq256-dps eps t={t}"] < 1e-4 * max(want.abs().max().item(), 1.0)
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -700,4 +701,5 @@ def test_full_imagenet256_uncond_matches_diffunet_at_256px(tmp_path):
         eps = prior.model_output(x, 600.0)
     _record("imagenet256-uncond 256px raw t=600", raw, want)
     _record("imagenet256-uncond 256px eps t=600", eps, want[:, :3])
+    assert MEASURED["imagenet256-uncond 256px eps t=600"] < 1e-4 * max(want.abs().max().item(), 1.0)
     print(f"full-size test: {time.perf_counter() - start:.0f} s")

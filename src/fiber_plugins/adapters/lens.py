@@ -97,9 +97,7 @@ def _token_axis(name: str, hook_point: nn.Module) -> int:
 
 
 def check_token(token: Token) -> Token:
-    """Return ``token`` if it is 'cls', 'mean', 'max', 'all' or an int position; else raise a
-    one-line error naming the choices.
-    """
+    """``token`` if it is one of :data:`TOKENS` or an int position, else a one-line error."""
     if isinstance(token, bool) or not (isinstance(token, int) or token in TOKENS):
         raise UserValueError(
             f"unknown token {token!r}; choose one of {list(TOKENS)} or an int position "
@@ -109,11 +107,8 @@ def check_token(token: Token) -> Token:
 
 
 def reduce_tokens(act: torch.Tensor, token: Token, axis: int = 1, where: str = "the hook"):
-    """Reduce the token axis of a (B, ..., tokens, ...) activation.
-
-    ``'cls'`` takes position 0, an int takes that position, ``'mean'`` / ``'max'`` pool over all
-    positions, ``'all'`` keeps every position.
-    """
+    """Reduce the token axis of a (B, ..., tokens, ...) activation: ``'cls'`` takes position 0,
+    an int that position, ``'mean'`` / ``'max'`` pool over all positions, ``'all'`` keeps all."""
     if token == "all":
         return act
     if act.dim() < 3:
@@ -124,10 +119,8 @@ def reduce_tokens(act: torch.Tensor, token: Token, axis: int = 1, where: str = "
     axis = axis % act.dim()
     if axis == 0:
         raise UserValueError(f"the token axis of {where} cannot be the batch axis")
-    if token == "mean":
-        return act.mean(axis)
-    if token == "max":
-        return act.amax(axis)
+    if token in ("mean", "max"):
+        return act.mean(axis) if token == "mean" else act.amax(axis)
     pos = 0 if token == "cls" else int(token)
     n = act.shape[axis]
     if not -n <= pos < n:
@@ -180,9 +173,7 @@ class HookObjective(FiberObjective):
         self.layer_name = hook_name  # messages quote the user's name, not an internal path
 
     def convert(self, act: torch.Tensor) -> torch.Tensor:
-        """The hook point's own conversion of the raw activation (TransformerBridge's
-        ``hook_conversion``), so values equal ``run_with_cache``; identity elsewhere.
-        """
+        """The hook point's ``hook_conversion`` of the activation (TransformerBridge), else it."""
         conversion = getattr(self.hook_point, "hook_conversion", None)
         return act if conversion is None else conversion.convert(act)
 

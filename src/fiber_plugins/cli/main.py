@@ -406,7 +406,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..evaluation.color_mnist_bench import run_color_mnist_bench
+    from ..color_mnist_bench import run_color_mnist_bench
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -478,7 +478,7 @@ class _BenchMethods:
     checks a value or prints the choices (so other commands never load the benchmark)."""
 
     def _names(self) -> list[str]:
-        from ..evaluation.color_mnist_bench import METHOD_NAMES
+        from ..color_mnist_bench import METHOD_NAMES
 
         return list(METHOD_NAMES)
 

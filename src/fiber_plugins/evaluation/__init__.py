@@ -1,4 +1,5 @@
-"""Evaluation: fiber-loss baselines, distribution distances, benchmarks."""
+"""Evaluation: fiber-loss baselines and distribution distances (the Color-MNIST benchmark that uses
+them is :mod:`fiber_plugins.color_mnist_bench`)."""
 
 from ..filters import lowpass
 from .metrics import (

@@ -17,14 +17,19 @@ from typing import Any
 
 import torch
 
-from .. import zoo
-from .._utils import to_model_range
-from ..data import color_mnist as cm
-from ..errors import UserValueError
-from ..grid import save_grid
-from ..objectives import FiberObjective
-from ..samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
-from .metrics import NearestNeighbourBaseline, augmentation_baseline, histogram_kl, wasserstein1
+from . import zoo
+from ._utils import to_model_range
+from .data import color_mnist as cm
+from .errors import UserValueError
+from .evaluation.metrics import (
+    NearestNeighbourBaseline,
+    augmentation_baseline,
+    histogram_kl,
+    wasserstein1,
+)
+from .grid import save_grid
+from .objectives import FiberObjective
+from .samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
 
 # NDTM settings used by the benchmark and the demo (chosen on the shipped models; docs/color_mnist.md)
 BENCH_NDTM: dict[str, Any] = dict(
@@ -55,7 +60,7 @@ CONDITIONAL = {
 
 def _make_sampler(method: str, prior, objective, steps: int, inner_steps: int):
     """The benchmark's settings for each method (chosen on the shipped models)."""
-    from ..samplers import (
+    from .samplers import (
         DPSConfig,
         DPSSampler,
         NoiseOptConfig,
@@ -66,7 +71,7 @@ def _make_sampler(method: str, prior, objective, steps: int, inner_steps: int):
 
     ndtm = {**BENCH_NDTM, "inner_steps": inner_steps}
     if method in CONDITIONAL:  # a trained model instead of the prior, same number of steps
-        from ..samplers import ConditionalConfig, ConditionalFiberSampler
+        from .samplers import ConditionalConfig, ConditionalFiberSampler
 
         model = zoo.load(CONDITIONAL[method], device=prior.device)
         return ConditionalFiberSampler(model, objective, ConditionalConfig(num_steps=steps))
@@ -271,7 +276,7 @@ def _markdown(report: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from .._utils import require
+    from ._utils import require
 
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
