@@ -52,7 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gpu_ndtm.py
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m ruff check src tests examples
 	$(BIN)/python -m mypy src
 
 clean-venv:

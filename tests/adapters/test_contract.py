@@ -1,8 +1,9 @@
 """The adapter contract, run over every adapter (in the style of diffusers' shared scheduler tests).
 
 For each adapter (a plain FiberObjective on a layer / its input / the output, a weighted sum,
-Captum, SAE, timm, zennit-crp, transformer-lens, vit-prisma, Hugging Face transformers,
-OpenCLIP), on a model left in a mixed train/eval state with one frozen parameter:
+Captum, SAE, timm, zennit-crp, transformer-lens, vit-prisma, Hugging Face transformers and
+Qwen2-VL's vision tower, OpenCLIP), on a model left in a mixed train/eval state with one
+frozen parameter:
 
 * inside ``attached()`` the model is in eval mode without parameter gradients; after it, and
   after an exception raised in the block or in the model's own forward, no hook is left and
@@ -183,6 +184,27 @@ def hf_case(output: str, token=None) -> Callable[[], Case]:
     return build
 
 
+def qwen2_vl_case(output: str) -> Callable[[], Case]:
+    def build() -> Case:
+        tf = pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel,
+        )
+
+        from fiber_plugins.adapters.hf import Qwen2VLPreprocess, qwen2_vl_objective
+
+        torch.manual_seed(0)
+        config = tf.Qwen2VLVisionConfig(
+            depth=2, embed_dim=32, num_heads=2, hidden_size=32, mlp_ratio=2
+        )
+        m = mixed(Qwen2VisionTransformerPretrainedModel(config))
+        # 16x16 images: smart-resized to 56x56 (min_pixels), 16 patches, 4 merged tokens
+        pre = Qwen2VLPreprocess(max_pixels=112 * 112)
+        return Case(m, qwen2_vl_objective(m, pre, output, token="mean"), m.patch_embed)
+
+    return build
+
+
 def open_clip_case(**kwargs) -> Callable[[], Case]:
     def build() -> Case:
         oc = pytest.importorskip("open_clip", reason="open_clip not installed (extra 'openclip')")
@@ -212,6 +234,8 @@ ADAPTERS: dict[str, Callable[[], Case]] = {
     "prisma": prisma,
     "hf-pooler": hf_case("pooler_output"),
     "hf-hidden": hf_case("hidden_states.1", token="mean"),
+    "hf-qwen2_vl-embeddings": qwen2_vl_case("embeddings"),
+    "hf-qwen2_vl-hidden": qwen2_vl_case("hidden_states.1"),
     "open_clip-embedding": open_clip_case(normalize=True),
     "open_clip-layer": open_clip_case(layer="visual.transformer.resblocks.0", token="mean"),
 }

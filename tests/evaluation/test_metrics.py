@@ -127,3 +127,46 @@ def test_diversity_in_a_feature_space():
     x[1, 0, 0, 0] = 3.0
     # features double the first pixel: distance 6
     assert abs(diversity(x, features=lambda t: t[..., :1] * 2) - 6.0) < 1e-6
+
+
+def test_frechet_distance_tf_inception_weights_read_safely(tmp_path, monkeypatch):
+    """``feature=64`` (2048 works alike; 64 keeps the matrix square root small) with a weights file: the FID of torchmetrics' TF Inception with those
+    weights (a random-init stand-in here), equal to the same network used as a custom extractor;
+    the file is read as tensors (a pickle with code in it is refused)."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    pytest.importorskip("scipy")
+    from safetensors.torch import save_file
+
+    from fiber_plugins.errors import MissingFileError, UserError
+    from fiber_plugins.evaluation import frechet_distance
+
+    # torch-fidelity downloads at construction without a path: build a random-init one instead
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    torch.manual_seed(0)
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    monkeypatch.undo()
+
+    class Same(torch.nn.Module):  # what torchmetrics feeds its Inception: uint8 images
+        num_features = 64
+
+        def forward(self, x):
+            return net((x * 255).byte())[0].double()
+
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)
+    got = frechet_distance(real, fake, 64, weights=tmp_path / "w.safetensors")
+    want = frechet_distance(real, fake, Same())
+    assert abs(got - want) < 1e-3 * max(1.0, abs(want))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError):
+        frechet_distance(real, fake, 64, weights=tmp_path / "evil.pt")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(MissingFileError, match="weights-inception-2015-12-05"):
+        frechet_distance(real, fake, 64)

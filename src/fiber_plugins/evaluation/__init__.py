@@ -2,11 +2,17 @@
 them is :mod:`fiber_plugins.color_mnist_bench`)."""
 
 from ..filters import lowpass
+from .labels import (
+    category_probabilities,
+    classifier_agreement,
+    label_preference,
+    multilabel_agreement,
+    topk_accuracy,
+)
 from .metrics import (
     LOWPASS_CUTOFFS,
     NearestNeighbourBaseline,
     augmentation_baseline,
-    classifier_agreement,
     diversity,
     frechet_distance,
     histogram_kl,
@@ -17,7 +23,11 @@ from .metrics import (
 
 __all__ = [
     "LOWPASS_CUTOFFS",
+    "category_probabilities",
     "classifier_agreement",
+    "label_preference",
+    "multilabel_agreement",
+    "topk_accuracy",
     "frechet_distance",
     "lowpass",
     "lowpass_curve",

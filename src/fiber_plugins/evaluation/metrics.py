@@ -4,7 +4,9 @@ invariance map."""
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -208,40 +210,57 @@ def lowpass_curve(
     return torch.stack(rows)
 
 
-def classifier_agreement(
-    model_a: Callable[[torch.Tensor], torch.Tensor],
-    model_b: Callable[[torch.Tensor], torch.Tensor],
-    references01: torch.Tensor,
-    samples01: torch.Tensor,
-) -> dict:
-    """How often model B keeps model A's label on A's fiber samples (paper Sec. 4.4).
-
-    ``references01`` (R, C, H, W), ``samples01`` (R, M, C, H, W), both in the models' input space.
-    Returns ``{"a": ..., "b": ...}``: the fraction of samples whose argmax under A (resp. B) equals
-    A's label of their reference. A stays near 1 on its own fiber; a low B value means the fiber
-    of A contains images B sees differently.
-    """
-    with torch.no_grad():
-        label = model_a(references01).argmax(1)
-        flat = samples01.reshape(-1, *samples01.shape[2:])
-        expect = label.repeat_interleave(samples01.shape[1])
-        agree_a = (model_a(flat).argmax(1) == expect).float().mean()
-        agree_b = (model_b(flat).argmax(1) == expect).float().mean()
-    return {"a": float(agree_a), "b": float(agree_b)}
+TF_INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
 
 
 def frechet_distance(
-    real01: torch.Tensor, fake01: torch.Tensor, feature: torch.nn.Module | int = 2048
+    real01: torch.Tensor,
+    fake01: torch.Tensor,
+    feature: torch.nn.Module | int = 2048,
+    weights: str | Path | None = None,
 ) -> float:
-    """FID through torchmetrics. ``feature`` is an ``nn.Module`` mapping [0, 1] images to (B, D)
-    features (any extractor you have locally), or an Inception feature size, which needs the
-    torch-fidelity Inception weights on disk."""
+    """FID through torchmetrics.
+
+    ``feature`` is an ``nn.Module`` mapping [0, 1] images to (B, D) features (any extractor you
+    have locally), or an Inception feature size (64, 192, 768, 2048): torchmetrics' port of the
+    TensorFlow Inception of Heusel et al., the network of published FIDs. Its weights file
+    (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``, :data:`TF_INCEPTION_URL`) is
+    ``weights``, or else the copy in the torch hub cache; nothing is downloaded. The file is read
+    as tensors only (safetensors or ``torch.load(weights_only=True)``), never unpickled.
+    """
     from .._utils import require
 
     fid_mod = require("torchmetrics.image.fid")
-    metric = fid_mod.FrechetInceptionDistance(
-        feature=feature, normalize=True, input_img_size=tuple(real01.shape[1:])
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {}
+        if isinstance(feature, int):
+            require("torch_fidelity")
+            extra["feature_extractor_weights_path"] = _tensor_copy(weights, Path(tmp))
+        metric = fid_mod.FrechetInceptionDistance(
+            feature=feature, normalize=True, input_img_size=tuple(real01.shape[1:]), **extra
+        )
     metric.update(real01.float(), real=True)
     metric.update(fake01.float(), real=False)
     return float(metric.compute())
+
+
+def _tensor_copy(weights: str | Path | None, folder: Path) -> str:
+    """The Inception weights re-saved as a plain tensor dict: torch-fidelity unpickles the file
+    it is given, so it gets this copy, read safely, and never the user's file."""
+    from ..errors import MissingFileError
+    from ..weights import read_state_dict
+
+    if weights is None:
+        weights = Path(torch.hub.get_dir()) / "checkpoints" / TF_INCEPTION_URL.rsplit("/", 1)[1]
+        if not weights.exists():
+            raise MissingFileError(
+                f"FID with an Inception feature size needs the Inception weights, not found at "
+                f"{weights}: download {TF_INCEPTION_URL} and pass weights=PATH "
+                "(nothing is downloaded at run time)"
+            )
+    copy = folder / "inception.pt"
+    torch.save(read_state_dict(weights, "Inception weights"), copy)
+    return str(copy)

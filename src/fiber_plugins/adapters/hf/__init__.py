@@ -39,14 +39,24 @@ from .objective import has_class_token as has_class_token
 from .outputs import hf_outputs
 from .outputs import hidden_layers as hidden_layers
 from .preprocessing import preprocess_from_processor
+from .qwen2_vl import (
+    Qwen2VLObjective,
+    Qwen2VLPreprocess,
+    qwen2_vl_objective,
+    qwen2_vl_vision_subject,
+)
 
 # as before the split; hub_offline, hidden_layers, has_class_token and check_output_token are
 # not in __all__ but importable from here (imported ``as`` themselves above)
 __all__ = [
     "OutputObjective",
+    "Qwen2VLObjective",
+    "Qwen2VLPreprocess",
     "hf_subject",
     "hf_objective",
     "hf_outputs",
     "is_hf_model",
     "preprocess_from_processor",
+    "qwen2_vl_objective",
+    "qwen2_vl_vision_subject",
 ]
