@@ -19,7 +19,7 @@ SAELENS_STAMP   := $(VENV)/.saelens-overlay-installed
 SAELENS_PINS    := sae-lens==6.54.12 transformer-lens==3.9.0 \
                    better-abc==0.0.3 simple-parsing==0.1.9 docstring-parser==0.18.0
 
-.PHONY: demo test test-all lint bench clean-venv saelens-overlay
+.PHONY: demo test test-all test-browser lint bench clean-venv saelens-overlay
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,13 @@ test: $(STAMP) $(SAELENS_STAMP)
 
 test-all: $(STAMP) $(SAELENS_STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# the atlas page in headless Chromium (installed with apt-get when missing; needs root or sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+	$(BIN)/python -m pytest -q -m browser
 
 bench: $(STAMP)
 	$(BIN)/fiber-plugins bench color-mnist --out benchmarks/results/color-mnist

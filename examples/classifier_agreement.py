@@ -96,7 +96,7 @@ def thresholds(text: str, k: int, flag: str) -> torch.Tensor:
 
 def classifier(spec: str, weights: str, device: str) -> fp.FiberObjective:
     """The subject's logits (all classes) as a fiber objective."""
-    from fiber_plugins.cli.subjects import load_subject
+    from fiber_plugins.specs.subjects import load_subject
 
     model, pre = load_subject(
         spec, str(R.need(weights, f"weights of {spec}", "your trained classifier"))

@@ -38,10 +38,12 @@ RANKS = {
     "training": 3,
     "zoo": 4,
     "evaluation": 5,
+    "specs": 5,  # the subject / target grammar (CLI, plans, Python)
     "reporting": 6,
     "attribution": 6,
     # entry points
     "cli": 7,
+    "jobs": 7,  # plans, stores' execution, launchers (the CLI's run / plan commands)
     "demo": 7,
     "color_mnist_bench": 7,  # the benchmark: shipped models, samplers and metrics together
     "__init__": 7,

@@ -8,7 +8,7 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins.adapters.sae import SparseAutoencoder
-from fiber_plugins.cli.targets import objective_from_spec
+from fiber_plugins.specs.targets import objective_from_spec
 
 pytest.importorskip("transformer_lens", reason="transformer-lens not installed (extra 'lens')")
 pytest.importorskip("crp", reason="zennit-crp not installed (extra 'zennit')")

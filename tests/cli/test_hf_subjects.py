@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fiber_plugins.cli.main import main
-from fiber_plugins.cli.subjects import load_subject
-from fiber_plugins.cli.targets import objective_from_spec
+from fiber_plugins.specs.subjects import load_subject
+from fiber_plugins.specs.targets import objective_from_spec
 
 pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from fiber_plugins.cli.main import main
-from fiber_plugins.cli.subjects import load_subject
 from fiber_plugins.errors import MissingFileError, UserError, UserTypeError, UserValueError
+from fiber_plugins.specs.subjects import load_subject
 
 from ..conftest import TinySubject
 

@@ -138,8 +138,8 @@ def cmd_sample(args) -> int:
         autocast=args.bf16,
     )
 
-    from .subjects import load_subject
-    from .targets import objective_from_spec
+    from ..specs.subjects import load_subject
+    from ..specs.targets import objective_from_spec
 
     model, pre = load_subject(args.subject, args.weights)
     prior = _load_prior(args.prior, device, args)
@@ -199,6 +199,13 @@ def cmd_sample(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from ..samplers.store import is_store
+
+    if is_store(args.run_dir):
+        from ..reporting.atlas import write_atlas
+
+        print(f"wrote {write_atlas(args.run_dir)}")
+        return 0
     from ..reporting.report import write_report
 
     print(f"wrote {write_report(args.run_dir)}")
@@ -260,7 +267,7 @@ def _read_vector(path: str):
 
 def cmd_targets(args) -> int:
     from ..adapters.lens import list_hook_points
-    from .subjects import load_subject
+    from ..specs.subjects import load_subject
 
     model, pre = load_subject(args.subject, args.weights)
     if args.input_size:
@@ -619,9 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--input-size", type=int, nargs="+", metavar="DIM", help="e.g. 3 224 224")
     tg.set_defaults(func=cmd_targets)
 
-    r = sub.add_parser("report", help="write report.html for a saved run folder")
-    r.add_argument("run_dir")
+    r = sub.add_parser(
+        "report", help="write report.html for a saved run folder, or the atlas of a plan's store"
+    )
+    r.add_argument("run_dir", metavar="RUN_DIR|STORE")
     r.set_defaults(func=cmd_report)
+
+    from .jobs import add_parsers
+
+    add_parsers(sub)
 
     i = sub.add_parser("info", help="versions and device")
     i.set_defaults(func=cmd_info)

@@ -339,6 +339,23 @@ class FiberObjective:
         with torch.no_grad():
             return self.target_of(self.features(reference))
 
+    def seed_row(self, row: int) -> int:
+        """The row key that seeds reference row ``row``'s samples: the row itself (a
+        :class:`~fiber_plugins.objectives.units.UnitSet` seeds each unit's rows as a call with
+        that unit alone would).
+
+        Parameters
+        ----------
+        row:
+            The reference row of the call.
+
+        Returns
+        -------
+        int
+            ``row``.
+        """
+        return row
+
     def target_of(self, features: torch.Tensor) -> torch.Tensor:
         """The target y* of references whose features (R, K) are given (detached). The sampler
         computes the references' features once, with a graph for its gradient check, and takes

@@ -24,12 +24,13 @@ from .._utils import randn_rows, row_generator, to_model_range, to_unit_range
 from ..errors import UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.targets import Targets
+from ..objectives.units import UnitSet
 from ..priors.prior import DiffusionPrior
 from ._common import check_int
 from .batch import Batch
 from .memory import MemoryPolicy
 from .precision import network_autocast, warn_half_on_cpu
-from .preflight import check_devices, reference_targets
+from .preflight import check_devices, reference_targets, unit_rows
 from .result import FiberResult
 from .rows import RowStore, sigterm_as_interrupt
 from .run_folder import check_out_dir
@@ -172,11 +173,23 @@ class FiberSampler(abc.ABC):
         prior = self.prior
         check_devices(self.objective, self.device)
         warn_half_on_cpu(prior, bool(getattr(self.config, "autocast", False)))
-        with contextlib.ExitStack() as scope, sigterm_as_interrupt(out is not None):
-            memory = MemoryPolicy(prior, scope)  # checkpointing it turns on ends with the call
-            return self._sample(
-                references, targets, n, seed, batch_size, progress, start, out, mode, memory
-            )
+        unbound = self.objective
+        if isinstance(unbound, UnitSet):  # many units: one row per (unit, reference)
+            self.objective, references, targets = unit_rows(unbound, references, targets)
+            if getattr(self.config, "target_mode", "static") == "reapprox":
+                self.objective = unbound
+                raise UserValueError(
+                    "a UnitSet needs the static target (target_mode='static'): each row's unit "
+                    "lives in its target, which a re-approximated target would lose"
+                )
+        try:
+            with contextlib.ExitStack() as scope, sigterm_as_interrupt(out is not None):
+                memory = MemoryPolicy(prior, scope)  # checkpointing it turns on ends with the call
+                return self._sample(
+                    references, targets, n, seed, batch_size, progress, start, out, mode, memory
+                )
+        finally:
+            self.objective = unbound
 
     def _config_record(self, seed, batch_size) -> dict:
         return {
@@ -274,7 +287,7 @@ class FiberSampler(abc.ABC):
         return result
 
     def _run_rows(self, chunk, y, ref_latents, seed, bar):
-        gens = [row_generator(seed, r, m) for r, m in chunk]
+        gens = [row_generator(seed, self.objective.seed_row(r), m) for r, m in chunk]
         batch = Batch.for_rows(chunk, gens, self.initial_state(chunk, gens), y, ref_latents)
         img, trace = self.run_batch(batch, bar)
         with torch.no_grad():

@@ -140,3 +140,42 @@ def _features(sampler, x: torch.Tensor) -> Targets:
     except RuntimeError as err:
         raise_if_shape_mismatch(err, sampler.prior)
         raise
+
+
+def unit_rows(units, references, targets):
+    """The rows of a call on a :class:`~fiber_plugins.objectives.units.UnitSet`: every unit at
+    every reference (unit-major: row u * R + r), or, with ``references`` a dict mapping a unit
+    (its position or label) to its own references, each unit at its own. Explicit ``targets``
+    (R, K) are shared by every unit alike.
+
+    Returns
+    -------
+    (the unit set bound to the rows, the row references or None, the row targets or None)
+    """
+    if isinstance(references, dict):
+        position = {label: u for u, label in enumerate(units.labels)}
+        row_units, rows = [], []
+        for key, refs in references.items():
+            u = position.get(key, key)
+            if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < units.num_units:
+                raise UserValueError(
+                    f"references key {key!r} is not a unit of {units.name} (a position "
+                    f"0..{units.num_units - 1} or a label such as {units.labels[0]!r})"
+                )
+            listed = list(refs) if isinstance(refs, (list, tuple)) else list(as_reference_batch(refs))
+            row_units += [u] * len(listed)
+            rows += listed
+        return units.bind(row_units), rows, None
+    if references is not None:
+        listed = (
+            list(references)
+            if isinstance(references, (list, tuple))
+            else list(as_reference_batch(references))
+        )
+        rows = [ref for _ in range(units.num_units) for ref in listed]
+        order = [u for u in range(units.num_units) for _ in listed]
+        return units.bind(order), rows, None
+    t = torch.as_tensor(targets, dtype=torch.float32)
+    t = t[None] if t.dim() == 1 else t
+    order = [u for u in range(units.num_units) for _ in range(t.shape[0])]
+    return units.bind(order), None, t.repeat(units.num_units, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch
 from .._utils import warn
 from ..errors import MissingFileError, UserValueError
 from ..objectives.targets import Targets
+from .rows import row_unit_labels
 from .run_folder import (
     GRID_FILE,
     METRICS_FILE,
@@ -109,6 +111,40 @@ class FiberResult:
             "config": self.config,
         }
 
+    @property
+    def unit_labels(self) -> list[str] | None:
+        """The unit of each reference row when the call sampled a
+        :class:`~fiber_plugins.objectives.units.UnitSet` (else None)."""
+        return row_unit_labels(self.config)
+
+    def by_unit(self) -> dict[str, FiberResult]:
+        """The rows of each unit as a result of its own, in unit order: images (R_u, M, ...),
+        targets the unit's own columns (R_u, k). A call on one objective gives ``{"0": self}``.
+        """
+        labels = self.unit_labels
+        if labels is None:
+            return {"0": self}
+        units = self.config["objective"]["units"]
+        out: dict[str, FiberResult] = {}
+        for u, label in enumerate(units["labels"]):
+            rows = torch.tensor([r for r, name in enumerate(labels) if name == label], dtype=torch.long)
+            if rows.numel() == 0:
+                continue
+            a, b = units["spans"][u]
+            target = None if self.targets is None else Targets.of(self.targets).value[rows][:, a:b]
+            out[label] = dataclasses.replace(
+                self,
+                images=self.images[rows],
+                references=None if self.references is None else self.references[rows],
+                fiber_loss=self.fiber_loss[rows],
+                loss_trace=self.loss_trace[rows],
+                failed=self.failed[rows],
+                targets=target,
+                reasons=None if self.reasons is None else [self.reasons[int(r)] for r in rows],
+                config={**self.config, "unit": label},
+            )
+        return out
+
     def target_tuple(self) -> tuple[torch.Tensor, ...]:
         """The targets as a tuple of (R, K_i) tensors (one per summed term)."""
         return () if self.targets is None else Targets.of(self.targets).parts
@@ -135,6 +171,7 @@ class FiberResult:
             self.target_tuple(),
             mode=mode,
             extra=self._manifest_extra(),
+            row_units=row_unit_labels(self.config),
         )
         self.write_to(folder)
         return folder.path

@@ -56,6 +56,7 @@ class RowStore:
                 targets.parts,
                 mode=mode,
                 extra={"config": config, "targets_tuple": targets.summed},
+                row_units=row_unit_labels(config),
             )
         return cls(num_refs, n, image_shape, T, folder)
 
@@ -134,3 +135,11 @@ def sigterm_as_interrupt(active: bool):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def row_unit_labels(config: dict) -> list[str] | None:
+    """The unit label of each reference row of a call on a unit set (None for one objective)."""
+    units = config.get("objective", {}).get("units")
+    if not units or units.get("row_units") is None:
+        return None
+    return [units["labels"][u] for u in units["row_units"]]

@@ -1,8 +1,10 @@
 """The run folder: where a sampling run writes its rows as they finish, so nothing is lost.
 
-One format for a finished ``result.save(dir)``, a streaming ``sampler.sample(..., out=dir)`` and
-(later) a many-unit plan. A *row* is one (unit, reference, sample); a unit is one objective (one
-unit today: ``"0"``). Files:
+One format for a finished ``result.save(dir)``, a streaming ``sampler.sample(..., out=dir)``, a
+many-unit call (a :class:`~fiber_plugins.objectives.units.UnitSet`) and each chunk of a plan's
+store. A *row* is one (unit, reference, sample). A call on one objective has one unit, ``"0"``; a
+unit set's call names each reference row's unit by its label (``row_units`` in the manifest).
+Files:
 
 ``run.json``
     The manifest: format version, status (``running`` / ``interrupted`` / ``complete``), the
@@ -66,6 +68,16 @@ RUN_FILES = (
     "colours.png",
 )
 DEFAULT_UNIT = "0"
+
+
+def _unit_list(row_units: list[str] | None, num_references: int, n: int) -> list[dict]:
+    """The manifest's units: name, reference rows and samples per row, in first-seen order."""
+    if row_units is None:
+        return [{"name": DEFAULT_UNIT, "num_references": num_references, "n": n}]
+    counts: dict[str, int] = {}
+    for name in row_units:
+        counts[str(name)] = counts.get(str(name), 0) + 1
+    return [{"name": k, "num_references": v, "n": n} for k, v in counts.items()]
 
 
 def _now() -> str:
@@ -210,9 +222,11 @@ class RunFolder:
         targets: tuple[torch.Tensor, ...],
         mode: str = "new",
         extra: dict | None = None,
+        row_units: list[str] | None = None,
     ) -> RunFolder:
         """Begin a new run in ``path`` (``mode`` from :func:`check_out_dir`) or reopen the run to
-        resume it; a resumed run must have the same ``fingerprint``."""
+        resume it; a resumed run must have the same ``fingerprint``. ``row_units`` names the unit
+        of each reference row (default: one unit, ``"0"``)."""
         path = Path(path)
         if mode == "resume" and (path / RUN_FILE).is_file():
             folder = cls.open(path)
@@ -237,10 +251,11 @@ class RunFolder:
             "status": "running",
             "created": _now(),
             "fingerprint": fingerprint,
-            "units": [{"name": DEFAULT_UNIT, "num_references": num_references, "n": n}],
+            "units": _unit_list(row_units, num_references, n),
             "num_rows": num_references * n,
             "rows_done": 0,
             "num_targets": len(targets),
+            **({"row_units": list(row_units)} if row_units is not None else {}),
             **(extra or {}),
         }
         folder = cls(path, manifest)
@@ -286,6 +301,11 @@ class RunFolder:
             for p in shard_dir.iterdir():
                 if f"{SHARD_DIR}/{p.name}" not in named:
                     p.unlink()
+
+    def unit_of(self, row: int) -> str:
+        """The unit label of reference row ``row``."""
+        names = self.manifest.get("row_units")
+        return DEFAULT_UNIT if names is None else str(names[row])
 
     # ------------------------------------------------------------------ the index
     def _write_index(self) -> None:
@@ -340,7 +360,7 @@ class RunFolder:
         for k, (r, m) in enumerate(rows):
             self._index.append(
                 {
-                    "unit": DEFAULT_UNIT,
+                    "unit": self.unit_of(int(r)),
                     "reference": int(r),
                     "sample": int(m),
                     "file": name,
@@ -407,7 +427,7 @@ class RunFolder:
         )
         self._index = [
             {
-                "unit": DEFAULT_UNIT,
+                "unit": self.unit_of(r),
                 "reference": r,
                 "sample": m,
                 "file": SAMPLES_FILE,

