@@ -8,6 +8,7 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins.adapters.sae import SparseAutoencoder
+from fiber_plugins.objectives.units import UnitSet
 from fiber_plugins.specs.targets import objective_from_spec
 
 pytest.importorskip("transformer_lens", reason="transformer-lens not installed (extra 'lens')")
@@ -38,12 +39,15 @@ SPECS = [
     "layer:patch:3",
     "hook:hook_resid_post:token=mean",
     "hook:hook_mlp_post:token=3",
-    "crp:patch:1,4",
+    "crp:patch:1+4",
+    "crp:patch:1,4",  # two units
     "crp:y:2",
     "captum:patch:neuron=(1,2,2)",
     "captum:mlp_out",
     "sae:hook_resid_post:feature=3:pre:token=mean",
     "sae:hook_resid_post:feature=all:token=max",
+    "sae:hook_resid_post:feature=1-3:token=mean",  # three units
+    "layer:patch:0,2",  # two units
 ]
 
 
@@ -86,8 +90,12 @@ def test_no_hook_left_and_model_unchanged(spec, model, sae, pixel_prior, referen
 def test_gradient_reaches_the_image(spec, model, sae):
     model.eval()
     objective = objective_from_spec(model, spec, sae=sae)
-    y = objective.target(torch.rand(1, 3, 16, 16) * 2 - 1)
-    x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    rows = 1
+    if isinstance(objective, UnitSet):  # one row per unit, as a sampler binds it
+        rows = objective.num_units
+        objective = objective.bind(list(range(rows)))
+    y = objective.target(torch.rand(rows, 3, 16, 16) * 2 - 1)
+    x = (torch.rand(rows, 3, 16, 16) * 2 - 1).requires_grad_(True)
     with objective.attached():
         loss = objective.loss(x, y)
     loss.sum().backward()

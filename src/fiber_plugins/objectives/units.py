@@ -208,7 +208,8 @@ class UnitSet(FiberObjective):
         bound = object.__new__(UnitSet)
         bound.__dict__.update(self.__dict__)
         bound.row_units, bound.row_keys = units, [int(k) for k in row_keys]
-        bound.distance = bound._masked_distance
+        if getattr(self.distance, "__self__", None) is self:  # not replaced by the user
+            bound.distance = bound._masked_distance
         return bound
 
     def seed_row(self, row: int) -> int:

@@ -11,10 +11,10 @@ form                                       phi
 ``embedding``                              ``forward_head(forward_features(x), pre_logits=True)``
 ``hook:blocks.2.hook_resid_post``          a transformer-lens / vit-prisma hook point
                                            (options ``:token=cls|mean|max|all|INT``)
-``crp:layer4:1656`` / ``crp:layer4:3,7``   zennit-crp condition ``{"layer4": [1656]}``;
+``crp:layer4:1656`` / ``crp:layer4:3+7``   zennit-crp condition ``{"layer4": [1656]}``;
 ``crp:y:281``                              ``y`` = output logits (spatial mean of channels)
 ``sae:blocks.3.hook_resid_post:feature=123``  SAE features at a hook (``feature=all``,
-                                           ``feature=1,5``; options ``:pre``, ``:token=...``)
+                                           ``feature=1+5``; options ``:pre``, ``:token=...``)
 ``captum:layer4.1:neuron=(5,2,2)``         Captum ``layer`` + ``neuron_selector``
 ``output:pooler_output``                   a named output of an ``hf:`` or ``open_clip:``
 ``output:hidden_states.6:token=mean:42``   subject (options ``:INDEX``, ``:token=...``; for
