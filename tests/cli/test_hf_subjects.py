@@ -109,7 +109,7 @@ def test_sample_with_an_hf_subject(hf_folder, pixel_prior_dir, ref_png, tmp_path
         ("output:last_hidden_state:token=mean:3", "last_hidden_state", "mean", 3),
         ("output:last_hidden_state:5:token=4", "last_hidden_state", 4, 5),
         ("output:hidden_states.1:token=all", "hidden_states.1", "all", None),
-        ("output:hidden_states.-1:1,2", "hidden_states.-1", None, [1, 2]),
+        ("output:hidden_states.-1:1+2", "hidden_states.-1", None, [1, 2]),
     ],
 )
 def test_output_grammar(hf_folder, spec, output, token, index):
@@ -122,6 +122,20 @@ def test_output_grammar(hf_folder, spec, output, token, index):
     with torch.no_grad():
         torch.testing.assert_close(obj.features(x), expected.features(x))
     assert obj.name == spec
+
+
+def test_output_units(hf_folder):
+    """A range after an output's name: one unit per feature, sampled in one call."""
+    from fiber_plugins.objectives.units import UnitSet
+
+    model, pre = load_subject(f"hf:{hf_folder}")
+    obj = objective_from_spec(model, "output:last_hidden_state:token=mean:0-3", preprocess=pre)
+    assert isinstance(obj, UnitSet)
+    assert obj.labels == [f"output:last_hidden_state:{i}" for i in range(4)]
+    joint = objective_from_spec(model, "output:last_hidden_state:token=mean:0+1+2+3", preprocess=pre)
+    x = as_prior(photo(24))
+    with torch.no_grad():
+        torch.testing.assert_close(obj.features(x), joint.features(x))
 
 
 def test_layer_targets_work_on_hf_subjects(hf_folder):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fiber_plugins.cli.main import main
 from fiber_plugins.errors import UserError
@@ -142,3 +143,33 @@ def test_store_refuses_a_foreign_folder(tmp_path, capsys):
     assert "holds no store" in capsys.readouterr().err
     with pytest.raises(UserError, match="not a readable store"):
         Store.open(tmp_path / "store")
+
+
+def test_top_k_references_are_each_units_most_activating_candidates(tmp_path, capsys):
+    """references.top_k: one batched pass over the candidates, then each unit's k best."""
+    path = small_plan(tmp_path, **{"count = 2": "top_k = 2\ncandidates = 12"})
+    work = Work(Plan.load(path))
+    from fiber_plugins.jobs.work import dataset_images
+
+    images = torch.stack([r.image for r in dataset_images("color-mnist:test", list(range(12)))])
+    site = work.units.sites[0]
+    with torch.no_grad():
+        acts = site.target(images * 2 - 1)  # (12, 4): channels 0-3 of features.8
+    for u in range(4):
+        best = acts[:, u].topk(2).indices.tolist()
+        assert [r.id for r in work.references[u]] == [f"color-mnist:test:{i}" for i in best]
+    assert main(["plan", "expand", str(path)]) == 0
+    assert "4 units, 8 (unit, reference) pairs" in capsys.readouterr().out
+
+
+def test_the_index_reads_with_pandas_and_datasets(tmp_path):
+    path, store = small_plan(tmp_path), tmp_path / "store"
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_parquet(store / "index")
+    assert len(frame) == 16 and set(frame["status"]) == {"ok"}
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(store / "index" / "*.parquet"), split="train"
+    )
+    assert ds.num_rows == 16 and "fiber_loss" in ds.column_names

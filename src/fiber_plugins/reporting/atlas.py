@@ -28,10 +28,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..errors import MissingFileError, UserValueError
+from ..samplers.store import INDEX_DIR, STORE_FILE
 from . import atlas_images as ai
-
-STORE_FILE = "store.json"
-INDEX_DIR = "index"
 # the index columns the atlas reads, with their types (absent columns are read as nulls)
 COLUMNS = {
     "unit_index": pa.int64(), "unit": pa.string(), "reference": pa.string(),
