@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+ORANGE = (235, 120, 0)  # the frame and caption of flagged (off-manifold) samples
+
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [0, 1] -> (H, W, 3) uint8."""
@@ -27,6 +29,7 @@ def fiber_grid(
     losses: torch.Tensor | None = None,
     failed: torch.Tensor | None = None,
     tile: int | None = None,
+    flagged: torch.Tensor | None = None,
 ) -> Image.Image:
     """Render a (R, 1 + M) grid: reference, then its M samples captioned with their fiber loss.
 
@@ -37,6 +40,8 @@ def fiber_grid(
     losses: (R, M) fiber losses written under each sample.
     failed: (R, M) bool; failed samples are crossed out.
     tile: display size of one image (small images are enlarged with nearest neighbours).
+    flagged: (R, M) bool; flagged samples (off-manifold: see
+        ``fiber_plugins.evaluation.realism``) get an orange frame and "flagged" after the loss.
     """
     r, m = samples.shape[:2]
     h, w = samples.shape[-2:]
@@ -69,10 +74,15 @@ def fiber_grid(
             if failed is not None and bool(failed[i, j - 1]):
                 draw.line([x, y, x + tw, y + th], fill=(220, 0, 0), width=3)
                 draw.text((x, y + th + 2), "failed", fill=(220, 0, 0), font=font)
-            elif losses is not None:
-                draw.text(
-                    (x, y + th + 2), f"{float(losses[i, j - 1]):.3g}", fill=(0, 0, 0), font=font
-                )
+                continue
+            off = flagged is not None and bool(flagged[i, j - 1])
+            if off:
+                draw.rectangle([x - 3, y - 3, x + tw + 2, y + th + 2], outline=ORANGE, width=3)
+            caption = f"{float(losses[i, j - 1]):.3g}" if losses is not None else ""
+            if off:
+                caption = f"{caption} flagged".strip()
+            if caption:
+                draw.text((x, y + th + 2), caption, fill=ORANGE if off else (0, 0, 0), font=font)
     return canvas
 
 

@@ -230,11 +230,14 @@ def test_objective_or_subject_changes_are_warned_about(trained):
     assert meta["subject_fingerprint"] in str(caught[0].message)
 
 
-def test_guided_samplers_refuse_a_conditional_model_at_construction(trained):
+def test_samplers_without_conditioning_refuse_a_conditional_model_at_construction(trained):
     objective, model, _, _ = trained
-    for cls in (NDTMSampler, fp.DPSSampler, fp.PixelInversionSampler):
+    for cls in (fp.NoiseOptSampler, fp.PixelInversionSampler):
         with pytest.raises(TypeError, match="ConditionalFiberSampler"):
             cls(model, objective)
+    # NDTM and DPS condition each row on its target (tests/samplers/test_ndtm_conditional.py)
+    for cls in (NDTMSampler, fp.DPSSampler):
+        assert cls(model, objective).prior is model
 
 
 def test_result_records_the_fiber_model(trained):

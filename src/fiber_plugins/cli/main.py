@@ -159,7 +159,10 @@ def cmd_sample(args) -> int:
         model, args.target, preprocess=pre, distance=args.distance, sae=sae
     )
     sampler: FiberSampler
-    if prior.conditional_on_features:  # a trained fiber model: conditional sampling
+    if prior.conditional_on_features and args.guide:  # NDTM on the fiber model, conditioned on y*
+        print(f"{prior!r}: NDTM guidance on the conditional model (conditioned on each target)")
+        sampler = NDTMSampler(prior, objective, config)
+    elif prior.conditional_on_features:  # a trained fiber model: conditional sampling
         from ..samplers import ConditionalConfig, ConditionalFiberSampler
 
         print(
@@ -187,7 +190,7 @@ def cmd_sample(args) -> int:
 
     out = Path(args.out)
     with objective.attached():
-        evaluate_run(result, objective, out)
+        evaluate_run(result, objective, out, prior=prior)  # realism scores too
     try:
         report = write_report(out, result)
     except MissingExtraError as err:  # the samples are written; only the page needs plots
@@ -570,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=_finite_float, default=0.0)
     s.add_argument("--distance", default="l2", choices=["l2", "l1", "cosine", "kl"])
     s.add_argument("--target-mode", default="static", choices=["static", "reapprox"])
+    s.add_argument(
+        "--guide",
+        action="store_true",
+        help="with a conditional fiber model as --prior: run NDTM on it, conditioned on each "
+        "target, instead of plain conditional sampling (the default); no effect on other priors",
+    )
     s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     s.add_argument(
         "--prior-dtype",

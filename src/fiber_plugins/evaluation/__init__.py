@@ -1,5 +1,5 @@
-"""Evaluation: fiber-loss baselines and distribution distances (the Color-MNIST benchmark that uses
-them is :mod:`fiber_plugins.color_mnist_bench`)."""
+"""Evaluation: fiber-loss baselines, distribution distances and the off-manifold realism score
+(the Color-MNIST benchmark that uses them is :mod:`fiber_plugins.color_mnist_bench`)."""
 
 from ..filters import lowpass
 from .labels import (
@@ -20,6 +20,14 @@ from .metrics import (
     lowpass_curve,
     wasserstein1,
 )
+from .realism import (
+    RealismCheck,
+    calibrate_realism,
+    known_calibration,
+    prior_fingerprint,
+    realism_score,
+    roc_auc,
+)
 
 __all__ = [
     "LOWPASS_CUTOFFS",
@@ -37,4 +45,10 @@ __all__ = [
     "histogram_kl",
     "invariance_map",
     "wasserstein1",
+    "RealismCheck",
+    "calibrate_realism",
+    "known_calibration",
+    "prior_fingerprint",
+    "realism_score",
+    "roc_auc",
 ]

@@ -22,8 +22,10 @@ schedule, pixel space) whose denoiser also takes y: a diffusers ``UNet2DModel`` 
 ``class_embed_type="identity"`` and a small MLP (:class:`ConditionEmbedding`) that maps y to the
 UNet's time-embedding width. Train it with :func:`~fiber_plugins.training.train_fiber_model`
 (:mod:`fiber_plugins.training.conditional`) and sample it with
-:class:`~fiber_plugins.samplers.ConditionalFiberSampler`, which runs on the shared engine; this
-module holds the model only (its forward pass, saving and loading).
+:class:`~fiber_plugins.samplers.ConditionalFiberSampler`, which runs on the shared engine; the
+guided samplers NDTM and DPS also take it as their prior, conditioned on each row's target y*
+(NDTM on a conditional model, docs/samplers.md). This module holds the model only (its forward
+pass, saving and loading).
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ class ConditionalFiberModel(DiffusionPrior):
     >>> ConditionalFiberSampler(model, objective).sample(references=[x_ref], n=16)  # doctest: +SKIP
     """
 
-    conditional_on_features = True  # its denoiser needs y = phi(x*): ConditionalFiberSampler only
+    # its denoiser needs y = phi(x*): sampled with ConditionalFiberSampler, or guided with a
+    # sampler that conditions each row on its target (NDTMSampler, DPSSampler)
+    conditional_on_features = True
 
     def __init__(
         self,
@@ -133,6 +137,14 @@ class ConditionalFiberModel(DiffusionPrior):
             f"objective={self.info.get('objective', '?')!r})"
         )
 
+    def record(self) -> dict:
+        """What a result's ``config["fiber_model"]`` says about this prior: that it is a
+        conditional fiber model, conditioned on each row's target y*, and what it was trained
+        with."""
+        info = self.info
+        keys = ("objective", "fiber_weight", "fiber_t_max", "steps", "subject_fingerprint")
+        return {"conditioned_on": "target", **{k: info.get(k) for k in keys}}
+
     def to(self, device=None, dtype=None) -> ConditionalFiberModel:
         super().to(device=device, dtype=dtype)
         if device is not None:
@@ -160,7 +172,8 @@ class ConditionalFiberModel(DiffusionPrior):
         if cond is None:
             raise UserValueError(
                 "a conditional fiber model needs the condition y = phi(x*): sample it with "
-                "ConditionalFiberSampler (guided samplers such as NDTM need an unconditional prior)"
+                "ConditionalFiberSampler, or guide it with NDTMSampler / DPSSampler (which "
+                "condition each row on its target)"
             )
         t = step.timestep if isinstance(step, Step) else float(step)
         x_dtype = x.dtype

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import MissingFileError, UserValueError
 from ..samplers.store import INDEX_DIR, STORE_FILE
 from . import atlas_images as ai
+
 # the index columns the atlas reads, with their types (absent columns are read as nulls)
 COLUMNS = {
     "unit_index": pa.int64(), "unit": pa.string(), "reference": pa.string(),

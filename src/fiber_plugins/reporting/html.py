@@ -11,6 +11,7 @@ h1{font-size:1.5em} h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3} img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
 .note{color:#555;font-size:.9em}
+.warn{color:#b45309;font-weight:600}
 """
 
 

@@ -42,6 +42,14 @@ class Batch:
             alive=torch.ones(len(rows), dtype=torch.bool, device=device),
         )
 
+    @property
+    def condition(self):
+        """What a conditional prior (a trained fiber model) is conditioned on: each row's own
+        static target y* (its reference's row of the targets; never a re-approximated y*_t).
+        Rows keep it through batching, out-of-memory back-off and resume, because it is looked
+        up from the row's reference index like the target."""
+        return self.target
+
     def step_noise(self, like: torch.Tensor) -> torch.Tensor:
         """Standard normal noise like ``like`` (B, ...), each row from its own generator."""
         return randn_rows(self.generators, tuple(like.shape[1:]), like.device, like.dtype)

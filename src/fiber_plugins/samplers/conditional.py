@@ -72,52 +72,7 @@ class ConditionalFiberSampler(FiberSampler):
                 f"train_fiber_model), got {type(model).__name__}; for a pretrained unconditional "
                 "prior use a guided sampler (NDTMSampler)"
             )
-        super().__init__(model, objective, config, **overrides)
-        self._check_objective()
-
-    def _check_objective(self) -> None:
-        """Warn when the objective differs from the one the model was trained with: the width
-        alone cannot tell another layer, preprocessing or retrained subject apart."""
-        from .._utils import warn
-        from ..priors.conditional import subject_fingerprint
-
-        info = self.prior.info
-
-        def as_stored(d):  # JSON round trip: tuples become lists, as in fiber_model.json
-            if d is None:
-                return None
-            d = json.loads(json.dumps(d, default=str))
-            if isinstance(d.get("preprocess"), dict):  # fields added since have their defaults
-                try:
-                    full = Preprocess(**d["preprocess"]).to_dict()
-                    d["preprocess"] = json.loads(json.dumps(full, default=str))
-                except (TypeError, ValueError):
-                    pass  # compared as stored
-            return d
-
-        trained = as_stored(info.get("objective_settings"))
-        now = as_stored(self.objective.describe())
-        differs = [k for k in (trained or {}) if k != "name" and trained.get(k) != now.get(k)]
-        if differs:
-            warn(
-                f"the objective differs from the one this fiber model was trained with in "
-                f"{differs} (trained: {[trained[k] for k in differs]}, now: "
-                f"{[now.get(k) for k in differs]}); its samples are not this objective's fiber"
-            )
-        fp = info.get("subject_fingerprint")
-        if fp and fp != subject_fingerprint(self.objective):
-            warn(
-                "the subject's weights differ from those the fiber model was trained with "
-                f"(fingerprint {fp}); retrain the fiber model for this subject"
-            )
-
-    def annotate(self, result) -> None:
-        """``config["fiber_model"]``: what the conditional model was trained with."""
-        info = self.prior.info
-        result.config["fiber_model"] = {
-            k: info.get(k)
-            for k in ("objective", "fiber_weight", "fiber_t_max", "steps", "subject_fingerprint")
-        }
+        super().__init__(model, objective, config, **overrides)  # checks the objective
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
         """Sample the conditional model p(x | y*) for one batch.
@@ -154,3 +109,41 @@ class ConditionalFiberSampler(FiberSampler):
 
     def _check_gradient_path(self, refs) -> None:
         """Conditional sampling takes no gradient of phi, so any objective will do."""
+
+
+def check_fiber_model_objective(model: ConditionalFiberModel, objective) -> None:
+    """Warn when ``objective`` differs from the one ``model`` was trained with: the width alone
+    cannot tell another layer, preprocessing or retrained subject apart. Every sampler that
+    takes a conditional fiber model calls this when it is constructed."""
+    from .._utils import warn
+    from ..priors.conditional import subject_fingerprint
+
+    info = model.info
+
+    def as_stored(d):  # JSON round trip: tuples become lists, as in fiber_model.json
+        if d is None:
+            return None
+        d = json.loads(json.dumps(d, default=str))
+        if isinstance(d.get("preprocess"), dict):  # fields added since have their defaults
+            try:
+                full = Preprocess(**d["preprocess"]).to_dict()
+                d["preprocess"] = json.loads(json.dumps(full, default=str))
+            except (TypeError, ValueError):
+                pass  # compared as stored
+        return d
+
+    trained = as_stored(info.get("objective_settings"))
+    now = as_stored(objective.describe())
+    differs = [k for k in (trained or {}) if k != "name" and trained.get(k) != now.get(k)]
+    if differs:
+        warn(
+            f"the objective differs from the one this fiber model was trained with in "
+            f"{differs} (trained: {[trained[k] for k in differs]}, now: "
+            f"{[now.get(k) for k in differs]}); its samples are not this objective's fiber"
+        )
+    fp = info.get("subject_fingerprint")
+    if fp and fp != subject_fingerprint(objective):
+        warn(
+            "the subject's weights differ from those the fiber model was trained with "
+            f"(fingerprint {fp}); retrain the fiber model for this subject"
+        )

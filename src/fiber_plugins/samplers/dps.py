@@ -9,7 +9,8 @@ At each step t -> s, with one network forward at x_t:
 
 as in Chung et al. (Alg. 1), where the gradient taken at x_t is applied to the updated state.
 A row whose fiber loss, gradient or guided state stops being finite fails at once with that
-reason; it is never carried on as if unguided.
+reason; it is never carried on as if unguided. The prior may be a trained conditional fiber model:
+each row's network calls are then conditioned on its own target y* (as for NDTM).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class DPSSampler(FiberSampler):
 
     config_class = DPSConfig
 
+    conditional = True  # a ConditionalFiberModel prior is conditioned on each row's y*
+
     def probe_config(self) -> DPSConfig:
         """One guided step (a schedule that is off at pure noise would measure too little)."""
         return replace(self.config, num_steps=1, guidance=1.0)
@@ -96,7 +99,7 @@ class DPSSampler(FiberSampler):
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(scale > 0)
                 with self.autocast():
-                    eps, x0 = prior.predict(x_in, step)
+                    eps, x0 = self.predict(x_in, step, batch)
                     img = prior.decode(x0)
                 fl = self.fiber_loss(img, batch.target)
                 batch.fail(alive & ~torch.isfinite(fl), f"non-finite fiber loss of x0_hat {at}")

@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +35,15 @@ from .result import FiberResult
 from .rows import RowStore, sigterm_as_interrupt
 from .run_folder import check_out_dir
 
+if TYPE_CHECKING:
+    from ..priors.conditional import ConditionalFiberModel
+
+
+def fiber_model(prior: DiffusionPrior) -> ConditionalFiberModel | None:
+    """The prior as a trained conditional fiber model, or None: the engine asks the prior
+    (``conditional_on_features``) instead of checking its class."""
+    return cast("ConditionalFiberModel", prior) if prior.conditional_on_features else None
+
 
 class FiberSampler(abc.ABC):
     """Base class: run an algorithm over references x samples and collect a :class:`FiberResult`."""
@@ -43,7 +52,9 @@ class FiberSampler(abc.ABC):
 
     config_class: type[Any] | None = None  # the algorithm's config dataclass (to_dict / from_dict)
 
-    conditional = False  # whether the sampler takes a trained ConditionalFiberModel
+    # whether the sampler takes a trained ConditionalFiberModel as its prior: every denoiser call
+    # is then conditioned on each row's own target y* (see predict)
+    conditional = False
 
     def __init__(self, prior: DiffusionPrior, objective: FiberObjective, config=None, **overrides):
         """``config`` (default: ``config_class()``), with ``overrides`` as keyword settings."""
@@ -58,7 +69,8 @@ class FiberSampler(abc.ABC):
         if prior.conditional_on_features and not self.conditional:
             raise UserTypeError(
                 f"{type(self).__name__} needs an unconditional prior; a trained "
-                "ConditionalFiberModel is sampled with ConditionalFiberSampler"
+                "ConditionalFiberModel is sampled with ConditionalFiberSampler, or guided with "
+                "NDTMSampler / DPSSampler"
             )
         if not isinstance(objective, FiberObjective):
             raise UserTypeError(
@@ -67,6 +79,11 @@ class FiberSampler(abc.ABC):
         self.prior = prior
         self.objective = objective
         self.config = config
+        model = fiber_model(prior)
+        if model is not None:
+            from .conditional import check_fiber_model_objective
+
+            check_fiber_model_objective(model, objective)
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
@@ -100,6 +117,16 @@ class FiberSampler(abc.ABC):
     def device(self) -> torch.device:
         """The device the prior (and so the sampling state) is on."""
         return self.prior.device
+
+    def predict(self, x: torch.Tensor, step, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) of the prior at (x_t, step) for the rows of ``batch``. A conditional
+        fiber model is conditioned row by row on ``batch.condition`` (each row's own static
+        target y*, which stays with the row through batching, out-of-memory back-off and
+        resume); an unconditional prior takes no condition."""
+        model = fiber_model(self.prior)
+        if model is not None:
+            return model.predict(x, step, cond=batch.condition)
+        return self.prior.predict(x, step)
 
     def autocast(self):
         """The networks' autocast for this call (:func:`~.precision.network_autocast`)."""
@@ -192,7 +219,7 @@ class FiberSampler(abc.ABC):
             self.objective = unbound
 
     def _config_record(self, seed, batch_size) -> dict:
-        return {
+        record = {
             "sampler": self.name,
             "settings": self.config.to_dict(),
             "objective": self.objective.describe(),
@@ -202,6 +229,10 @@ class FiberSampler(abc.ABC):
             "device": str(self.device),
             "acceleration": self.prior.acceleration.to_dict(),
         }
+        model = fiber_model(self.prior)
+        if model is not None:  # which model, conditioned on what
+            record["fiber_model"] = model.record()
+        return record
 
     def _sample(
         self, references, targets, n, seed, batch_size, progress, start, out, mode, memory
@@ -210,6 +241,9 @@ class FiberSampler(abc.ABC):
         with self.objective.attached():
             refs, y = reference_targets(self, references, targets)
             num_refs = y.num_rows
+            model = fiber_model(prior)
+            if model is not None:  # before any work: y* conditions it
+                model.check_condition(y.value)
             if getattr(self.config, "target_mode", "static") == "reapprox" and refs is None:
                 raise UserValueError(
                     "target_mode='reapprox' needs reference images, not explicit targets"

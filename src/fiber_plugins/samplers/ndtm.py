@@ -10,6 +10,12 @@ each term summed per sample; then the usual DDIM update is taken from x'_t = x_t
 
 A row whose fiber loss, guidance gradient, control or guided state stops being finite fails at
 once with that reason (``result.reason(r, m)``); it is never carried on as if unguided.
+
+The prior may be a trained :class:`~fiber_plugins.priors.ConditionalFiberModel` (the paper's
+conclusion: NDTM combined with a conditional model): every network call is then conditioned on
+the row's own static target y* (:meth:`FiberSampler.predict`), and the control corrects the
+conditional flow's trajectory with the fiber loss as usual. With zero control (``guidance=0``)
+the sampler is exactly :class:`~fiber_plugins.samplers.ConditionalFiberSampler`'s Euler sampling.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class NDTMSampler(FiberSampler):
 
     config_class = NDTMConfig
 
+    conditional = True  # a ConditionalFiberModel prior is conditioned on each row's y*
+
     def probe_config(self) -> NDTMConfig:
         """One guided step with the same inner loop: the peak memory of a whole run."""
         return replace(
@@ -56,7 +64,7 @@ class NDTMSampler(FiberSampler):
             return batch.target
         with torch.no_grad(), self.autocast():
             x_ref_t = self.prior.add_noise(batch.ref_latent, noise_ref, step)
-            _, x0 = self.prior.predict(x_ref_t, step)
+            _, x0 = self.predict(x_ref_t, step, batch)
             feats = self.objective.features(self.prior.decode(x0))
         return Targets.of(feats).float().value
 
@@ -85,7 +93,7 @@ class NDTMSampler(FiberSampler):
                 x_in = x
             with torch.no_grad():
                 with self.autocast():
-                    eps, x0 = prior.predict(x_in, step)
+                    eps, x0 = self.predict(x_in, step, batch)
                 eps, x0 = eps.float(), x0.float()
                 if cfg.trace and not guided:
                     with self.autocast():
@@ -129,7 +137,7 @@ class NDTMSampler(FiberSampler):
             with torch.enable_grad():
                 x_g = x + gamma * u
                 with self.autocast():
-                    eps, x0 = prior.predict(x_g, step)
+                    eps, x0 = self.predict(x_g, step, batch)
                     img = prior.decode(x0)
                 fl = self.fiber_loss(img, target)
                 J = fl + cfg.kappa * _flat_sum(u)
