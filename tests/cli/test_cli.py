@@ -239,3 +239,30 @@ def test_bench_methods_are_read_from_the_benchmark(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "color-mnist", "--methods", "ndtm-foo"])
     assert "invalid choice: 'ndtm-foo' (choose from 'unguided', 'ndtm'" in capsys.readouterr().err
+
+
+def test_train_prior_checkpoints_and_resumes(tmp_path, capsys):
+    """`train prior --checkpoint DIR` saves its state; `--resume` continues from it; the prior-only
+    flags are refused for other models, in one line."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "prior"
+    base = ["train", "prior", "--steps", "3", "--batch-size", "4", "--objective", "flow",
+            "--device", "cpu", "--checkpoint", str(ckpt)]  # fmt: skip
+    assert main([*base, "--out", str(out)]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 3 and record["objective"] == "flow" and record["batch_size"] == 4
+    assert list(ckpt.glob("state-*.safetensors"))
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "again")]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "again"), "--resume"]) == 0
+    again = json.loads((tmp_path / "again" / "training.json").read_text())
+    assert again["final_loss_mean_last100"] == record["final_loss_mean_last100"]
+    capsys.readouterr()
+    for argv, message in [
+        (["train", "autoencoder", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")],
+         "settings of 'train prior'"),
+        (["train", "prior", "--resume", "--out", str(tmp_path / "b")], "give --checkpoint DIR"),
+    ]:  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err

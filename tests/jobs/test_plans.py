@@ -173,3 +173,20 @@ def test_the_index_reads_with_pandas_and_datasets(tmp_path):
         "parquet", data_files=str(store / "index" / "*.parquet"), split="train"
     )
     assert ds.num_rows == 16 and "fiber_loss" in ds.column_names
+
+
+def test_a_chunk_killed_while_starting_starts_again(tmp_path):
+    """A process killed after a chunk's first file but before its run.json (the start is not
+    atomic): the next run removes the partial files and samples the chunk."""
+    path, store = small_plan(tmp_path), tmp_path / "store"
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    before = store_samples(store)
+    chunk = store / "chunks" / "000001"
+    for name in ("run.json", "index.parquet", "samples.safetensors", "metrics.json", "grid.png"):
+        (chunk / name).unlink(missing_ok=True)
+    (store / "index" / "000001.parquet").unlink()
+    assert sorted(p.name for p in chunk.iterdir()) == ["inputs.safetensors"]
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    after = store_samples(store)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k][0], before[k][0]) for k in after)

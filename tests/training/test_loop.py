@@ -82,3 +82,105 @@ def test_ema_weights_are_copied_in_at_the_end():
 
     plain, averaged = run(None), run(0.9)
     assert abs(plain) < abs(averaged) < 4.0  # the average lags behind the last iterate
+
+
+# ---------------------------------------------------------------------- checkpoint / resume
+def _toy_run(folder, steps=12, stop_after=None, resume=True, every=4, seen=None):
+    """A seeded toy regression with AdamW, the cosine schedule, EMA and a batch generator;
+    ``stop_after`` interrupts it (an exception from ``step``) before that step."""
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    gen = torch.Generator().manual_seed(1)
+
+    class Stop(Exception):
+        pass
+
+    def step(i):
+        if stop_after is not None and i == stop_after:
+            raise Stop
+        x = torch.randn(16, 3, generator=gen)
+        y = x.sum(1, keepdim=True) + 0.1 * torch.randn(16, 1)  # torch's global RNG too
+        loss = (net(x) - y).pow(2).mean()
+        return {"loss": loss, "odd": loss * 0 + i} if i % 2 else {"loss": loss}
+
+    kw = dict(
+        steps=steps, lr=0.01, clip_grad_norm=1.0, ema_decay=0.9, progress=False,
+        checkpoint=folder, checkpoint_every=every, resume=resume, generators=[gen],
+        on_checkpoint=(lambda done, w: seen.append(done)) if seen is not None else None,
+    )
+    try:
+        record = train_loop(net.parameters(), step, **kw)
+    except Stop:
+        return None, None
+    return record, [p.detach().clone() for p in net.parameters()]
+
+
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
+    whole, w_whole = _toy_run(tmp_path / "a")
+    seen: list[int] = []
+    assert _toy_run(tmp_path / "b", stop_after=6, seen=seen) == (None, None)
+    assert seen == [4]  # the checkpoint after 4 steps; steps 5 and 6 are redone
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "state-4.safetensors", "state.json"
+    ]
+    resumed, w_resumed = _toy_run(tmp_path / "b", seen=seen)
+    assert seen == [4, 8, 12]
+    assert all(torch.equal(a, b) for a, b in zip(w_whole, w_resumed))
+    assert resumed.logs == whole.logs and len(resumed.logs["loss"]) == 12
+    # a finished checkpoint resumes to the same EMA weights without another step
+    again, w_again = _toy_run(tmp_path / "b", seen=seen)
+    assert seen == [4, 8, 12] and again.logs == whole.logs
+    assert all(torch.equal(a, b) for a, b in zip(w_whole, w_again))
+    # resume=False starts afresh (and ends where a fresh run ends)
+    fresh, w_fresh = _toy_run(tmp_path / "b", resume=False)
+    assert all(torch.equal(a, b) for a, b in zip(w_whole, w_fresh))
+
+
+def _one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_refused_in_one_line(tmp_path):
+    from fiber_plugins.errors import UserValueError
+
+    folder = tmp_path / "ck"
+    _toy_run(folder, steps=8)
+    state = folder / "state.json"
+    good = state.read_text()
+
+    state.write_text(good[: len(good) // 2])  # truncated JSON
+    with pytest.raises(UserValueError, match="not valid JSON") as err:
+        _toy_run(folder, steps=8)
+    assert "cannot be resumed" in _one_line(err)
+
+    state.write_text(good)
+    with pytest.raises(UserValueError, match=r"another run \(differs in steps\)") as err:
+        _toy_run(folder, steps=10)
+    _one_line(err)
+
+    tensors = folder / "state-8.safetensors"
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])  # a truncated tensor file
+    with pytest.raises(UserValueError, match="truncated or corrupt") as err:
+        _toy_run(folder, steps=8)
+    _one_line(err)
+
+    tensors.unlink()
+    with pytest.raises(UserValueError, match="tensor file 'state-8.safetensors' is missing") as err:
+        _toy_run(folder, steps=8)
+    _one_line(err)
+
+    state.write_text('{"format": "something else"}')
+    with pytest.raises(UserValueError, match="not a train_loop checkpoint") as err:
+        _toy_run(folder, steps=8)
+    _one_line(err)
+
+
+def test_checkpoint_every_must_be_positive(tmp_path):
+    w = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        train_loop([w], lambda i: {"loss": w.sum()}, steps=2, lr=0.1, progress=False,
+                   checkpoint=tmp_path, checkpoint_every=0)

@@ -392,8 +392,25 @@ def cmd_train(args) -> int:
     kw = {"seed": args.seed, "device": _device(args.device)}
     if args.steps is not None:
         kw["steps"] = args.steps
+    prior_only = {"--objective": args.objective, "--batch-size": args.batch_size,
+                  "--checkpoint": args.checkpoint, "--resume": args.resume or None}  # fmt: skip
+    given = [flag for flag, value in prior_only.items() if value is not None]
+    if given and args.model not in ("prior", "prior-ood"):
+        raise UserValueError(f"{', '.join(given)}: settings of 'train prior' / 'train prior-ood'")
+    if args.resume and not args.checkpoint:
+        raise UserValueError("--resume continues from a checkpoint folder: give --checkpoint DIR")
+    if args.checkpoint and not args.resume and Path(args.checkpoint).is_dir():
+        if any(Path(args.checkpoint).iterdir()):
+            raise UserValueError(
+                f"--checkpoint {args.checkpoint!r} holds an earlier run: pass --resume to continue "
+                "it, or give a new folder"
+            )
     if args.model in ("prior", "prior-ood"):
-        meta = training.train_prior(out, ood=args.model == "prior-ood", **kw)
+        extra = {k: v for k, v in (("objective", args.objective), ("batch_size", args.batch_size),
+                                    ("checkpoint", args.checkpoint)) if v is not None}  # fmt: skip
+        meta = training.train_prior(
+            out, ood=args.model == "prior-ood", resume=bool(args.resume), **extra, **kw
+        )
     elif args.model == "autoencoder":
         meta = training.train_autoencoder(out, **kw)
     elif args.model in ("conditional", "conditional-nofiber"):
@@ -682,6 +699,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditional: the fiber loss is used at noise levels t <= this (default 1: all)",
     )
     t.add_argument("--seed", type=_count, default=0)
+    t.add_argument(
+        "--objective",
+        choices=["epsilon", "v", "flow"],
+        default=None,
+        help="prior: epsilon (DDPM, the shipped recipe), v, or flow (rectified flow)",
+    )
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="prior: batch size")
+    t.add_argument(
+        "--checkpoint", default=None, help="prior: save a checkpoint here every 250 steps"
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="prior: continue from the --checkpoint folder"
+    )
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_train)
     b = sub.add_parser("bench", help="benchmarks: color-mnist (fidelity vs consistency)")

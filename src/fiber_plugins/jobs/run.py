@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import RunInterrupted, UserError
-from ..samplers.run_folder import holds_run
+from ..samplers.run_folder import RUN_FILE, remove_run
 from ..samplers.store import Store
 from .plan import Plan
 from .work import Work
@@ -231,10 +231,15 @@ def _run_chunk(plan, work, store, extras, prior, c, units, device, stats) -> lis
     folder = store.chunk_dir(c)
     retries = plan["run"]["retries"]
     t0 = time.perf_counter()
+    resume = (folder / RUN_FILE).is_file()
+    if not resume and folder.is_dir():
+        # a start killed before run.json was written (only this process writes this chunk):
+        # its partial files go, and the chunk starts afresh
+        remove_run(folder)
     try:
         result = _sampler(plan, prior, chunk_set).sample(
             references=references, n=s["n"], seed=plan.seed, batch_size=s["batch_size"],
-            progress=False, out=folder, resume=holds_run(folder),
+            progress=False, out=folder, resume=resume,
         )  # fmt: skip
     except (KeyboardInterrupt, RunInterrupted):
         raise

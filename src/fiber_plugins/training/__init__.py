@@ -3,8 +3,9 @@
 - :func:`train_fiber_model` (:mod:`.conditional`): train a
   :class:`~fiber_plugins.priors.ConditionalFiberModel` p(x | phi(x)) with the fiber loss;
 - :func:`train_loop` and :func:`cosine_lr` (:mod:`.loop`): optimiser, warm-up + cosine schedule,
-  gradient clipping, EMA, progress bar and a :class:`TrainingRecord`; the shipped models'
-  trainers (:mod:`fiber_plugins.zoo.training`) run on it too.
+  gradient clipping, EMA, progress bar, a :class:`TrainingRecord` and checkpoint / resume
+  (``checkpoint=FOLDER``: safetensors + JSON, no pickle); the shipped models' trainers
+  (:mod:`fiber_plugins.zoo.training`) run on it too.
 """
 
 from .conditional import train_fiber_model

@@ -6,19 +6,38 @@ autoencoder, classifiers and SAE) runs through :func:`train_loop`; a trainer onl
 ``step`` function (draw a batch, return the loss) and what it saves afterwards. The loop draws no
 random numbers itself, so a trainer that draws its batches from a seeded ``torch.Generator`` is
 reproducible.
+
+With ``checkpoint=FOLDER`` the loop saves its whole state every ``checkpoint_every`` steps (and
+at the end) and, with ``resume=True``, continues from it: the trained parameters, the optimiser
+state, the EMA average, the step, the loss record, torch's global RNG and the generators named in
+``generators`` (the ones ``step`` draws from). The folder holds ``state-<step>.safetensors`` (every
+tensor, RNG states as uint8 tensors) and ``state.json`` (the step, the record, the optimiser's
+non-tensor settings, which tensor file is current); nothing is pickled. ``state.json`` is replaced
+last, atomically, so an interruption while saving leaves the previous checkpoint usable. On the
+CPU a resumed run ends bit-identical to an uninterrupted one (same kernels on the same shapes;
+tests/training/test_loop.py checks it); on CUDA only torch's CPU RNG and the given generators
+are restored, so a ``step`` that draws on the GPU's default generator, or nondeterministic GPU
+kernels, can make it differ.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 
-__all__ = ["cosine_lr", "TrainingRecord", "train_loop"]
+from ..errors import UserValueError
+
+__all__ = ["cosine_lr", "TrainingRecord", "train_loop", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "fiber_plugins.train_loop/1"
 
 LrSchedule = Callable[[int, int, float], float]
 
@@ -39,7 +58,8 @@ class TrainingRecord:
     ----------
     logs: for each name the ``step`` function returned, its value at every step where it was
         returned (``"loss"``, the minimised quantity, at every step).
-    wall_time_s: seconds the loop took (EMA copy included).
+    wall_time_s: seconds the loop took (EMA copy and checkpoint saving included, ``on_checkpoint``
+        callbacks not), summed over the sessions of a resumed run.
     """
 
     logs: dict[str, list[float]] = field(default_factory=dict)
@@ -66,6 +86,11 @@ def train_loop(
     progress: bool = True,
     log_every: int = 20,
     nonfinite_hint: str | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    generators: Sequence[torch.Generator] = (),
+    on_checkpoint: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> TrainingRecord:
     """Minimise ``step(i)["loss"]`` over ``params`` for ``steps`` steps.
 
@@ -92,6 +117,18 @@ def train_loop(
         postfix (the mean of each logged quantity over the last 50 values) is refreshed.
     nonfinite_hint: what else to lower when the loss becomes non-finite (named in the error,
         after the learning rate).
+    checkpoint: a folder for the loop's state (created when missing); None: no checkpoints.
+    checkpoint_every: save every this many steps (and always after the last step).
+    resume: with a checkpoint in ``checkpoint``, continue from it (a checkpoint of the final
+        step runs no more steps); False starts afresh and overwrites it. The checkpoint must come
+        from a run with the same ``steps``, ``lr``, parameter shapes, EMA setting and number of
+        generators.
+    generators: the torch generators ``step`` draws from; their states are saved and
+        restored with the checkpoint (torch's global CPU RNG always is).
+    on_checkpoint: ``(step, weights)`` called after each save, ``step`` the number of steps done
+        and ``weights`` the EMA average (the parameters without EMA), e.g. to evaluate the model
+        so far; it must not modify them. It runs without gradients, under ``fork_rng`` (torch's
+        CPU RNG is restored after it); its time is not counted in ``wall_time_s``.
 
     Returns
     -------
@@ -102,6 +139,9 @@ def train_loop(
     ------
     FloatingPointError
         The loss became NaN or infinite (the weights are left at the step before).
+    ValueError
+        (:class:`~fiber_plugins.errors.UserValueError`) a checkpoint that is corrupt, truncated or
+        from another run; one line.
     """
     from tqdm.auto import trange
 
@@ -113,8 +153,31 @@ def train_loop(
 
         ema = EMAModel(params, decay=ema_decay)
     record = TrainingRecord()
+    generators = list(generators)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and checkpoint_every < 1:
+        raise UserValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    settings = _run_settings(params, steps, lr, ema is not None, len(generators))
+    first, done_before = 0, 0.0
+    if ckpt is not None and resume and (ckpt / _STATE_JSON).exists():
+        first, done_before = _load_state(ckpt, settings, params, opt, ema, generators, record)
     start = time.perf_counter()
-    bar = trange(steps, desc=desc, disable=not progress)
+    callback_s = 0.0  # time spent in on_checkpoint, not counted as training time
+
+    def save(done: int) -> None:
+        nonlocal callback_s
+        assert ckpt is not None
+        elapsed = done_before + time.perf_counter() - start - callback_s
+        _save_state(ckpt, done, settings, params, opt, ema, generators, record, elapsed)
+        if on_checkpoint is not None:
+            t0 = time.perf_counter()
+            weights: list[torch.Tensor] = list(ema.shadow_params if ema is not None else params)
+            # the callback may draw random numbers: the run's own RNG stream stays untouched
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                on_checkpoint(done, weights)
+            callback_s += time.perf_counter() - t0
+
+    bar = trange(first, steps, initial=first, total=steps, desc=desc, disable=not progress)
     for i in bar:
         if lr_schedule is not None:
             for group in opt.param_groups:
@@ -145,7 +208,176 @@ def train_loop(
             bar.set_postfix(
                 {name: f"{sum(v[-50:]) / len(v[-50:]):.4g}" for name, v in record.logs.items()}
             )
+        if ckpt is not None and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+            save(i + 1)
+    if ckpt is not None and first < steps:
+        save(steps)
     if ema is not None:
         ema.copy_to(params)
-    record.wall_time_s = time.perf_counter() - start
+    record.wall_time_s = done_before + time.perf_counter() - start - callback_s
     return record
+
+
+# ---------------------------------------------------------------------- checkpoints
+_STATE_JSON = "state.json"
+
+
+def _run_settings(
+    params: list[torch.nn.Parameter], steps: int, lr: float, ema: bool, generators: int
+) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it."""
+    return {
+        "steps": steps,
+        "lr": lr,
+        "ema": ema,
+        "generators": generators,
+        "param_shapes": [list(p.shape) for p in params],
+    }
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_state(
+    folder: Path,
+    done: int,
+    settings: dict[str, Any],
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    ema: Any,
+    generators: list[torch.Generator],
+    record: TrainingRecord,
+    elapsed: float,
+) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, p in enumerate(params):
+        tensors[f"param.{k}"] = p.detach()
+    opt_state = opt.state_dict()
+    opt_values: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{key}"] = value
+            else:
+                opt_values.setdefault(str(idx), {})[key] = value
+    if ema is not None:
+        for k, t in enumerate(ema.shadow_params):
+            tensors[f"ema.{k}"] = t
+    tensors["rng.torch"] = torch.get_rng_state()
+    for k, g in enumerate(generators):
+        tensors[f"rng.generator.{k}"] = g.get_state()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    name = f"state-{done}.safetensors"
+    _write_atomic(folder / name, lambda tmp: save_file(tensors, str(tmp)))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": done,
+        "tensors": name,
+        "settings": settings,
+        "optimizer": {
+            "class": type(opt).__name__,
+            "param_groups": opt_state["param_groups"],
+            "state_values": opt_values,
+            "state_indices": sorted(int(i) for i in opt_state["state"]),
+        },
+        "ema_optimization_step": int(ema.optimization_step) if ema is not None else None,
+        "record": record.logs,
+        "wall_time_s": elapsed,
+    }
+    _write_atomic(folder / _STATE_JSON, lambda tmp: tmp.write_text(json.dumps(meta)))
+    for old in folder.glob("state-*.safetensors"):  # only after state.json names the new one
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _bad(folder: Path, why: str) -> UserValueError:
+    return UserValueError(
+        f"training checkpoint {str(folder)!r} cannot be resumed: {why}; delete the folder (or "
+        "pass resume=False) to start afresh"
+    )
+
+
+def _tuples_like(value: Any, like: Any) -> Any:
+    """JSON gives lists where the optimiser had tuples (betas): give them back as tuples."""
+    if isinstance(like, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _load_state(
+    folder: Path,
+    settings: dict[str, Any],
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    ema: Any,
+    generators: list[torch.Generator],
+    record: TrainingRecord,
+) -> tuple[int, float]:
+    """Restore everything :func:`_save_state` wrote; returns (steps done, seconds spent)."""
+    from ..weights import read_safetensors
+
+    try:
+        meta = json.loads((folder / _STATE_JSON).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _bad(folder, f"{_STATE_JSON} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise _bad(folder, f"{_STATE_JSON} is not a train_loop checkpoint ({CHECKPOINT_FORMAT})")
+    try:
+        done, saved, name = int(meta["step"]), meta["settings"], str(meta["tensors"])
+        opt_meta, logs = meta["optimizer"], meta["record"]
+        ema_step, elapsed = meta["ema_optimization_step"], float(meta["wall_time_s"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise _bad(folder, f"{_STATE_JSON} lacks or garbles {err}") from None
+    if saved != settings:
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise _bad(folder, f"it is from another run (differs in {', '.join(diff)})")
+    if not 0 <= done <= settings["steps"] or "/" in name or "\\" in name:
+        raise _bad(folder, f"{_STATE_JSON} is garbled (step {done}, tensors {name!r})")
+    if not (folder / name).is_file():
+        raise _bad(folder, f"its tensor file {name!r} is missing")
+    tensors = read_safetensors(folder / name, what="training checkpoint")
+    try:
+        with torch.no_grad():
+            for k, p in enumerate(params):
+                p.copy_(_tensor(tensors, f"param.{k}", p.shape))
+            if ema is not None:
+                for k, t in enumerate(ema.shadow_params):
+                    t.copy_(_tensor(tensors, f"ema.{k}", t.shape))
+                ema.optimization_step = int(ema_step)
+        fresh = opt.state_dict()
+        if opt_meta.get("class") != type(opt).__name__:
+            raise ValueError(f"optimizer {opt_meta.get('class')}, not {type(opt).__name__}")
+        groups = [
+            {k: _tuples_like(v, like.get(k)) for k, v in group.items()}
+            for group, like in zip(opt_meta["param_groups"], fresh["param_groups"])
+        ]
+        state: dict[int, dict[str, Any]] = {}
+        for idx in opt_meta["state_indices"]:
+            entry = dict(opt_meta["state_values"].get(str(idx), {}))
+            prefix = f"opt.{idx}."
+            entry.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state[int(idx)] = entry
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(_tensor(tensors, "rng.torch", None))
+        for k, g in enumerate(generators):
+            g.set_state(_tensor(tensors, f"rng.generator.{k}", None))
+        record.logs = {str(k): [float(x) for x in v] for k, v in dict(logs).items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _bad(folder, f"its state does not fit this run ({why[:200]})") from None
+    return done, elapsed
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, shape) -> torch.Tensor:
+    if key not in tensors:
+        raise KeyError(f"tensor {key!r} is missing")
+    t = tensors[key]
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t

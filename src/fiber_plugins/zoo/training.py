@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from .._utils import resolve_device, to_model_range
 from ..data import color_mnist as cm
+from ..errors import UserValueError
 from ..training import train_fiber_model, train_loop
 from .models import AutoEncoder, DigitCNN
 
@@ -68,6 +70,13 @@ def _save_weights(module: torch.nn.Module, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"))
 
 
+PRIOR_OBJECTIVES = ("epsilon", "v", "flow")
+PRIOR_LOSS_WEIGHTINGS = ("none", "min-snr")
+# the flow-matching prior's scheduler: rectified flow x_t = (1 - t) x0 + t eps, the network
+# predicts v = eps - x0 at timestep 1000 t (as the conditional fiber models)
+PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
+
+
 def train_prior(
     out_dir: str | Path,
     ood: bool = False,
@@ -78,33 +87,104 @@ def train_prior(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    *,
+    objective: str = "epsilon",
+    loss_weighting: str = "none",
+    snr_gamma: float = 5.0,
+    flow_shift: float = 1.0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 250,
+    resume: bool = True,
+    on_checkpoint: Callable[[int, Any], None] | None = None,
 ) -> dict:
-    """Train a pixel-space DDPM prior (diffusers UNet2DModel, 32x32) on Color-MNIST.
+    """Train a pixel-space prior (diffusers UNet2DModel, 32x32) on Color-MNIST.
 
     Colours are drawn fresh for every batch (the digits come from the training split); with
     ``ood=True`` foreground and background colours are independent. The EMA weights are saved
-    as a diffusers folder (``unet/``, ``scheduler/``) loadable with :func:`load_prior`.
-    """
-    from diffusers import DDPMScheduler, UNet2DModel
+    as a diffusers folder (``unet/``, ``scheduler/``) loadable with :func:`load_prior`, with
+    ``training.json`` holding the whole recipe.
 
+    ``objective``: ``"epsilon"`` (DDPM, cosine schedule, epsilon prediction: the recipe of the
+    priors shipped up to now), ``"v"`` (the same DDPM schedule, v prediction) or ``"flow"``
+    (rectified flow, t ~ U(0, 1), velocity prediction, a ``FlowMatchEulerDiscreteScheduler``).
+    ``loss_weighting``: ``"none"`` or ``"min-snr"`` (min-SNR-gamma weighting of the DDPM loss,
+    gamma ``snr_gamma``; DDPM objectives only). ``flow_shift`` (flow only): the time shift s
+    of both the training times, t = s u / (1 + (s - 1) u) with u ~ U(0, 1) (s > 1: more
+    training at high noise, where the colours are decided), and the saved scheduler's
+    sampling grid (its ``shift``). ``checkpoint`` / ``checkpoint_every`` /
+    ``resume``: :func:`~fiber_plugins.training.train_loop`'s checkpointing (the batch generator's
+    state included, so a resumed run ends with the same weights). ``on_checkpoint(step, prior)``
+    gets, after each checkpoint, a :class:`~fiber_plugins.priors.DiffusionPrior` on a copy of
+    the EMA weights so far (for evaluating the run while it trains).
+    """
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    if objective not in PRIOR_OBJECTIVES:
+        raise UserValueError(f"objective must be one of {PRIOR_OBJECTIVES}, got {objective!r}")
+    if loss_weighting not in PRIOR_LOSS_WEIGHTINGS:
+        raise UserValueError(
+            f"loss_weighting must be one of {PRIOR_LOSS_WEIGHTINGS}, got {loss_weighting!r}"
+        )
+    if flow_shift <= 0 or (objective != "flow" and flow_shift != 1.0):
+        raise UserValueError(
+            f"flow_shift must be > 0 and is for objective='flow', got {flow_shift}"
+        )
+    if objective == "flow" and loss_weighting != "none":
+        raise UserValueError("loss_weighting='min-snr' is for the DDPM objectives ('epsilon', 'v')")
     dev = resolve_device(device)
     torch.manual_seed(seed)
     g, _ = cm.load_digits("train")
     gen = torch.Generator().manual_seed(seed)
     # diffusers' type hints export torch-less placeholder classes (no .to, .config, ...)
     unet = UNet2DModel(**PRIOR_ARCH).to(dev)  # type: ignore[attr-defined]
-    sched: Any = DDPMScheduler(**PRIOR_SCHEDULE)
-    acp = sched.alphas_cumprod.to(dev)
+    sched: Any
+    if objective == "flow":
+        schedule: dict = {**PRIOR_FLOW_SCHEDULE, "shift": float(flow_shift)}
+        sched = FlowMatchEulerDiscreteScheduler(**schedule)
+        acp = None
+    else:
+        schedule = {
+            **PRIOR_SCHEDULE,
+            "prediction_type": "v_prediction" if objective == "v" else "epsilon",
+        }
+        sched = DDPMScheduler(**schedule)
+        acp = sched.alphas_cumprod.to(dev)
+    num_t = int(sched.config.num_train_timesteps)
 
     def step(_step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
         x, _ = cm.make_colored(g[idx], gen, ood=ood)
         x0 = to_model_range(x).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen).to(dev)
+        if acp is None:  # rectified flow
+            t = torch.rand(batch_size, generator=gen).to(dev)
+            if flow_shift != 1.0:
+                t = flow_shift * t / (1 + (flow_shift - 1) * t)
+            tb = t.view(-1, 1, 1, 1)
+            xt = (1 - tb) * x0 + tb * noise
+            v = unet(xt, t * num_t).sample
+            return {"loss": torch.nn.functional.mse_loss(v, noise - x0)}
+        t = torch.randint(0, num_t, (batch_size,), generator=gen).to(dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return {"loss": torch.nn.functional.mse_loss(unet(xt, t).sample, noise)}
+        target = noise if objective == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        err = (unet(xt, t).sample - target).pow(2).mean((1, 2, 3))
+        if loss_weighting == "min-snr":
+            snr = acp[t] / (1 - acp[t])
+            w = snr.clamp(max=snr_gamma) / (snr if objective == "epsilon" else snr + 1)
+            return {"loss": (w * err).mean(), "mse": err.mean()}
+        return {"loss": err.mean()}
+
+    sched_cfg = {**dict(sched.config), "_class_name": type(sched).__name__}
+    hook = None
+    if on_checkpoint is not None:
+        from ..priors import DiffusionPrior
+
+        def hook(done: int, weights: list[torch.Tensor]) -> None:
+            copy: Any = UNet2DModel(**PRIOR_ARCH)  # diffusers' torch-less type hints
+            for p, w in zip(copy.parameters(), weights):
+                p.data.copy_(w.detach().cpu())
+            on_checkpoint(done, DiffusionPrior(copy.eval(), sched_cfg))
 
     record = train_loop(
         unet.parameters(),
@@ -115,6 +195,11 @@ def train_prior(
         ema_decay=ema_decay,
         desc="prior" + (" (ood)" if ood else ""),
         progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        generators=[gen],
+        on_checkpoint=hook,
     )
     out = Path(out_dir)
     unet.to("cpu").save_pretrained(out / "unet")
@@ -122,13 +207,29 @@ def train_prior(
     meta = {
         "model": "color-mnist prior" + (" (OOD colours)" if ood else ""),
         "architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in PRIOR_ARCH.items()},
-        "schedule": PRIOR_SCHEDULE,
+        "objective": objective,
+        "loss_weighting": loss_weighting if objective != "flow" else "none",
+        **({"snr_gamma": snr_gamma} if loss_weighting == "min-snr" else {}),
+        "time_sampling": (
+            (
+                "uniform t in [0, 1)"
+                if flow_shift == 1.0
+                else f"s u / (1 + (s - 1) u), u ~ U(0, 1), s = {flow_shift:g}"
+            )
+            if objective == "flow"
+            else "uniform t in 0..999"
+        ),
+        "scheduler": type(sched).__name__,
+        "schedule": schedule,
         **_recipe(steps, batch_size, lr, seed, g),
+        "optimizer": "AdamW (weight decay 0), gradient-norm clip 1.0",
+        "lr_schedule": "cosine_lr (100 warm-up steps, cosine decay to 0)",
         "ema_decay": ema_decay,
         "ood": ood,
         "final_loss_mean_last100": record.mean_last("loss"),
         "wall_time_s": record.wall_time_s,
         "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
     }
     _write_meta(out, meta)
     return meta

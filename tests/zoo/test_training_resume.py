@@ -1,0 +1,89 @@
+"""train_prior: a run interrupted and resumed from its checkpoint saves the same prior as an
+uninterrupted one; the recipe (objective, loss weighting, schedule) is recorded in training.json
+and the saved folder loads with load_prior as the right kind of prior."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import fiber_plugins as fp  # noqa: E402
+from fiber_plugins.zoo import training  # noqa: E402
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("objective", ["flow", "v"])
+def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
+    kw = dict(steps=4, batch_size=2, progress=False, objective=objective, checkpoint_every=2)
+    if objective == "v":
+        kw["loss_weighting"] = "min-snr"
+    else:
+        kw["flow_shift"] = 3.0
+    whole = training.train_prior(tmp_path / "whole", checkpoint=tmp_path / "ck_whole", **kw)
+
+    real_loop = training.train_loop
+
+    def interrupted(*args, **kwargs):  # the process dies during step 3 (after checkpoint 2)
+        step = kwargs.pop("step", None) or args[1]
+
+        def dying(i):
+            if i == 3:
+                raise KeyboardInterrupt
+            return step(i)
+
+        return real_loop(args[0], dying, **kwargs)
+
+    monkeypatch.setattr(training, "train_loop", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_prior(tmp_path / "resumed", checkpoint=tmp_path / "ck", **kw)
+    assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(training, "train_loop", real_loop)
+    resumed = training.train_prior(tmp_path / "resumed", checkpoint=tmp_path / "ck", **kw)
+
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final_loss_mean_last100"] == whole["final_loss_mean_last100"]
+    info = json.loads((tmp_path / "resumed" / "training.json").read_text())
+    assert info["objective"] == objective and info["steps"] == 4 and info["batch_size"] == 2
+    assert info["loss_weighting"] == kw.get("loss_weighting", "none")
+    prior = fp.load_prior(tmp_path / "resumed")
+    assert prior.kind == ("flow" if objective == "flow" else "pixel")
+    assert prior.schedule.prediction_type == ("flow" if objective == "flow" else "v_prediction")
+    if objective == "flow":  # the training time shift is the sampling grid's shift
+        assert info["schedule"]["shift"] == 3.0 and prior.schedule.config["shift"] == 3.0
+    x = prior.sample_unguided(torch.randn(1, 3, 32, 32), num_steps=2)
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp_path):
+    seen = []
+    meta = training.train_prior(
+        tmp_path / "p", steps=2, batch_size=2, progress=False, checkpoint=tmp_path / "ck",
+        checkpoint_every=1, on_checkpoint=lambda step, prior: seen.append((step, prior.kind)),
+    )
+    assert seen == [(1, "pixel"), (2, "pixel")]
+    assert meta["objective"] == "epsilon" and meta["loss_weighting"] == "none"
+    assert meta["schedule"]["prediction_type"] == "epsilon"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"objective": "x0"}, "objective must be one of"),
+        ({"loss_weighting": "p2"}, "loss_weighting must be one of"),
+        ({"objective": "flow", "loss_weighting": "min-snr"}, "for the DDPM objectives"),
+        ({"objective": "v", "flow_shift": 3.0}, "flow_shift must be > 0 and is for"),
+    ],
+)
+def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        training.train_prior(tmp_path, steps=1, batch_size=2, progress=False, **kw)
