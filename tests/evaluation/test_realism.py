@@ -267,25 +267,9 @@ def test_cli_sample_scores_its_samples(pixel_prior_dir, tmp_path):
     ref = tmp_path / "ref.png"
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")).save(ref)
     out = tmp_path / "run"
-    argv = [
-        "sample",
-        "--subject",
-        "module:tests.conftest:make_subject",
-        "--prior",
-        str(pixel_prior_dir),
-        "--reference",
-        str(ref),
-        "-n",
-        "2",
-        "--steps",
-        "2",
-        "--inner-steps",
-        "1",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    from tests.cli.test_cli import _args
+
+    argv = _args(pixel_prior_dir, ref, out)
     assert main(argv) == 0
     real = json.loads((out / "evaluation.json").read_text())["realism"]
     assert len(real["scores"][0]) == 2 and real["flagged"] is None  # a prior without calibration

@@ -284,8 +284,10 @@ def test_a_target_of_the_wrong_width_is_refused_before_any_work(trained, monkeyp
 def test_an_objective_change_is_warned_about_by_ndtm_too(trained):
     objective, model = trained
     other = fp.FiberObjective(MeanColour().eval(), distance="l1")
-    with pytest.warns(UserWarning, match=r"differs .* in \['distance'\]"):
-        NDTMSampler(model, other)
+    with pytest.warns(UserWarning, match=r"differs .* in \['distance'\]") as caught:
+        sampler = NDTMSampler(model, other)
+    assert sampler.prior is model and sampler.objective is other
+    assert sum("differs" in str(w.message) for w in caught) == 1
 
 
 def test_samplers_that_cannot_condition_still_refuse_it(trained):
@@ -314,27 +316,10 @@ def test_cli_samples_conditionally_by_default_and_guides_with_the_flag(tmp_path,
     arr = (np.random.default_rng(0).random((20, 20, 3)) * 255).astype("uint8")
     Image.fromarray(arr).save(ref)
 
+    from tests.cli.test_cli import _args
+
     def args(out, *extra):
-        return [
-            "sample",
-            "--subject",
-            "module:tests.conftest:make_subject",
-            "--prior",
-            str(folder),
-            "--reference",
-            str(ref),
-            "-n",
-            "2",
-            "--steps",
-            "3",
-            "--inner-steps",
-            "1",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            *extra,
-        ]
+        return _args(folder, ref, out, *extra)
 
     assert main(args(tmp_path / "plain")) == 0
     printed = capsys.readouterr().out

@@ -277,3 +277,9 @@ def subject_fingerprint(objective) -> str | None:
 
 def is_fiber_model_folder(folder: str | Path) -> bool:
     return (Path(folder) / "condition" / "config.json").is_file()
+
+
+def as_fiber_model(prior: DiffusionPrior) -> ConditionalFiberModel | None:
+    """The prior as a trained conditional fiber model, or None: samplers ask the prior
+    (``conditional_on_features``) instead of checking its class."""
+    return cast(ConditionalFiberModel, prior) if prior.conditional_on_features else None

@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,24 +25,16 @@ from ..errors import UserTypeError, UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.targets import Targets
 from ..objectives.units import UnitSet
+from ..priors.conditional import as_fiber_model as fiber_model
 from ..priors.prior import DiffusionPrior
 from ._common import check_int
 from .batch import Batch
 from .memory import MemoryPolicy
 from .precision import network_autocast, warn_half_on_cpu
-from .preflight import check_devices, reference_targets, unit_rows
-from .result import FiberResult
+from .preflight import check_devices, check_prior, reference_targets, unit_rows
+from .result import FiberResult, call_record
 from .rows import RowStore, sigterm_as_interrupt
 from .run_folder import check_out_dir
-
-if TYPE_CHECKING:
-    from ..priors.conditional import ConditionalFiberModel
-
-
-def fiber_model(prior: DiffusionPrior) -> ConditionalFiberModel | None:
-    """The prior as a trained conditional fiber model, or None: the engine asks the prior
-    (``conditional_on_features``) instead of checking its class."""
-    return cast("ConditionalFiberModel", prior) if prior.conditional_on_features else None
 
 
 class FiberSampler(abc.ABC):
@@ -64,26 +56,10 @@ class FiberSampler(abc.ABC):
                 config = self.config_class.from_dict({**config.to_dict(), **overrides})
         elif overrides:
             raise UserTypeError(f"{type(self).__name__} takes no settings {sorted(overrides)}")
-        if not isinstance(prior, DiffusionPrior):
-            raise UserTypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
-        if prior.conditional_on_features and not self.conditional:
-            raise UserTypeError(
-                f"{type(self).__name__} needs an unconditional prior; a trained "
-                "ConditionalFiberModel is sampled with ConditionalFiberSampler, or guided with "
-                "NDTMSampler / DPSSampler"
-            )
-        if not isinstance(objective, FiberObjective):
-            raise UserTypeError(
-                f"objective must be a FiberObjective, got {type(objective).__name__}"
-            )
+        check_prior(self, prior, objective)
         self.prior = prior
         self.objective = objective
         self.config = config
-        model = fiber_model(prior)
-        if model is not None:
-            from .conditional import check_fiber_model_objective
-
-            check_fiber_model_objective(model, objective)
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
@@ -202,13 +178,8 @@ class FiberSampler(abc.ABC):
         warn_half_on_cpu(prior, bool(getattr(self.config, "autocast", False)))
         unbound = self.objective
         if isinstance(unbound, UnitSet):  # many units: one row per (unit, reference)
-            self.objective, references, targets = unit_rows(unbound, references, targets)
-            if getattr(self.config, "target_mode", "static") == "reapprox":
-                self.objective = unbound
-                raise UserValueError(
-                    "a UnitSet needs the static target (target_mode='static'): each row's unit "
-                    "lives in its target, which a re-approximated target would lose"
-                )
+            mode_t = getattr(self.config, "target_mode", "static")
+            self.objective, references, targets = unit_rows(unbound, references, targets, mode_t)
         try:
             with contextlib.ExitStack() as scope, sigterm_as_interrupt(out is not None):
                 memory = MemoryPolicy(prior, scope)  # checkpointing it turns on ends with the call
@@ -218,22 +189,6 @@ class FiberSampler(abc.ABC):
         finally:
             self.objective = unbound
 
-    def _config_record(self, seed, batch_size) -> dict:
-        record = {
-            "sampler": self.name,
-            "settings": self.config.to_dict(),
-            "objective": self.objective.describe(),
-            "prior": repr(self.prior),
-            "seed": seed,
-            "batch_size": batch_size,
-            "device": str(self.device),
-            "acceleration": self.prior.acceleration.to_dict(),
-        }
-        model = fiber_model(self.prior)
-        if model is not None:  # which model, conditioned on what
-            record["fiber_model"] = model.record()
-        return record
-
     def _sample(
         self, references, targets, n, seed, batch_size, progress, start, out, mode, memory
     ) -> FiberResult:
@@ -241,9 +196,6 @@ class FiberSampler(abc.ABC):
         with self.objective.attached():
             refs, y = reference_targets(self, references, targets)
             num_refs = y.num_rows
-            model = fiber_model(prior)
-            if model is not None:  # before any work: y* conditions it
-                model.check_condition(y.value)
             if getattr(self.config, "target_mode", "static") == "reapprox" and refs is None:
                 raise UserValueError(
                     "target_mode='reapprox' needs reference images, not explicit targets"
@@ -265,7 +217,7 @@ class FiberSampler(abc.ABC):
                 self.num_trace_steps(),
                 out=out,
                 mode=mode,
-                config=self._config_record(seed, batch_size),
+                config=call_record(self, seed, batch_size),
                 references=refs,
                 targets=y.cpu(),
             )
@@ -301,7 +253,7 @@ class FiberSampler(abc.ABC):
                 raise store.interrupted() from None
             finally:
                 bar.close()
-        cfg = self._config_record(seed, bs)
+        cfg = call_record(self, seed, bs)
         result = FiberResult(
             images=store.images,
             references=refs,

@@ -10,7 +10,7 @@ import re
 import torch
 
 from .._utils import to_model_range
-from ..errors import UserValueError
+from ..errors import UserTypeError, UserValueError
 from ..images import as_reference_batch, native_references
 from ..objectives.targets import Targets
 
@@ -107,6 +107,7 @@ def reference_targets(sampler, references, targets) -> tuple[torch.Tensor | None
         check_gradient_path(objective, x, feats, at_reference=False)
         width = feats.widths
         y = Targets.of(objective.check_target(targets, width if len(width) > 1 else width[0]))
+        _check_condition(prior, y)
         return None, y.float().to(device)
     refs = as_reference_batch(references, prior.image_size, prior.image_channels)
     # y* = phi(x*) as the subject sees the reference natively: when every term's preprocessing
@@ -128,7 +129,42 @@ def reference_targets(sampler, references, targets) -> tuple[torch.Tensor | None
         parts.append(feats.map(torch.Tensor.detach))
     feats = Targets.cat(parts)
     y = Targets.of(objective.target_of(feats.value))
+    _check_condition(prior, y)
     return refs, y.float().to(device)
+
+
+def _check_condition(prior, y: Targets) -> None:
+    """A conditional fiber model is conditioned on y*: its width is checked before any work."""
+    from ..priors.conditional import as_fiber_model
+
+    model = as_fiber_model(prior)
+    if model is not None:
+        model.check_condition(y.value)
+
+
+def check_prior(sampler, prior, objective) -> None:
+    """What a sampler is given, checked at construction: a ``DiffusionPrior`` (a trained
+    conditional fiber model only for samplers that condition on it, with the objective it was
+    trained for, or a warning) and a ``FiberObjective``."""
+    from ..objectives.base import FiberObjective
+    from ..priors.conditional import as_fiber_model
+    from ..priors.prior import DiffusionPrior
+
+    if not isinstance(prior, DiffusionPrior):
+        raise UserTypeError(f"prior must be a DiffusionPrior, got {type(prior).__name__}")
+    if prior.conditional_on_features and not sampler.conditional:
+        raise UserTypeError(
+            f"{type(sampler).__name__} needs an unconditional prior; a trained "
+            "ConditionalFiberModel is sampled with ConditionalFiberSampler, or guided with "
+            "NDTMSampler / DPSSampler"
+        )
+    if not isinstance(objective, FiberObjective):
+        raise UserTypeError(f"objective must be a FiberObjective, got {type(objective).__name__}")
+    model = as_fiber_model(prior)
+    if model is not None:
+        from .conditional import check_fiber_model_objective
+
+        check_fiber_model_objective(model, objective)
 
 
 def _features(sampler, x: torch.Tensor) -> Targets:
@@ -142,7 +178,7 @@ def _features(sampler, x: torch.Tensor) -> Targets:
         raise
 
 
-def unit_rows(units, references, targets):
+def unit_rows(units, references, targets, target_mode: str = "static"):
     """The rows of a call on a :class:`~fiber_plugins.objectives.units.UnitSet`: every unit at
     every reference (unit-major: row u * R + r), or, with ``references`` a dict mapping a unit
     (its position or label) to its own references, each unit at its own. Explicit ``targets``
@@ -152,6 +188,11 @@ def unit_rows(units, references, targets):
     -------
     (the unit set bound to the rows, the row references or None, the row targets or None)
     """
+    if target_mode == "reapprox":
+        raise UserValueError(
+            "a UnitSet needs the static target (target_mode='static'): each row's unit lives in "
+            "its target, which a re-approximated target would lose"
+        )
     if isinstance(references, dict):
         position = {label: u for u, label in enumerate(units.labels)}
         row_units, rows = [], []
@@ -162,7 +203,9 @@ def unit_rows(units, references, targets):
                     f"references key {key!r} is not a unit of {units.name} (a position "
                     f"0..{units.num_units - 1} or a label such as {units.labels[0]!r})"
                 )
-            listed = list(refs) if isinstance(refs, (list, tuple)) else list(as_reference_batch(refs))
+            listed = (
+                list(refs) if isinstance(refs, (list, tuple)) else list(as_reference_batch(refs))
+            )
             row_units += [u] * len(listed)
             rows += listed
         return units.bind(row_units), rows, None

@@ -127,7 +127,9 @@ class FiberResult:
         units = self.config["objective"]["units"]
         out: dict[str, FiberResult] = {}
         for u, label in enumerate(units["labels"]):
-            rows = torch.tensor([r for r, name in enumerate(labels) if name == label], dtype=torch.long)
+            rows = torch.tensor(
+                [r for r, name in enumerate(labels) if name == label], dtype=torch.long
+            )
             if rows.numel() == 0:
                 continue
             a, b = units["spans"][u]
@@ -292,3 +294,25 @@ def run_fingerprint(config: dict, n: int, references, targets) -> dict:
         "acceleration": json.loads(json.dumps(acc, default=str)),
         "inputs": tensor_digest(references) if references is not None else tensor_digest(*targets),
     }
+
+
+def call_record(sampler, seed: int, batch_size) -> dict:
+    """``result.config`` of a sampler call: the sampler and its settings, the objective, the
+    prior (and, for a conditional fiber model, which one and what it is conditioned on), the
+    seed, batch size, device and acceleration."""
+    from ..priors.conditional import as_fiber_model
+
+    record = {
+        "sampler": sampler.name,
+        "settings": sampler.config.to_dict(),
+        "objective": sampler.objective.describe(),
+        "prior": repr(sampler.prior),
+        "seed": seed,
+        "batch_size": batch_size,
+        "device": str(sampler.device),
+        "acceleration": sampler.prior.acceleration.to_dict(),
+    }
+    model = as_fiber_model(sampler.prior)
+    if model is not None:  # which model, conditioned on what
+        record["fiber_model"] = model.record()
+    return record
