@@ -19,7 +19,7 @@ SAELENS_STAMP   := $(VENV)/.saelens-overlay-installed
 SAELENS_PINS    := sae-lens==6.54.12 transformer-lens==3.9.0 \
                    better-abc==0.0.3 simple-parsing==0.1.9 docstring-parser==0.18.0
 
-.PHONY: demo test test-all test-browser lint bench clean-venv saelens-overlay
+.PHONY: demo test test-all test-browser lint bench notebooks clean-venv saelens-overlay
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,11 @@ test-browser: $(STAMP)
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 	$(BIN)/python -m pytest -q -m browser
+
+# write the three example notebooks and execute them in place (outputs committed; ~1-2 min each)
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/_make_notebooks.py
+	cd notebooks && ../$(BIN)/jupyter-execute --inplace captum_companion.ipynb sae_feature_inspection.ipynb neuron_concept_validation.ipynb
 
 bench: $(STAMP)
 	$(BIN)/fiber-plugins bench color-mnist --out benchmarks/results/color-mnist

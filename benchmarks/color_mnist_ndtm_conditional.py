@@ -13,12 +13,13 @@ mixture):
 (c) NDTM on ``color-mnist-conditional``, each row conditioned on its target y* (same settings
     as (a));
 (d) as (c), with the guidance limited to noise levels <= ``--interval-high`` (default 0.5; the
-    conditional model alone takes the high-noise steps). 0.5 was
+    conditional model alone takes the high-noise steps) at strength ``--interval-strength``
+    (default 1). 0.5 was
     picked on these same references from 0.1 / 0.2 / 0.3 / 0.5 (docs/samplers.md), so (d) is
     not a held-out measurement.
 
 Targets checked for (c) and (d): median fiber loss within 10x of (a)'s, and colour KL at most
-(b)'s + 0.05. Writes results.md, results.json and grids of (b), (c) and (d) into ``--out``. Runs
+(b)'s + 0.05, on the means over ``--sets`` independent sample sets. Writes results.md, results.json and grids of (b), (c) and (d) into ``--out``. Runs
 on one CPU thread.
 """
 
@@ -33,22 +34,20 @@ from pathlib import Path
 import torch
 
 from fiber_plugins import zoo
-from fiber_plugins.color_mnist_bench import BENCH_NDTM, CONDITIONAL, _make_sampler, consistency
-from fiber_plugins.data import color_mnist as cm
+from fiber_plugins.color_mnist_bench import (
+    BENCH_NDTM,
+    CONDITIONAL,
+    _make_sampler,
+    references,
+    sample_sets,
+    summarise,
+)
 from fiber_plugins.objectives import FiberObjective
 from fiber_plugins.samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
 
 OUT = "benchmarks/results/color-mnist-ndtm-conditional"
 FIDELITY_FACTOR = 10.0  # (c)'s median fiber loss <= this x (a)'s
 KL_MARGIN = 0.05  # (c)'s colour KL <= (b)'s + this
-
-
-def references(num: int, seed: int) -> torch.Tensor:
-    """The benchmark's held-out references (run_color_mnist_bench's selection), in [0, 1]."""
-    g_test, _ = cm.load_digits("test")
-    pick = torch.randperm(g_test.shape[0], generator=torch.Generator().manual_seed(seed))[:num]
-    refs, _ = cm.make_colored(g_test[pick], torch.Generator().manual_seed(seed + 1))
-    return refs
 
 
 def main(argv=None) -> dict:
@@ -58,11 +57,19 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=25, help="T (the benchmark's default)")
     p.add_argument("--inner-steps", type=int, default=3, help="N (the benchmark's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sets", type=int, default=3, help="independent sample sets (noise seeds)")
     p.add_argument(
         "--interval-high",
         type=float,
         default=0.5,
         help="row (d): NDTM guidance only at noise levels <= this (limited-interval guidance)",
+    )
+    p.add_argument(
+        "--interval-strength",
+        type=float,
+        default=1.0,
+        help="row (d): the guidance strength inside the interval (default 1: with the control only "
+        "at low noise, the benchmark's 0.3 does not reach the fiber)",
     )
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
@@ -78,7 +85,7 @@ def main(argv=None) -> dict:
     model = zoo.load(CONDITIONAL["conditional"])
     ndtm = NDTMConfig(num_steps=args.steps, **{**BENCH_NDTM, "inner_steps": args.inner_steps})
     interval = GuidanceSchedule(
-        "interval", ndtm.guidance.strength, low=0.0, high=args.interval_high
+        "interval", args.interval_strength, low=0.0, high=args.interval_high
     )
     methods = {
         "a": (
@@ -94,30 +101,24 @@ def main(argv=None) -> dict:
             NDTMSampler(model, objective, ndtm),
         ),
         "d": (
-            f"NDTM on the conditional model, guidance only at noise levels <= {args.interval_high:g}",
+            f"NDTM on the conditional model, guidance {args.interval_strength:g} only at noise "
+            f"levels <= {args.interval_high:g}",
             NDTMSampler(model, objective, replace(ndtm, guidance=interval)),
         ),
     }
     rows: dict[str, dict] = {}
     results = {}
+    seeds = [args.seed + i for i in range(args.sets)]
     for key, (label, sampler) in methods.items():
-        t0 = time.perf_counter()
-        res = sampler.sample(references=refs, n=args.samples, seed=args.seed, progress=False)
-        secs = time.perf_counter() - t0
-        ok = ~res.failed
-        losses = res.fiber_loss[ok]
+        per_set, runs, secs = sample_sets(sampler, refs, args.samples, seeds)
         rows[key] = {
             "method": f"({key}) {label}",
-            "median_fiber_loss": float(losses.median()),
-            "mean_fiber_loss": float(losses.mean()),
-            **consistency(res.images[ok]),
-            "seconds": secs,
-            "seconds_per_sample": secs / res.fiber_loss.numel(),
-            "failed": int(res.failed.sum()),
-            "conditional_prior": "fiber_model" in res.config,
+            **summarise(per_set),
+            "seconds_per_sample": secs,
+            "conditional_prior": "fiber_model" in runs[0].config,
         }
-        results[key] = res
-        print(rows[key], flush=True)
+        results[key] = runs[0]
+        print({k: v for k, v in rows[key].items() if k != "per_set"}, flush=True)
     results["c"].save_grid(out / "ndtm_conditional_grid.png")
     results["d"].save_grid(out / "ndtm_conditional_interval_grid.png")
     results["b"].save_grid(out / "conditional_grid.png")
@@ -145,6 +146,7 @@ def main(argv=None) -> dict:
         "inner_steps": args.inner_steps,
         "ndtm": ndtm.to_dict(),
         "seed": args.seed,
+        "sets": args.sets,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": time.perf_counter() - start,
@@ -163,7 +165,8 @@ def markdown(report: dict) -> str:
         "# NDTM on a conditional fiber model (Color-MNIST)",
         "",
         f"{s['num_references']} held-out references x {s['num_samples']} samples (the "
-        f"benchmark's references and seed {s['seed']}), T={s['steps']}, NDTM N={s['inner_steps']}, "
+        f"benchmark's references), {s['sets']} independent sample sets (noise seeds "
+        f"{s['seed']}..{s['seed'] + s['sets'] - 1}; mean ± std over the sets), T={s['steps']}, NDTM N={s['inner_steps']}, "
         f"guidance {g['kind']} {g['strength']:g}, lr {s['ndtm']['lr_start']:g} -> "
         f"{s['ndtm']['lr_end']:g}, kappa {s['ndtm']['kappa']:g} (the benchmark's settings); "
         f"{s['device']}, {s['torch_threads']} thread; whole script {s['wall_time_s']:.0f} s.",
@@ -173,9 +176,13 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        pm = {
+            k: f"{r[k]:.3g} ± {r[k + '_std']:.2g}"
+            for k in ("median_fiber_loss", "mean_fiber_loss", "kl", "w1")
+        }
         lines.append(
-            f"| {r['method']} | {r['median_fiber_loss']:.4g} | {r['mean_fiber_loss']:.4g} | "
-            f"{r['kl']:.3g} | {r['w1']:.3g} | {r['seconds_per_sample']:.3g} | {r['failed']} |"
+            f"| {r['method']} | {pm['median_fiber_loss']} | {pm['mean_fiber_loss']} | "
+            f"{pm['kl']} | {pm['w1']} | {r['seconds_per_sample']:.3g} | {r['failed']} |"
         )
     lines += ["", "| target | bound | measured | met |", "|---|---|---|---|"]
     for t in report["targets"].values():

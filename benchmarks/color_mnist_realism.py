@@ -10,9 +10,9 @@ realistic) is computed for
 - off-manifold: **pixel-inversion** samples of the same references (``PixelInversionSampler``,
   the benchmark's settings ``BENCH_INVERSION``), and **noise-like** images of three kinds:
   Gaussian noise N(0.5, 0.25^2) clipped to [0, 1], uniform noise, and the prior's own samples
-  from a single DDIM step (saturated noise);
-- for information only (not in the AUCs): the prior's unguided samples (25 DDIM steps; 50
-  ancestral DDPM steps) and NDTM fiber samples with the benchmark's settings (T = 25, N = 3, eta
+  from a single deterministic step (saturated noise);
+- for information only (not in the AUCs): the prior's unguided samples (25 deterministic steps:
+  DDIM, or Euler for a flow-matching prior; 50 stochastic steps with eta 1) and NDTM fiber samples with the benchmark's settings (T = 25, N = 3, eta
   0) and with the demo's eta 0.5.
 
 The threshold is calibrated on held-out coloured test digits (``calibrate_realism``, conformal
@@ -66,9 +66,9 @@ LABELS = {
     "inversion": "pixel inversion",
     "gaussian": "Gaussian noise N(0.5, 0.25^2), clipped",
     "uniform": "uniform noise",
-    "prior-1-step": "prior, 1 DDIM step (saturated noise)",
-    "prior-ddim-25": "prior, 25 DDIM steps (unguided samples)",
-    "prior-ddpm-50": "prior, 50 DDPM steps, eta 1 (unguided samples)",
+    "prior-1-step": "prior, 1 deterministic step (saturated noise)",
+    "prior-ddim-25": "prior, 25 deterministic steps (DDIM / Euler; unguided samples)",
+    "prior-ddpm-50": "prior, 50 stochastic steps, eta 1 (unguided samples)",
     "ndtm": "NDTM fiber samples (benchmark settings, eta 0)",
     "ndtm-eta05": "NDTM fiber samples (eta 0.5, the demo's)",
     "held-out": "held-out test digits (calibration)",

@@ -37,7 +37,7 @@ BAND = (0.35, 0.60)
 # (name, prior, overrides of the benchmark's NDTM settings)
 SETTINGS = [
     ("unguided", "color-mnist-prior", {"guidance": 0.0}),
-    ("NDTM, benchmark settings (constant 1, eta 0)", "color-mnist-prior", {}),
+    ("NDTM, benchmark settings (constant 0.3, eta 0)", "color-mnist-prior", {}),
     ("NDTM, eta 0.5", "color-mnist-prior", {"eta": 0.5}),
     ("NDTM, lr 0.05 -> 0.001", "color-mnist-prior", {"lr_start": 0.05, "lr_end": 0.001}),
     ("NDTM, kappa 1e-2", "color-mnist-prior", {"kappa": 1e-2}),

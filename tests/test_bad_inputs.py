@@ -468,6 +468,11 @@ CLI_ROWS = [
         id="bench-references-0",
     ),
     P(
+        lambda c: ["bench", "color-mnist", "--sets", "0", "--out", str(c.out)],
+        ["--sets", "'0'"],
+        id="bench-sets-0",
+    ),
+    P(
         lambda c: [
             "bench",
             "color-mnist",

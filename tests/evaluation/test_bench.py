@@ -1,5 +1,5 @@
-"""The Color-MNIST benchmark on 2 references x 4 samples: NDTM beats the nearest neighbour and
-the trained conditional model."""
+"""The Color-MNIST benchmark on 2 references x 4 samples, 2 sample sets: NDTM beats the nearest
+neighbour and the trained conditional model; rows are the mean and std over the sets."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
         inner_steps=2,
         priors=("color-mnist-prior",),
         progress=False,
+        sets=2,
     )
     rows = {r["method"]: r for r in report["rows"]}
     ndtm = rows["NDTM (prior)"]
@@ -40,4 +41,17 @@ def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
         "conditional_in.png",
     ):
         assert (tmp_path / f).is_file()
-    assert json.loads((tmp_path / "results.json").read_text())["settings"]["num_references"] == 2
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert settings["num_references"] == 2 and settings["sets"] == 2
+    # two independent sample sets (noise seeds 0 and 1): the row is their mean and std
+    per_set = ndtm["per_set"]
+    assert [s["seed"] for s in per_set] == [0, 1]
+    assert per_set[0]["kl"] != per_set[1]["kl"]
+    assert ndtm["kl"] == pytest.approx((per_set[0]["kl"] + per_set[1]["kl"]) / 2)
+    assert ndtm["kl_std"] == pytest.approx(abs(per_set[0]["kl"] - per_set[1]["kl"]) / 2**0.5)
+    assert " ± " in (tmp_path / "results.md").read_text()
+
+
+def test_benchmark_refuses_zero_sets(tmp_path):
+    with pytest.raises(ValueError, match="sets must be >= 1"):
+        run_color_mnist_bench(tmp_path, sets=0, progress=False)

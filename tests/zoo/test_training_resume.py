@@ -67,12 +67,17 @@ def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
 def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp_path):
     seen = []
     meta = training.train_prior(
-        tmp_path / "p", steps=2, batch_size=2, progress=False, checkpoint=tmp_path / "ck",
-        checkpoint_every=1, on_checkpoint=lambda step, prior: seen.append((step, prior.kind)),
+        tmp_path / "p",
+        steps=2,
+        batch_size=2,
+        progress=False,
+        checkpoint=tmp_path / "ck",
+        checkpoint_every=1,
+        on_checkpoint=lambda step, prior: seen.append((step, prior.kind)),
     )
-    assert seen == [(1, "pixel"), (2, "pixel")]
-    assert meta["objective"] == "epsilon" and meta["loss_weighting"] == "none"
-    assert meta["schedule"]["prediction_type"] == "epsilon"
+    assert seen == [(1, "flow"), (2, "flow")]
+    assert meta["objective"] == "flow" and meta["loss_weighting"] == "none"
+    assert meta["scheduler"] == "FlowMatchEulerDiscreteScheduler" and meta["batch_size"] == 2
 
 
 @pytest.mark.parametrize(

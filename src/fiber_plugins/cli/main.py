@@ -448,6 +448,7 @@ def cmd_bench(args) -> int:
         seed=args.seed,
         device=_device(args.device),
         methods=tuple(args.methods or _BenchMethods()),
+        sets=args.sets,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, fidelity_consistency.png")
@@ -703,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective",
         choices=["epsilon", "v", "flow"],
         default=None,
-        help="prior: epsilon (DDPM, the shipped recipe), v, or flow (rectified flow)",
+        help="prior: flow (rectified flow, the shipped recipe), epsilon (DDPM) or v",
     )
     t.add_argument("--batch-size", type=_positive_int, default=None, help="prior: batch size")
     t.add_argument(
@@ -721,6 +722,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=_positive_int, default=4, help="M samples per reference")
     b.add_argument("--steps", type=_positive_int, default=25)
     b.add_argument("--inner-steps", type=_count, default=3)
+    b.add_argument(
+        "--sets",
+        type=_positive_int,
+        default=3,
+        help="independent sample sets per method (noise seeds SEED, SEED+1, ...; rows give mean "
+        "± std, default 3)",
+    )
     b.add_argument(
         "--methods",
         nargs="+",

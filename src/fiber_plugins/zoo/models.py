@@ -150,7 +150,7 @@ def _prior(folder: Path, device):
 
 @register_model("color-mnist-prior", folder="color_mnist/prior", train="prior")
 def color_mnist_prior(folder: Path, device):
-    """pixel DDPM prior (UNet2DModel, 32x32) on Color-MNIST"""
+    """pixel flow-matching prior (UNet2DModel, 32x32) on Color-MNIST"""
     return _prior(folder, device)
 
 

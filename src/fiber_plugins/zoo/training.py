@@ -75,20 +75,22 @@ PRIOR_LOSS_WEIGHTINGS = ("none", "min-snr")
 # the flow-matching prior's scheduler: rectified flow x_t = (1 - t) x0 + t eps, the network
 # predicts v = eps - x0 at timestep 1000 t (as the conditional fiber models)
 PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
+# training steps of the shipped priors (in-distribution, OOD): unguided colour KL <= 0.2 on both
+SHIPPED_PRIOR_STEPS = {False: 4000, True: 2000}
 
 
 def train_prior(
     out_dir: str | Path,
     ood: bool = False,
-    steps: int = 1500,
-    batch_size: int = 64,
+    steps: int | None = None,
+    batch_size: int = 32,
     lr: float = 1e-3,
     ema_decay: float = 0.999,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
     *,
-    objective: str = "epsilon",
+    objective: str = "flow",
     loss_weighting: str = "none",
     snr_gamma: float = 5.0,
     flow_shift: float = 1.0,
@@ -104,8 +106,12 @@ def train_prior(
     as a diffusers folder (``unet/``, ``scheduler/``) loadable with :func:`load_prior`, with
     ``training.json`` holding the whole recipe.
 
+    The defaults are the recipe of the shipped priors: rectified flow, batch 32, ``steps``
+    4,000 (``ood=False``) or 2,000 (``ood=True``), chosen by measuring the unguided colour law
+    at checkpoints (``benchmarks/color_mnist_prior_quality.py``; docs/color_mnist.md).
+
     ``objective``: ``"epsilon"`` (DDPM, cosine schedule, epsilon prediction: the recipe of the
-    priors shipped up to now), ``"v"`` (the same DDPM schedule, v prediction) or ``"flow"``
+    priors shipped before 0.2), ``"v"`` (the same DDPM schedule, v prediction) or ``"flow"``
     (rectified flow, t ~ U(0, 1), velocity prediction, a ``FlowMatchEulerDiscreteScheduler``).
     ``loss_weighting``: ``"none"`` or ``"min-snr"`` (min-SNR-gamma weighting of the DDPM loss,
     gamma ``snr_gamma``; DDPM objectives only). ``flow_shift`` (flow only): the time shift s
@@ -131,6 +137,8 @@ def train_prior(
         )
     if objective == "flow" and loss_weighting != "none":
         raise UserValueError("loss_weighting='min-snr' is for the DDPM objectives ('epsilon', 'v')")
+    if steps is None:
+        steps = SHIPPED_PRIOR_STEPS[ood]
     dev = resolve_device(device)
     torch.manual_seed(seed)
     g, _ = cm.load_digits("train")
