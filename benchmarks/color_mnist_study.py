@@ -403,12 +403,16 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     if args.sets < 1 or not 0 < args.leak_colour < 1:
         p.error(
             f"--sets must be >= 1 and --leak-colour in (0, 1), got {args.sets}, {args.leak_colour}"
         )
-    report = run(args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        report = run(args)
+    finally:
+        torch.set_num_threads(before)  # called from Python (tests), leave the process as it was
     print((args.out / "study.md").read_text())
     return report
 

@@ -74,8 +74,8 @@ def test_small_study_run(study, tmp_path):
             "1",
             "--unguided",
             "8",
-            "--threads",
-            "1",
+            "--threads",  # the current count: the script sets it for its run
+            str(torch.get_num_threads()),
             "--out",
             str(tmp_path),
         ]  # fmt: skip
