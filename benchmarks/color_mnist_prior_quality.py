@@ -27,7 +27,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OUT = Path(__file__).resolve().parent / "results" / "color-mnist-prior-quality"
@@ -53,19 +52,10 @@ def unguided(prior, n: int, seed: int, steps: int, batch: int = 256) -> torch.Te
 
 
 def wrong_branch(x: torch.Tensor) -> list[tuple[float, int, float]]:
-    """Per b-bin of width 0.1: (bin start, channel colours, share on the wrong branch of h);
-    the rule of benchmarks/color_mnist_settings.py's wrong_branch_by_bin."""
+    """Per b-bin of width 0.1: (bin start, channel colours, share on the wrong branch of h)."""
     from fiber_plugins.data import color_mnist as cm
 
-    b = cm.border_mean(x)
-    digit = (x - b[:, :, None, None]).abs().amax(1, keepdim=True) > 0.25
-    f = (x * digit).sum((2, 3)) / digit.sum((2, 3)).clamp(min=1)
-    wrong = ((f - cm.foreground(b)).abs() > 0.3).flatten().numpy()
-    k = np.clip((b.flatten().numpy() * 10).astype(int), 0, 9)
-    return [
-        (i / 10, int((k == i).sum()), float(wrong[k == i].mean()) if (k == i).any() else math.nan)
-        for i in range(10)
-    ]
+    return cm.wrong_branch_shares(x)
 
 
 def measure(prior, n: int = 256, steps: int = 25, seed: int = 0) -> dict:

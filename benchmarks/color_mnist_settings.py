@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -83,15 +82,7 @@ def wrong_branch_by_bin(prior, n: int, seed: int, steps: int) -> list[tuple[floa
     mean over digit pixels, found as pixels > 0.25 away from the background in some channel)."""
     noise = torch.randn(n, *prior.latent_shape, generator=torch.Generator().manual_seed(seed))
     x = (prior.sample_unguided(noise, num_steps=steps).clamp(-1, 1) + 1) / 2
-    b = cm.border_mean(x)
-    digit = (x - b[:, :, None, None]).abs().amax(1, keepdim=True) > 0.25
-    f = (x * digit).sum((2, 3)) / digit.sum((2, 3)).clamp(min=1)
-    wrong = ((f - cm.foreground(b)).abs() > 0.3).flatten().numpy()
-    k = np.clip((b.flatten().numpy() * 10).astype(int), 0, 9)
-    return [
-        (i / 10, int((k == i).sum()), float(wrong[k == i].mean()) if (k == i).any() else math.nan)
-        for i in range(10)
-    ]
+    return cm.wrong_branch_shares(x)
 
 
 def main(argv=None) -> list[dict]:

@@ -79,11 +79,8 @@ def background_colours(images01: torch.Tensor) -> np.ndarray:
 
 def on_fiber_colours(images01: torch.Tensor) -> np.ndarray:
     """Background channel colours whose digit colour lies on h's branch (|f - h(b)| <= 0.3)."""
-    b = cm.border_mean(images01)
-    digit = (images01 - b[:, :, None, None]).abs().amax(1, keepdim=True) > 0.25
-    f = (images01 * digit).sum((2, 3)) / digit.sum((2, 3)).clamp(min=1)
-    keep = (f - cm.foreground(b)).abs() <= 0.3
-    return b[keep].numpy()
+    b, f = cm.channel_colours(images01)
+    return b[~cm.off_branch(b, f)].numpy()
 
 
 def histogram_pdf(samples: np.ndarray):

