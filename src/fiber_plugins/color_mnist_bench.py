@@ -112,14 +112,13 @@ def consistency(images01: torch.Tensor) -> dict:
     }
 
 
-def references(num_references: int = 16, seed: int = 0) -> torch.Tensor:
-    """The benchmark's held-out references in [0, 1]: ``num_references`` test digits picked by a
-    seeded permutation, coloured with the known law (seed + 1)."""
-    g_test, _ = cm.load_digits("test")
-    pick = torch.randperm(g_test.shape[0], generator=torch.Generator().manual_seed(seed))
-    return cm.make_colored(g_test[pick[:num_references]], torch.Generator().manual_seed(seed + 1))[
-        0
-    ]
+def references(num_references: int = 16, seed: int = 0, split: str = "test") -> torch.Tensor:
+    """The benchmark's held-out references in [0, 1]: ``num_references`` digits of ``split``
+    ('test': held out; 'train': for tuning settings without touching the held-out digits) picked by
+    a seeded permutation, coloured with the known law (seed + 1)."""
+    g, _ = cm.load_digits(split)
+    pick = torch.randperm(g.shape[0], generator=torch.Generator().manual_seed(seed))
+    return cm.make_colored(g[pick[:num_references]], torch.Generator().manual_seed(seed + 1))[0]
 
 
 def sample_sets(sampler, refs: torch.Tensor, num_samples: int, seeds, progress: bool = False):

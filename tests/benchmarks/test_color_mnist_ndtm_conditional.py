@@ -1,0 +1,126 @@
+"""benchmarks/color_mnist_ndtm_conditional.py: the schedule for NDTM on the conditional model is
+chosen on training digits only, by the stated rule, and a small run writes every row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fiber_plugins.color_mnist_bench import references
+from fiber_plugins.data import color_mnist as cm
+from fiber_plugins.samplers import GuidanceSchedule
+
+from .test_color_mnist_study import _script
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script("color_mnist_ndtm_conditional")
+
+
+def test_parse_schedule(script):
+    assert script.parse_schedule("constant:0.3") == GuidanceSchedule("constant", 0.3)
+    assert script.parse_schedule("interval:1:0.5") == GuidanceSchedule("interval", 1.0, high=0.5)
+    with pytest.raises(SystemExit, match="'ramp:1'"):
+        script.parse_schedule("ramp:1")
+    with pytest.raises(SystemExit, match="interval:STRENGTH:HIGH"):
+        script.parse_schedule("interval:1")
+
+
+def _digits(x: torch.Tensor) -> set[bytes]:
+    g = cm.decolorize(x)
+    return {bytes((gi > 0.5).flatten().numpy()) for gi in g}
+
+
+def test_tuning_digits_are_training_digits_not_the_held_out_ones():
+    tune = references(32, 100, split="train")
+    held_out = references(16, 0)
+    g_train, _ = cm.load_digits("train")
+    g_test, _ = cm.load_digits("test")
+    assert _digits(tune) <= {bytes((g > 0.5).flatten().numpy()) for g in g_train}
+    assert not _digits(tune) & _digits(held_out)
+    assert _digits(held_out) <= {bytes((g > 0.5).flatten().numpy()) for g in g_test}
+
+
+def _fake_sets(values):
+    """A stand-in for sample_sets that returns the next (median, KL) pair of ``values``."""
+    it = iter(values)
+
+    def sample_sets(sampler, refs, n, seeds):
+        median, kl = next(it)
+        row = {"seed": seeds[0], "median_fiber_loss": median, "mean_fiber_loss": median}
+        return [{**row, "kl": kl, "w1": 0.0, "failed": 0}], [], 0.1
+
+    return sample_sets
+
+
+def _args(script, **kw):
+    class A:
+        tune_references, tune_seed, samples, steps, inner_steps = 2, 100, 1, 2, 1
+
+    for k, v in kw.items():
+        setattr(A, k, v)
+    return A
+
+
+def test_tune_picks_the_lowest_kl_among_schedules_within_the_fidelity_bound(script, monkeypatch):
+    n = len(script.SCHEDULES)
+    # (a) has median 1e-3, so the bound is 1e-2; the lowest KL overall (0.05) is not eligible.
+    values = [(1e-3, 0.2)] + [(5e-3, 0.4)] * n
+    values[1] = (2e-2, 0.05)  # first schedule: too far from the fiber
+    values[3] = (9e-3, 0.15)  # third schedule: eligible, the lowest eligible KL
+    monkeypatch.setattr(script, "sample_sets", _fake_sets(values))
+    monkeypatch.setattr(script, "_make_sampler", lambda *a, **k: None)
+    monkeypatch.setattr(script, "NDTMSampler", lambda *a, **k: None)
+    ndtm = script.NDTMConfig(num_steps=2, inner_steps=1)
+    chosen, table = script.tune(None, None, None, ndtm, _args(script))
+    assert chosen == script.SCHEDULES[2]
+    assert [r["eligible"] for r in table] == [None, False] + [True] * (n - 1)
+    assert table[3]["schedule"] == script.describe(script.SCHEDULES[2])
+
+    monkeypatch.setattr(script, "sample_sets", _fake_sets([(1e-3, 0.2)] + [(1.0, 0.1)] * n))
+    with pytest.raises(SystemExit, match="no schedule reached"):
+        script.tune(None, None, None, ndtm, _args(script))
+
+
+def test_small_run_writes_the_four_rows_and_the_tuning_table(script, tmp_path):
+    threads = torch.get_num_threads()
+    report = script.main(
+        [
+            "--references", "2", "--samples", "1", "--steps", "3", "--inner-steps", "1",
+            "--sets", "2", "--tune-references", "2", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert torch.get_num_threads() == threads  # restored
+    assert [r["method"][:3] for r in report["rows"]] == ["(a)", "(b)", "(c)", "(d)"]
+    assert all(r["sets"] == 2 for r in report["rows"])
+    assert report["rows"][2]["conditional_prior"] and report["rows"][3]["conditional_prior"]
+    tuning = report["tuning"]
+    assert len(tuning) == 1 + len(script.SCHEDULES)
+    eligible = [r for r in tuning[1:] if r["eligible"]]
+    best = min(eligible, key=lambda r: r["kl"])
+    assert report["settings"]["row_d_guidance"] == best["guidance"]
+    for t in report["targets"].values():
+        assert t["met"] == (t["value"] <= t["bound"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["tuning"] == tuning
+    md = (tmp_path / "results.md").read_text()
+    assert "How row (d)'s schedule was chosen" in md
+    assert (tmp_path / "ndtm_conditional_interval_grid.png").exists()
+
+
+def test_fixed_schedule_skips_the_tuning(script, tmp_path):
+    report = script.main(
+        [
+            "--references", "1", "--samples", "1", "--steps", "2", "--inner-steps", "1",
+            "--sets", "1", "--tune-references", "0", "--schedule", "interval:1:0.5",
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert report["tuning"] == []
+    assert report["settings"]["row_d_guidance"]["high"] == 0.5
+    assert "How row (d)" not in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="needs --schedule"):
+        script.main(["--tune-references", "0", "--out", str(tmp_path)])
