@@ -1,7 +1,8 @@
 """How well an unconditional Color-MNIST prior has learnt the colour law, from unguided samples.
 
 Draws ``--n`` unguided samples (T=``--steps``, seeded noise, the grid and update the samplers
-use: :meth:`DiffusionPrior.sample_unguided`, DDIM eta=0 / Euler for flow matching) and prints
+use: :meth:`DiffusionPrior.sample_unguided`, DDIM eta=0 / Euler for flow matching; ``--eta 1``
+for DDPM-like stochastic updates, whose step noise is seeded too) and prints
 
 - the colour KL and W1 of the recovered background colours against the known mixture, with the
   Color-MNIST benchmark's estimator (:func:`fiber_plugins.color_mnist_bench.consistency`: a
@@ -48,13 +49,18 @@ def load(prior: str):
     return zoo.load(prior)
 
 
-def unguided(prior, n: int, seed: int, steps: int, batch: int = 256) -> torch.Tensor:
-    """n unguided samples in [0, 1]; the noise is color_mnist_settings.wrong_branch_by_bin's."""
+def unguided(
+    prior, n: int, seed: int, steps: int, batch: int = 256, eta: float = 0.0
+) -> torch.Tensor:
+    """n unguided samples in [0, 1]; the noise is color_mnist_settings.wrong_branch_by_bin's.
+    With ``eta > 0`` the step noise comes from a generator seeded ``seed + 1``."""
     noise = torch.randn(n, *prior.latent_shape, generator=torch.Generator().manual_seed(seed))
-    out = [
-        prior.sample_unguided(noise[i : i + batch], num_steps=steps).clamp(-1, 1)
-        for i in range(0, n, batch)
-    ]
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for i in range(0, n, batch):
+        x = noise[i : i + batch]
+        z = [torch.randn(x.shape, generator=gen) for _ in range(steps)] if eta > 0 else None
+        out.append(prior.sample_unguided(x, num_steps=steps, eta=eta, step_noises=z).clamp(-1, 1))
     return (torch.cat(out) + 1) / 2
 
 
@@ -65,12 +71,12 @@ def wrong_branch(x: torch.Tensor) -> list[tuple[float, int, float]]:
     return cm.wrong_branch_shares(x)
 
 
-def measure(prior, n: int = 256, steps: int = 25, seed: int = 0) -> dict:
+def measure(prior, n: int = 256, steps: int = 25, seed: int = 0, eta: float = 0.0) -> dict:
     """Colour KL / W1 (the benchmark's estimator), wrong-branch shares per b-bin, s / image."""
     from fiber_plugins.color_mnist_bench import consistency
 
     t0 = time.perf_counter()
-    x = unguided(prior, n, seed, steps)
+    x = unguided(prior, n, seed, steps, eta=eta)
     secs = time.perf_counter() - t0
     cells = wrong_branch(x)
     return {
@@ -79,6 +85,7 @@ def measure(prior, n: int = 256, steps: int = 25, seed: int = 0) -> dict:
         "max_wrong_share": max((w for _, c, w in cells if c), default=math.nan),
         "n": n,
         "steps": steps,
+        "eta": eta,
         "seed": seed,
         "seconds_per_image": secs / n,
         "torch_threads": torch.get_num_threads(),
@@ -171,11 +178,12 @@ def plot_wrap_probe(probe: dict, path: Path, title: str) -> None:
 
 
 def markdown_row(name: str, r: dict) -> str:
+    eta = f", eta {r['eta']:g}" if r.get("eta") else ""
     cells = " | ".join(
         f"{c['share']:.2f} ({c['colours']})" if c["colours"] else "-" for c in r["wrong_branch"]
     )
     return (
-        f"| {name} | {r['n']} | {r['steps']} | {r['kl']:.3f} | {r['w1']:.3f} | {cells} "
+        f"| {name} | {r['n']} | {r['steps']}{eta} | {r['kl']:.3f} | {r['w1']:.3f} | {cells} "
         f"| {r['seconds_per_image']:.3f} |"
     )
 
@@ -195,6 +203,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=256, help="unguided samples (3 colours each)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (the benchmark's T)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", type=float, default=0.0, help="0: deterministic; 1: DDPM-like")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--name", default=None, help="the row's label (default: PRIOR)")
     p.add_argument("--out-dir", type=Path, default=OUT)
@@ -202,7 +211,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     name = args.name or args.prior
-    r = {"prior": name, **measure(load(args.prior), args.n, args.steps, args.seed)}
+    r = {"prior": name, **measure(load(args.prior), args.n, args.steps, args.seed, args.eta)}
     print(
         f"{name}: colour KL {r['kl']:.3f}, W1 {r['w1']:.3f} ({r['num_colours']} colours), "
         f"max wrong-branch share {r['max_wrong_share']:.2f}, {r['seconds_per_image']:.3f} s/image"
