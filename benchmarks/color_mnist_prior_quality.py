@@ -96,8 +96,8 @@ PROBE_LEVELS = (0.2, 0.4, 0.6, 0.8)
 
 
 def wrong_foreground(b: torch.Tensor) -> torch.Tensor:
-    """The other branch of h at b: 0 below the wrap's b + 0.5 = 1 ... i.e. min(b + 0.5, 1) for
-    b >= 0.5 and max(b - 0.5, 0) below."""
+    """The other branch of h at b, clipped to [0, 1]: max(b - 0.5, 0) below the wrap (0.5), where
+    h(b) = b + 0.5, and min(b + 0.5, 1) from it on, where h(b) = b - 0.5."""
     return torch.where(b < 0.5, (b - 0.5).clamp(min=0.0), (b + 0.5).clamp(max=1.0))
 
 
@@ -106,12 +106,14 @@ def wrap_probe(prior, levels=PROBE_LEVELS, num_digits: int = 32, steps: int = 25
     coloured on the law (f = h(b)) or on the wrong branch, noised to ``levels`` with fixed noise:
     the mean digit colour of x0_hat (``law``, ``wrong``), its mean background colour
     (``*_background``) and the share of channels whose x0_hat colours obey h (``*_on_law``:
-    |f - h(b)| <= 0.3), each [[per b] per level]; with "b", "levels", "num_digits"."""
+    not :func:`~fiber_plugins.data.color_mnist.off_branch`), each [[per b] per level]; with "b", "levels", "num_digits"."""
     from fiber_plugins.data import color_mnist as cm
 
     g, _ = cm.load_digits("test")
     g = g[torch.randperm(g.shape[0], generator=torch.Generator().manual_seed(seed))[:num_digits]]
-    stroke = g[:, 0] > 0.7  # (D, H, W) pixels that show the digit colour
+    # pixels that show the digit colour, (D, H, W): taken from the known digit, not from x0_hat
+    # (cm.channel_colours finds digit pixels by their contrast, which a blurred x0_hat lacks)
+    stroke = g[:, 0] > 0.7
     grid = torch.linspace(0.3, 0.7, 41)
     grid_steps = prior.timesteps(steps)
     picked = [min(grid_steps, key=lambda st: abs(st.level - lv)) for lv in levels]
@@ -131,8 +133,7 @@ def wrap_probe(prior, levels=PROBE_LEVELS, num_digits: int = 32, steps: int = 25
                     bh = cm.border_mean(x01)  # (D, 3)
                     out[key][i, j] = fh.mean()
                     out[key + "_background"][i, j] = bh.mean()
-                    on_law = (fh - cm.foreground(bh)).abs() <= 0.3
-                    out[key + "_on_law"][i, j] = on_law.float().mean()
+                    out[key + "_on_law"][i, j] = (~cm.off_branch(bh, fh)).float().mean()
     return {
         "b": grid.tolist(),
         "levels": [st.level for st in picked],
