@@ -20,11 +20,19 @@ the mean digit colour of the denoised estimate x0_hat against b (with h(b)) and 
 digits whose estimate is on the wrong branch. At low and middle noise levels the background
 colour is fixed by hundreds of pixels, so a network that has learnt h puts the jump at 0.5.
 
-``PRIOR_DIR`` is a diffusers prior folder (what :func:`fiber_plugins.load_prior` reads) or a zoo
-name (``color-mnist-prior``). Writes ``quality.json`` and ``quality.md`` into ``--out-dir``
-(appending a row to ``quality.md`` per run)::
+``--wrap-edge PNG`` plots, per prior, its colours near the wrap in bins of 0.025 (on h's branch
+and off it) against the count the colour law expects there: it shows where the wrong-branch
+colours of the [0.4, 0.5) bin lie and whether they add to the law's colours or replace them.
+
+Each ``PRIOR`` is a diffusers prior folder (what :func:`fiber_plugins.load_prior` reads) or a
+zoo name (``color-mnist-prior``). A conditional fiber model (``color-mnist-conditional``) has no
+unguided samples: it is measured on 4 samples for each of n / 4 held-out references, conditioned
+on their features, for comparison. Writes ``quality.json`` and ``quality.md`` into
+``--out-dir`` (appending a row per prior)::
 
     python benchmarks/color_mnist_prior_quality.py color-mnist-prior --n 512 --out-dir /tmp/q
+    python benchmarks/color_mnist_prior_quality.py color-mnist-prior color-mnist-conditional \
+        --n 512 --wrap-edge /tmp/q/wrap_edge.png --out-dir /tmp/q
 """
 
 from __future__ import annotations
@@ -53,7 +61,11 @@ def unguided(
     prior, n: int, seed: int, steps: int, batch: int = 256, eta: float = 0.0
 ) -> torch.Tensor:
     """n unguided samples in [0, 1]; the noise is color_mnist_settings.wrong_branch_by_bin's.
-    With ``eta > 0`` the step noise comes from a generator seeded ``seed + 1``."""
+    With ``eta > 0`` the step noise comes from a generator seeded ``seed + 1``. A conditional
+    fiber model has no unguided samples; it samples 4 images for each of n / 4 held-out
+    references (the benchmark's ``references(n // 4, seed)``), conditioned on their features."""
+    if getattr(prior, "conditional_on_features", False):
+        return conditional_samples(prior, n, seed, steps, eta)
     noise = torch.randn(n, *prior.latent_shape, generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     out = []
@@ -62,6 +74,25 @@ def unguided(
         z = [torch.randn(x.shape, generator=gen) for _ in range(steps)] if eta > 0 else None
         out.append(prior.sample_unguided(x, num_steps=steps, eta=eta, step_noises=z).clamp(-1, 1))
     return (torch.cat(out) + 1) / 2
+
+
+def conditional_samples(model, n: int, seed: int, steps: int, eta: float = 0.0) -> torch.Tensor:
+    """n samples in [0, 1] of a conditional fiber model of the benchmark's subject: 4 per
+    held-out reference (n must be a multiple of 4), Euler with ``steps`` steps."""
+    from fiber_plugins import zoo
+    from fiber_plugins.color_mnist_bench import references
+    from fiber_plugins.objectives import FiberObjective
+    from fiber_plugins.samplers import ConditionalConfig, ConditionalFiberSampler
+
+    if eta != 0 or n % 4:
+        raise SystemExit(
+            f"a conditional fiber model is sampled deterministically, 4 images per reference: "
+            f"got eta {eta:g}, n {n} (use eta 0 and a multiple of 4)"
+        )
+    objective = FiberObjective(zoo.load("color-mnist-subject"), name="E(decolorize(x))")
+    sampler = ConditionalFiberSampler(model, objective, ConditionalConfig(num_steps=steps))
+    res = sampler.sample(references=references(n // 4, seed), n=4, seed=seed, progress=False)
+    return res.images.reshape(-1, *res.images.shape[-3:])
 
 
 def wrong_branch(x: torch.Tensor) -> list[tuple[float, int, float]]:
@@ -82,6 +113,7 @@ def measure(prior, n: int = 256, steps: int = 25, seed: int = 0, eta: float = 0.
     return {
         **consistency(x),
         "wrong_branch": [{"bin": lo, "colours": c, "share": w} for lo, c, w in cells],
+        "wrap_edge": wrap_edge(x),
         "max_wrong_share": max((w for _, c, w in cells if c), default=math.nan),
         "n": n,
         "steps": steps,
@@ -90,6 +122,79 @@ def measure(prior, n: int = 256, steps: int = 25, seed: int = 0, eta: float = 0.
         "seconds_per_image": secs / n,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def wrap_edge(x: torch.Tensor, lo: float = 0.3, hi: float = 0.7, width: float = 0.025) -> list:
+    """Channel colours near h's wrap in bins of ``width``: per bin its start, the colours on
+    h's branch and off it, and the count the colour law expects there (all colours of ``x``
+    times the mixture's mass in the bin)."""
+    import numpy as np
+
+    from fiber_plugins.data import color_mnist as cm
+
+    b, f = cm.channel_colours(x)
+    off = cm.off_branch(b, f).flatten()
+    b = b.flatten()
+    rows = []
+    for k in range(round((hi - lo) / width)):
+        a = lo + k * width
+        inside = (b >= a) & (b < a + width)
+        mass = cm.mixture_cdf(np.array([a + width, a]))
+        rows.append(
+            {
+                "bin": round(a, 4),
+                "on_law": int((inside & ~off).sum()),
+                "off_law": int((inside & off).sum()),
+                "expected": float((mass[0] - mass[1]) * b.numel()),
+            }
+        )
+    return rows
+
+
+def plot_wrap_edge(results: list[dict], path: Path) -> None:
+    """One panel per measured prior: its colours per fine b-bin near the wrap, on and off h's
+    branch, against the count the colour law expects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(len(results), 2)
+    rows_ = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.6 * rows_), squeeze=False)
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, results):
+        rows = r["wrap_edge"]
+        left = [c["bin"] for c in rows]
+        w = rows[1]["bin"] - rows[0]["bin"]
+        on = [c["on_law"] for c in rows]
+        ax.bar(left, on, width=w, align="edge", color="tab:blue", label="on h's branch")
+        ax.bar(
+            left,
+            [c["off_law"] for c in rows],
+            width=w,
+            align="edge",
+            bottom=on,
+            color="tab:red",
+            label="on the wrong branch",
+        )
+        ax.stairs(
+            [c["expected"] for c in rows],
+            [*left, left[-1] + w],
+            color="k",
+            lw=1.2,
+            label="the colour law's count",
+        )
+        ax.axvline(0.5, color="grey", lw=0.5)
+        top = max(max(c["on_law"] + c["off_law"], c["expected"]) for c in rows)
+        ax.set(title=r["prior"], xlabel="background colour b", ylim=(0, 1.08 * top))
+        ax.set_ylabel(f"channel colours (of {r['num_colours']})")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("colours at h's wrap (b = 0.5): where the wrong-branch colours lie")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 PROBE_LEVELS = (0.2, 0.4, 0.6, 0.8)
@@ -198,31 +303,33 @@ HEADER = (
 )
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("prior", help="a diffusers prior folder or a zoo name")
+    p.add_argument("prior", nargs="+", help="diffusers prior folders or zoo names")
     p.add_argument("--n", type=int, default=256, help="unguided samples (3 colours each)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (the benchmark's T)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, default=0.0, help="0: deterministic; 1: DDPM-like")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--name", default=None, help="the row's label (default: PRIOR)")
+    p.add_argument("--name", nargs="+", default=None, help="the rows' labels (default: PRIOR)")
     p.add_argument("--out-dir", type=Path, default=OUT)
     p.add_argument("--wrap-probe", type=Path, default=None, help="also save the wrap probe (PNG)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    name = args.name or args.prior
-    r = {"prior": name, **measure(load(args.prior), args.n, args.steps, args.seed, args.eta)}
-    print(
-        f"{name}: colour KL {r['kl']:.3f}, W1 {r['w1']:.3f} ({r['num_colours']} colours), "
-        f"max wrong-branch share {r['max_wrong_share']:.2f}, {r['seconds_per_image']:.3f} s/image"
+    p.add_argument(
+        "--wrap-edge",
+        type=Path,
+        default=None,
+        help="also save the colours near the wrap, one panel per prior (PNG)",
     )
-    print(HEADER)
-    print(markdown_row(name, r), flush=True)
+    args = p.parse_args(argv)
+    names = args.name or args.prior
+    if len(names) != len(args.prior):
+        p.error(f"--name gives {len(names)} labels for {len(args.prior)} priors")
+    if args.wrap_probe is not None and len(args.prior) > 1:
+        p.error("--wrap-probe looks inside one prior; give one PRIOR")
+    torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     js = args.out_dir / "quality.json"
     rows = json.loads(js.read_text()) if js.exists() else []
-    js.write_text(json.dumps([*rows, r], indent=2))
     md = args.out_dir / "quality.md"
     if not md.exists():
         md.write_text(
@@ -231,25 +338,44 @@ def main(argv=None) -> dict:
             + HEADER
             + "\n"
         )
-    with md.open("a") as fh:
-        fh.write(markdown_row(name, r) + "\n")
-    if args.wrap_probe is not None:
-        prior = load(args.prior)
-        r["wrap_probe"] = wrap_probe(prior, steps=args.steps, seed=args.seed)
-        plot_wrap_probe(r["wrap_probe"], args.wrap_probe, name)
-        js.write_text(json.dumps([*rows, r], indent=2))
-        pr = r["wrap_probe"]
-        below = [k for k, b in enumerate(pr["b"]) if 0.4 <= b < 0.5]
-        for i, lv in enumerate(pr["levels"]):
-            law = sum(pr["law"][i][k] for k in below) / len(below)
-            wrong = sum(pr["wrong"][i][k] for k in below) / len(below)
-            fixed = sum(pr["wrong_on_law"][i][k] for k in below) / len(below)
-            print(
-                f"wrap probe, noise level {lv:.2f}, b in [0.4, 0.5) (law: f 0.9-1.0): mean digit "
-                f"colour of x0_hat {law:.2f} from inputs on the law, {wrong:.2f} from inputs "
-                f"on the wrong branch (f 0), of which {fixed:.2f} are denoised onto the law"
-            )
-    return r
+    print(HEADER)
+    results = []
+    for prior_name, name in zip(args.prior, names):
+        prior = load(prior_name)
+        if args.wrap_probe is not None and getattr(prior, "conditional_on_features", False):
+            p.error("--wrap-probe needs an unconditional prior (its denoiser takes no condition)")
+        r = {"prior": name, **measure(prior, args.n, args.steps, args.seed, args.eta)}
+        print(markdown_row(name, r), flush=True)
+        print(
+            f"  {name}: colour KL {r['kl']:.3f}, W1 {r['w1']:.3f} ({r['num_colours']} colours), "
+            f"max wrong-branch share {r['max_wrong_share']:.2f}, "
+            f"{r['seconds_per_image']:.3f} s/image",
+            flush=True,
+        )
+        with md.open("a") as fh:
+            fh.write(markdown_row(name, r) + "\n")
+        if args.wrap_probe is not None:
+            r["wrap_probe"] = wrap_probe(prior, steps=args.steps, seed=args.seed)
+            plot_wrap_probe(r["wrap_probe"], args.wrap_probe, name)
+            print_wrap_probe(r["wrap_probe"])
+        results.append(r)
+        js.write_text(json.dumps([*rows, *results], indent=2))
+    if args.wrap_edge is not None:
+        plot_wrap_edge(results, args.wrap_edge)
+    return results
+
+
+def print_wrap_probe(pr: dict) -> None:
+    below = [k for k, b in enumerate(pr["b"]) if 0.4 <= b < 0.5]
+    for i, lv in enumerate(pr["levels"]):
+        law = sum(pr["law"][i][k] for k in below) / len(below)
+        wrong = sum(pr["wrong"][i][k] for k in below) / len(below)
+        fixed = sum(pr["wrong_on_law"][i][k] for k in below) / len(below)
+        print(
+            f"wrap probe, noise level {lv:.2f}, b in [0.4, 0.5) (law: f 0.9-1.0): mean digit "
+            f"colour of x0_hat {law:.2f} from inputs on the law, {wrong:.2f} from inputs "
+            f"on the wrong branch (f 0), of which {fixed:.2f} are denoised onto the law"
+        )
 
 
 if __name__ == "__main__":

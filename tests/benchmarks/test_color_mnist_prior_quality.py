@@ -67,3 +67,45 @@ def test_stochastic_unguided_samples_are_seeded(quality, pixel_prior):
     assert (a - c).abs().max() > 1e-3 and (a - d).abs().max() > 1e-3
     noise = torch.randn(3, *pixel_prior.latent_shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(d, (pixel_prior.sample_unguided(noise, 4).clamp(-1, 1) + 1) / 2)
+
+
+def test_wrap_edge_counts_colours_by_hand(quality):
+    """Hand-coloured digits: on the law at b 0.45 and 0.55, on the wrong branch at 0.47; the
+    fine bins count each channel colour once, on or off h's branch, and the law's expected
+    counts add up to the mixture's mass between 0.3 and 0.7."""
+    g, _ = cm.load_digits("test")
+    g = g[:6]
+    b = torch.tensor([[0.45] * 3, [0.45] * 3, [0.47] * 3, [0.55] * 3, [0.55] * 3, [0.9] * 3])
+    f = cm.foreground(b)
+    f[2] = 0.0  # the other branch of h at b = 0.47
+    rows = quality.wrap_edge(cm.colorize(g, b, f))
+    assert len(rows) == 16 and rows[0]["bin"] == pytest.approx(0.3)
+    by_bin = {round(r["bin"], 3): (r["on_law"], r["off_law"]) for r in rows}
+    assert by_bin[0.45] == (6, 3)  # b 0.45 (2 images) and 0.47 (1 image, off the law)
+    assert by_bin[0.55] == (6, 0)
+    assert sum(r["on_law"] + r["off_law"] for r in rows) == 15  # b = 0.9 lies outside
+    mass = cm.mixture_cdf(torch.tensor([0.7, 0.3]).numpy())
+    assert sum(r["expected"] for r in rows) == pytest.approx((mass[0] - mass[1]) * 18)
+
+
+def test_main_measures_priors_and_a_conditional_model(quality, tmp_path):
+    """Several priors in one run, a conditional fiber model among them (4 samples per
+    held-out reference), each a row of quality.json, and one wrap-edge panel per prior."""
+    out = quality.main(
+        ["color-mnist-prior", "color-mnist-conditional", "--n", "8", "--steps", "2",
+         "--name", "prior", "conditional", "--out-dir", str(tmp_path),
+         "--wrap-edge", str(tmp_path / "edge.png")]
+    )  # fmt: skip
+    assert [r["prior"] for r in out] == ["prior", "conditional"]
+    assert all(r["num_colours"] == 24 and len(r["wrap_edge"]) == 16 for r in out)
+    assert (tmp_path / "edge.png").stat().st_size > 10_000
+    import json
+
+    assert [r["prior"] for r in json.loads((tmp_path / "quality.json").read_text())] == [
+        "prior",
+        "conditional",
+    ]
+    with pytest.raises(SystemExit, match="deterministically"):
+        quality.main(["color-mnist-conditional", "--n", "6", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        quality.main(["color-mnist-prior", "--name", "a", "b", "--out-dir", str(tmp_path)])

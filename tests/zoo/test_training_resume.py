@@ -87,8 +87,49 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
         ({"loss_weighting": "p2"}, "loss_weighting must be one of"),
         ({"objective": "flow", "loss_weighting": "min-snr"}, "for the DDPM objectives"),
         ({"objective": "v", "flow_shift": 3.0}, "flow_shift must be > 0 and is for"),
+        ({"time_sampling": "beta"}, "time_sampling must be one of"),
+        ({"mean_weight": -1.0}, "mean_weight must be >= 0"),
+        ({"objective": "epsilon", "mean_weight": 10.0}, "mean_weight must be >= 0 and is for"),
+        ({"objective": "v", "time_sampling": "logit-normal"}, "is for objective='flow'"),
     ],
 )
 def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         training.train_prior(tmp_path, steps=1, batch_size=2, progress=False, **kw)
+
+
+def test_logit_normal_time_sampling_trains_more_at_middle_noise(tmp_path, monkeypatch):
+    """time_sampling='logit-normal' draws t = sigmoid(z): more of the network calls fall at
+    middle noise levels than with uniform t, and training.json says which law was used."""
+    from diffusers import UNet2DModel
+
+    seen: list[torch.Tensor] = []
+    forward = UNet2DModel.forward
+
+    def spy(self, sample, timestep, *args, **kwargs):
+        if self.training:
+            seen.append(torch.as_tensor(timestep).detach().flatten() / 1000)
+        return forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "forward", spy)
+    middle = {}
+    for law in ("uniform", "logit-normal"):
+        seen.clear()
+        meta = training.train_prior(
+            tmp_path / law, steps=2, batch_size=64, progress=False, time_sampling=law
+        )
+        t = torch.cat(seen)
+        assert t.numel() == 128 and ((t > 0) & (t < 1)).all()
+        middle[law] = float(((t > 0.25) & (t < 0.75)).float().mean())
+    assert middle["logit-normal"] > middle["uniform"] + 0.1
+    assert meta["time_sampling"] == "t = u, u ~ sigmoid(N(0, 1)) (logit-normal)"
+
+
+def test_mean_weight_adds_the_error_mean_to_the_loss(tmp_path):
+    """mean_weight w adds w x (per-channel image mean of the velocity error)^2: on the same first
+    batch and weights the loss grows by that term, and training.json records w."""
+    kw = dict(steps=1, batch_size=4, progress=False)
+    plain = training.train_prior(tmp_path / "plain", **kw)
+    weighted = training.train_prior(tmp_path / "weighted", mean_weight=100.0, **kw)
+    assert weighted["final_loss_mean_last100"] > plain["final_loss_mean_last100"]
+    assert weighted["mean_weight"] == 100.0 and "mean_weight" not in plain

@@ -72,6 +72,7 @@ def _save_weights(module: torch.nn.Module, out: Path) -> None:
 
 PRIOR_OBJECTIVES = ("epsilon", "v", "flow")
 PRIOR_LOSS_WEIGHTINGS = ("none", "min-snr")
+PRIOR_TIME_SAMPLINGS = ("uniform", "logit-normal")
 # the flow-matching prior's scheduler: rectified flow x_t = (1 - t) x0 + t eps, the network
 # predicts v = eps - x0 at timestep 1000 t (as the conditional fiber models)
 PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
@@ -94,6 +95,8 @@ def train_prior(
     loss_weighting: str = "none",
     snr_gamma: float = 5.0,
     flow_shift: float = 1.0,
+    time_sampling: str = "uniform",
+    mean_weight: float = 0.0,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 250,
     resume: bool = True,
@@ -117,7 +120,13 @@ def train_prior(
     gamma ``snr_gamma``; DDPM objectives only). ``flow_shift`` (flow only): the time shift s
     of both the training times, t = s u / (1 + (s - 1) u) with u ~ U(0, 1) (s > 1: more
     training at high noise, where the colours are decided), and the saved scheduler's
-    sampling grid (its ``shift``). ``checkpoint`` / ``checkpoint_every`` /
+    sampling grid (its ``shift``). ``time_sampling`` (flow only): ``"uniform"`` (u ~ U(0, 1))
+    or ``"logit-normal"`` (u = sigmoid(z), z ~ N(0, 1): more training at middle noise levels, as
+    in Esser et al. 2024); the shift applies to u either way. ``mean_weight`` (flow only): w >= 0
+    adds w times the squared per-channel image mean of the velocity error to the loss, so the
+    error's mean component (the background colour, for these images) weighs 1 + w times as much;
+    a fixed positive weighting of a squared error keeps its minimiser, the conditional mean, so
+    the model learns the same flow. ``checkpoint`` / ``checkpoint_every`` /
     ``resume``: :func:`~fiber_plugins.training.train_loop`'s checkpointing (the batch generator's
     state included, so a resumed run ends with the same weights). ``on_checkpoint(step, prior)``
     gets, after each checkpoint, a :class:`~fiber_plugins.priors.DiffusionPrior` on a copy of
@@ -135,6 +144,16 @@ def train_prior(
         raise UserValueError(
             f"flow_shift must be > 0 and is for objective='flow', got {flow_shift}"
         )
+    if time_sampling not in PRIOR_TIME_SAMPLINGS:
+        raise UserValueError(
+            f"time_sampling must be one of {PRIOR_TIME_SAMPLINGS}, got {time_sampling!r}"
+        )
+    if mean_weight < 0 or (objective != "flow" and mean_weight != 0):
+        raise UserValueError(
+            f"mean_weight must be >= 0 and is for objective='flow', got {mean_weight}"
+        )
+    if objective != "flow" and time_sampling != "uniform":
+        raise UserValueError("time_sampling='logit-normal' is for objective='flow'")
     if objective == "flow" and loss_weighting != "none":
         raise UserValueError("loss_weighting='min-snr' is for the DDPM objectives ('epsilon', 'v')")
     if steps is None:
@@ -165,13 +184,19 @@ def train_prior(
         x0 = to_model_range(x).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         if acp is None:  # rectified flow
-            t = torch.rand(batch_size, generator=gen).to(dev)
+            if time_sampling == "uniform":
+                t = torch.rand(batch_size, generator=gen).to(dev)
+            else:
+                t = torch.sigmoid(torch.randn(batch_size, generator=gen)).to(dev)
             if flow_shift != 1.0:
                 t = flow_shift * t / (1 + (flow_shift - 1) * t)
             tb = t.view(-1, 1, 1, 1)
             xt = (1 - tb) * x0 + tb * noise
-            v = unet(xt, t * num_t).sample
-            return {"loss": torch.nn.functional.mse_loss(v, noise - x0)}
+            err = unet(xt, t * num_t).sample - (noise - x0)
+            mse = err.pow(2).mean()
+            if not mean_weight:
+                return {"loss": mse}
+            return {"loss": mse + mean_weight * err.mean((2, 3)).pow(2).mean(), "mse": mse}
         t = torch.randint(0, num_t, (batch_size,), generator=gen).to(dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -212,6 +237,7 @@ def train_prior(
     out = Path(out_dir)
     unet.to("cpu").save_pretrained(out / "unet")
     sched.save_pretrained(out / "scheduler")
+    u_law = "U(0, 1)" if time_sampling == "uniform" else "sigmoid(N(0, 1)) (logit-normal)"
     meta = {
         "model": "color-mnist prior" + (" (OOD colours)" if ood else ""),
         "architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in PRIOR_ARCH.items()},
@@ -220,13 +246,14 @@ def train_prior(
         **({"snr_gamma": snr_gamma} if loss_weighting == "min-snr" else {}),
         "time_sampling": (
             (
-                "uniform t in [0, 1)"
+                ("uniform t in [0, 1)" if time_sampling == "uniform" else f"t = u, u ~ {u_law}")
                 if flow_shift == 1.0
-                else f"s u / (1 + (s - 1) u), u ~ U(0, 1), s = {flow_shift:g}"
+                else f"t = s u / (1 + (s - 1) u), u ~ {u_law}, s = {flow_shift:g}"
             )
             if objective == "flow"
             else "uniform t in 0..999"
         ),
+        **({"mean_weight": mean_weight} if mean_weight else {}),
         "scheduler": type(sched).__name__,
         "schedule": schedule,
         **_recipe(steps, batch_size, lr, seed, g),
