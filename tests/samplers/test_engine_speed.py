@@ -440,7 +440,11 @@ def test_half_weights_and_channels_last_keep_the_fiber_loss_distribution(
     trained_prior, subject, block_references
 ):
     """bf16 weights (cast once, autocast implied) and channels_last: median fiber loss within a
-    factor 2 of the fp32 run and far below unguided (the tolerance of the autocast test)."""
+    factor 2 of the fp32 run and far below unguided (the tolerance of the autocast test).
+    channels_last changes only the memory layout: the network's output matches fp32 to rounding,
+    and the sampled fiber losses stay close. (Sample by sample, NDTM's 12 x 3 Adam steps on a
+    trained prior amplify layout-dependent rounding past _assert_same_samples' 1 % of pixels on
+    one thread, so the samples are not compared pixel by pixel here.)"""
     objective = fp.FiberObjective(subject)
     kw = dict(references=block_references, n=4, seed=0, progress=False)
     settings = dict(num_steps=12, inner_steps=3, lr_start=0.1, lr_end=0.02)
@@ -455,8 +459,18 @@ def test_half_weights_and_channels_last_keep_the_fiber_loss_distribution(
     assert 0.5 <= ratio <= 2.0, ratio
     assert res.median_loss() <= 0.5 * unguided.median_loss()
     nhwc = copy.deepcopy(trained_prior).accelerate(channels_last=True)
+    x = torch.randn(4, *trained_prior.latent_shape, generator=torch.Generator().manual_seed(1))
+    for step in trained_prior.timesteps(12)[::4]:
+        with torch.no_grad():
+            torch.testing.assert_close(
+                nhwc.model_output(x, step),
+                trained_prior.model_output(x, step),
+                rtol=1e-4,
+                atol=1e-4,
+            )
     res = _sampler(nhwc, objective, **settings).sample(**kw)
-    _assert_same_samples(res, fp32)
+    assert not res.failed.any()
+    assert 0.8 <= res.median_loss() / fp32.median_loss() <= 1.25
 
 
 def test_compiled_blocks_give_the_same_samples(pixel_prior, latent_prior, subject, references):

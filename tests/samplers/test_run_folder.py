@@ -112,10 +112,12 @@ from fiber_plugins.samplers import run_folder
 from tests.conftest import make_subject
 
 orig = run_folder.RunFolder.commit
-def slow_commit(self, *a, **k):  # a window between batches for the parent's signal
+done = []
+def slow_commit(self, *a, **k):  # after the second row, wait for the parent's signal
     orig(self, *a, **k)
+    done.append(1)
     print("committed", flush=True)
-    time.sleep(0.4)
+    time.sleep(60 if len(done) == 2 else 0.1)  # the signal ends the wait; no race on busy CPUs
 run_folder.RunFolder.commit = slow_commit
 prior = fp.load_prior(sys.argv[1])
 s = fp.NDTMSampler(prior, fp.FiberObjective(make_subject()), num_steps=4, inner_steps=1,
