@@ -106,7 +106,9 @@ def test_ctrl_c_in_process_keeps_finished_rows_and_resume_matches(pixel_prior, s
 
 
 _CHILD = """
-import sys, time, torch
+import signal, sys, time, torch
+# Ctrl-C as in a terminal, even when the test runs in a background job (which ignores SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import fiber_plugins as fp
 from fiber_plugins.samplers import run_folder
 from tests.conftest import make_subject
