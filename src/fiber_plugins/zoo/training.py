@@ -80,6 +80,18 @@ PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
 SHIPPED_PRIOR_STEPS = {False: 4000, True: 2000}
 
 
+def _time_law(objective: str, time_sampling: str, flow_shift: float) -> str:
+    """training.json's description of how the training times were drawn."""
+    if objective != "flow":
+        return "uniform t in 0..999"
+    if time_sampling == "uniform" and flow_shift == 1.0:
+        return "uniform t in [0, 1)"
+    u_law = "U(0, 1)" if time_sampling == "uniform" else "sigmoid(N(0, 1)) (logit-normal)"
+    if flow_shift == 1.0:
+        return f"t = u, u ~ {u_law}"
+    return f"t = s u / (1 + (s - 1) u), u ~ {u_law}, s = {flow_shift:g}"
+
+
 def train_prior(
     out_dir: str | Path,
     ood: bool = False,
@@ -237,22 +249,13 @@ def train_prior(
     out = Path(out_dir)
     unet.to("cpu").save_pretrained(out / "unet")
     sched.save_pretrained(out / "scheduler")
-    u_law = "U(0, 1)" if time_sampling == "uniform" else "sigmoid(N(0, 1)) (logit-normal)"
     meta = {
         "model": "color-mnist prior" + (" (OOD colours)" if ood else ""),
         "architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in PRIOR_ARCH.items()},
         "objective": objective,
         "loss_weighting": loss_weighting if objective != "flow" else "none",
         **({"snr_gamma": snr_gamma} if loss_weighting == "min-snr" else {}),
-        "time_sampling": (
-            (
-                ("uniform t in [0, 1)" if time_sampling == "uniform" else f"t = u, u ~ {u_law}")
-                if flow_shift == 1.0
-                else f"t = s u / (1 + (s - 1) u), u ~ {u_law}, s = {flow_shift:g}"
-            )
-            if objective == "flow"
-            else "uniform t in 0..999"
-        ),
+        "time_sampling": _time_law(objective, time_sampling, flow_shift),
         **({"mean_weight": mean_weight} if mean_weight else {}),
         "scheduler": type(sched).__name__,
         "schedule": schedule,
