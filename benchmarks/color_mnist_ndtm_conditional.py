@@ -22,8 +22,10 @@ mixture):
 
 Targets checked for (c) and (d): median fiber loss within 10x of (a)'s, and colour KL at most
 (b)'s + 0.05, on the means over ``--sets`` independent sample sets. Writes results.md,
-results.json, grids of (b), (c) and (d) and ``colour_histograms.png`` (every row's background
-colours, all sets pooled, against the mixture) into ``--out``. Runs on one CPU thread.
+results.json, grids of (b), (c) and (d), ``colour_histograms.png`` (every row's background
+colours, all sets pooled, against the mixture) and ``colour_drift.png`` (each colour of (c) and
+(d) against its twin in (b): the rows share their initial noise) into ``--out``. Runs on one
+CPU thread.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ SCHEDULES = (
     GuidanceSchedule("interval", 1.0, high=0.3),
     GuidanceSchedule("interval", 1.0, high=0.5),
     GuidanceSchedule("interval", 1.0, high=0.7),
+    GuidanceSchedule("interval", 0.5, high=0.3),
+    GuidanceSchedule("interval", 0.5, high=0.5),
+    GuidanceSchedule("interval", 1.0, high=0.2),
+    GuidanceSchedule("interval", 2.0, high=0.2),
 )
 
 
@@ -114,6 +120,63 @@ def background_colours(result) -> torch.Tensor:
     """Every channel's background colour of a result's (non-failed) samples, in [0, 1]."""
     x = result.images[~result.failed]
     return cm.border_mean(x.reshape(-1, *x.shape[-3:])).flatten()
+
+
+def paired_drift(base_runs, runs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background colours of ``base_runs`` and their change in ``runs``, sample by sample.
+
+    Both lists hold one result per noise seed, sampled from the same initial noise (the plain
+    conditional sampler and NDTM without guidance give identical images), so the difference is
+    what the guidance did to each colour. Samples failed in either run are left out. Returns
+    (b of the base, change of b), each flat over sets, samples and channels."""
+    base, change = [], []
+    for r0, r1 in zip(base_runs, runs):
+        ok = ~r0.failed & ~r1.failed
+        b0 = cm.border_mean(r0.images[ok].reshape(-1, *r0.images.shape[-3:])).flatten()
+        b1 = cm.border_mean(r1.images[ok].reshape(-1, *r1.images.shape[-3:])).flatten()
+        base.append(b0)
+        change.append(b1 - b0)
+    return torch.cat(base), torch.cat(change)
+
+
+def drift_summary(b: torch.Tensor, d: torch.Tensor) -> dict:
+    """Mean absolute change of the colours, and their mean change away from h's wrap (b = 0.5;
+    positive: pushed away from it), for all colours and for those within 0.1 of the wrap."""
+    away = d * torch.sign(b - 0.5)
+    near = (b - 0.5).abs() < 0.1
+    return {
+        "mean_abs_change": float(d.abs().mean()),
+        "mean_change_away_from_wrap": float(away.mean()),
+        "near_wrap_colours": int(near.sum()),
+        "near_wrap_mean_change_away": float(away[near].mean()) if near.any() else float("nan"),
+    }
+
+
+def plot_drift(drift: dict, path: Path) -> None:
+    """Each colour's change under the guidance against its value without it (same noise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(drift), figsize=(4.2 * len(drift), 3.6), dpi=120, sharey=True, squeeze=False
+    )
+    for ax, (b, d, label) in zip(axes[0], drift.values()):
+        ax.scatter(b.numpy(), d.numpy(), s=4, alpha=0.5)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axvline(0.5, color="grey", lw=0.5, ls="--")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("background colour b in (b), same noise")
+    axes[0, 0].set_ylabel("change of b under NDTM's control")
+    fig.suptitle(
+        "NDTM on the conditional model: each colour's change under the guidance (h wraps "
+        "at the dashed line)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_colours(colours: dict, rows: dict, path: Path) -> None:
@@ -210,6 +273,7 @@ def run(args) -> dict:
     }
     rows: dict[str, dict] = {}
     results = {}
+    runs_of: dict[str, list] = {}
     colours: dict[str, torch.Tensor] = {}
     seeds = [args.seed + i for i in range(args.sets)]
     for key, (label, sampler) in methods.items():
@@ -222,11 +286,17 @@ def run(args) -> dict:
             "conditional_prior": "fiber_model" in runs[0].config,
         }
         results[key] = runs[0]
+        runs_of[key] = runs
         print({k: v for k, v in rows[key].items() if k != "per_set"}, flush=True)
     results["c"].save_grid(out / "ndtm_conditional_grid.png")
     results["d"].save_grid(out / "ndtm_conditional_interval_grid.png")
     results["b"].save_grid(out / "conditional_grid.png")
     plot_colours(colours, rows, out / "colour_histograms.png")
+    titles = {"c": "(c) the benchmark's guidance", "d": f"(d) guidance {describe(chosen)}"}
+    drift = {k: (*paired_drift(runs_of["b"], runs_of[k]), titles[k]) for k in ("c", "d")}
+    plot_drift(drift, out / "colour_drift.png")
+    for k, (b, d, _) in drift.items():
+        rows[k]["colour_drift_vs_b"] = drift_summary(b, d)
 
     a, b = rows["a"], rows["b"]
     targets = {}
@@ -294,6 +364,26 @@ def markdown(report: dict) -> str:
             f"| {r['method']} | {pm['median_fiber_loss']} | {pm['mean_fiber_loss']} | "
             f"{pm['kl']} | {pm['w1']} | {r['seconds_per_sample']:.3g} | {r['failed']} |"
         )
+    drifts = [r for r in report["rows"] if "colour_drift_vs_b" in r]
+    if drifts:
+        lines += [
+            "",
+            "What the guidance does to the colours: (b), (c) and (d) start from the same noise "
+            "((d) with guidance 0 gives (b)'s images), so each colour of (c) and (d) has a twin in "
+            "(b). Change of b against the twin (`colour_drift.png`); 'away' is the change "
+            "times sign(b - 0.5), positive when the guidance pushes the colour away from h's wrap.",
+            "",
+            "| method | mean abs change | mean change away from the wrap | the same, colours "
+            "within 0.1 of the wrap |",
+            "|---|---|---|---|",
+        ]
+        for r in drifts:
+            dr = r["colour_drift_vs_b"]
+            lines.append(
+                f"| {r['method'][:3]} | {dr['mean_abs_change']:.4f} | "
+                f"{dr['mean_change_away_from_wrap']:+.4f} | "
+                f"{dr['near_wrap_mean_change_away']:+.4f} ({dr['near_wrap_colours']} colours) |"
+            )
     lines += ["", "| target | bound | measured | met |", "|---|---|---|---|"]
     for t in report["targets"].values():
         lines.append(

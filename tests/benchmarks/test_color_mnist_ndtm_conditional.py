@@ -110,6 +110,34 @@ def test_small_run_writes_the_four_rows_and_the_tuning_table(script, tmp_path):
     assert "How row (d)'s schedule was chosen" in md
     assert (tmp_path / "ndtm_conditional_interval_grid.png").exists()
     assert (tmp_path / "colour_histograms.png").stat().st_size > 10_000
+    assert (tmp_path / "colour_drift.png").stat().st_size > 10_000
+    for row in report["rows"][2:]:
+        assert row["colour_drift_vs_b"]["mean_abs_change"] >= 0
+    assert "mean change away from the wrap" in md
+
+
+class _Run:
+    def __init__(self, images, failed):
+        self.images, self.failed = images, failed
+
+
+def test_paired_drift_pairs_each_colour_with_its_twin(script):
+    g = torch.zeros(2, 1, 32, 32)
+    g[:, :, 10:20, 10:20] = 1.0
+    b0 = torch.tensor([[0.45, 0.55, 0.2], [0.7, 0.48, 0.52]])
+    moved = b0 + torch.sign(b0 - 0.5) * 0.05  # every colour pushed 0.05 away from the wrap
+    base = _Run(cm.colorize(g, b0)[None], torch.zeros(1, 2, dtype=torch.bool))
+    guided = _Run(cm.colorize(g, moved)[None], torch.tensor([[False, True]]))
+    b, d = script.paired_drift([base], [guided])
+    # the second sample failed in the guided run, so only the first sample's colours count
+    assert torch.allclose(b, b0[0], atol=1e-6)
+    assert torch.allclose(d, moved[0] - b0[0], atol=1e-6)
+    s = script.drift_summary(b, d)
+    assert s["mean_abs_change"] == pytest.approx(0.05, abs=1e-5)
+    assert s["mean_change_away_from_wrap"] == pytest.approx(0.05, abs=1e-5)
+    assert s["near_wrap_colours"] == 2  # 0.45 and 0.55
+    b_same, d_same = script.paired_drift([base], [base])
+    assert d_same.abs().max() == 0 and b_same.numel() == 6
 
 
 def test_fixed_schedule_skips_the_tuning(script, tmp_path):
