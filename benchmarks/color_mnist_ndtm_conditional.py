@@ -116,9 +116,10 @@ def tune(prior, model, objective, ndtm, args) -> tuple[GuidanceSchedule, list[di
     return GuidanceSchedule.from_dict(best["guidance"]), table
 
 
-def background_colours(result) -> torch.Tensor:
-    """Every channel's background colour of a result's (non-failed) samples, in [0, 1]."""
-    x = result.images[~result.failed]
+def background_colours(result, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Every channel's background colour of a result's samples in ``keep`` (default: those not
+    failed), in [0, 1]."""
+    x = result.images[~result.failed if keep is None else keep]
     return cm.border_mean(x.reshape(-1, *x.shape[-3:])).flatten()
 
 
@@ -132,10 +133,9 @@ def paired_drift(base_runs, runs) -> tuple[torch.Tensor, torch.Tensor]:
     base, change = [], []
     for r0, r1 in zip(base_runs, runs):
         ok = ~r0.failed & ~r1.failed
-        b0 = cm.border_mean(r0.images[ok].reshape(-1, *r0.images.shape[-3:])).flatten()
-        b1 = cm.border_mean(r1.images[ok].reshape(-1, *r1.images.shape[-3:])).flatten()
+        b0 = background_colours(r0, ok)
         base.append(b0)
-        change.append(b1 - b0)
+        change.append(background_colours(r1, ok) - b0)
     return torch.cat(base), torch.cat(change)
 
 
