@@ -16,9 +16,10 @@ mixture):
     training digits in other colourings (``--tune-references``, noise seed ``--tune-seed``),
     so the held-out references never take part in the choice. The candidates
     (``SCHEDULES``: constant strengths, and limited-interval guidance where the conditional model
-    alone takes the high-noise steps) are each run once on the tuning references; the pick is
-    the lowest colour KL among those whose median fiber loss is within ``FIDELITY_FACTOR`` x
-    (a)'s on the same tuning references. The tuning table is written too.
+    alone takes the high-noise steps, some with more NDTM inner steps) are each run once on the
+    tuning references; the pick is the lowest colour KL among those whose median fiber loss is
+    within ``FIDELITY_FACTOR`` x (a)'s on the same tuning references. The tuning table is
+    written too.
 
 Targets checked for (c) and (d): median fiber loss within 10x of (a)'s, and colour KL at most
 (b)'s + 0.05, on the means over ``--sets`` independent sample sets. Writes results.md,
@@ -33,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,41 +55,91 @@ from fiber_plugins.samplers import GuidanceSchedule, NDTMConfig, NDTMSampler
 OUT = "benchmarks/results/color-mnist-ndtm-conditional"
 FIDELITY_FACTOR = 10.0  # (c)'s median fiber loss <= this x (a)'s
 KL_MARGIN = 0.05  # (c)'s colour KL <= (b)'s + this
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of row (d)'s candidates: a guidance schedule and NDTM's inner steps N (None: the
+    benchmark's N)."""
+
+    guidance: GuidanceSchedule
+    inner_steps: int | None = None
+
+    def config(self, ndtm: NDTMConfig) -> NDTMConfig:
+        n = ndtm.inner_steps if self.inner_steps is None else self.inner_steps
+        return replace(ndtm, guidance=self.guidance, inner_steps=n)
+
+    def to_dict(self) -> dict:
+        return {"guidance": self.guidance.to_dict(), "inner_steps": self.inner_steps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Candidate:
+        return cls(GuidanceSchedule.from_dict(d["guidance"]), d.get("inner_steps"))
+
+
+def _c(kind: str, strength: float, high: float = 1.0, n: int | None = None) -> Candidate:
+    return Candidate(GuidanceSchedule(kind, strength, high=high), n)
+
+
 # Row (d)'s candidates, tried on the tuning references.
 SCHEDULES = (
-    GuidanceSchedule("constant", 0.1),
-    GuidanceSchedule("constant", 0.3),
-    GuidanceSchedule("interval", 0.3, high=0.5),
-    GuidanceSchedule("interval", 1.0, high=0.3),
-    GuidanceSchedule("interval", 1.0, high=0.5),
-    GuidanceSchedule("interval", 1.0, high=0.7),
-    GuidanceSchedule("interval", 0.5, high=0.3),
-    GuidanceSchedule("interval", 0.5, high=0.5),
-    GuidanceSchedule("interval", 1.0, high=0.2),
-    GuidanceSchedule("interval", 2.0, high=0.2),
+    _c("constant", 0.1),
+    _c("constant", 0.3),
+    _c("interval", 0.3, 0.5),
+    _c("interval", 1.0, 0.3),
+    _c("interval", 1.0, 0.5),
+    _c("interval", 1.0, 0.7),
+    _c("interval", 0.5, 0.3),
+    _c("interval", 0.5, 0.5),
+    _c("interval", 1.0, 0.2),
+    _c("interval", 2.0, 0.2),
+    # guidance in the last steps only, stronger or with more inner steps (session 12)
+    _c("interval", 3.0, 0.2),
+    _c("interval", 5.0, 0.2),
+    _c("interval", 3.0, 0.15),
+    _c("interval", 1.5, 0.25),
+    _c("interval", 2.0, 0.25),
+    _c("interval", 2.0, 0.2, n=6),
+    _c("interval", 1.0, 0.2, n=10),
+    _c("interval", 1.0, 0.3, n=10),
 )
 
 
-def describe(g: GuidanceSchedule) -> str:
-    """'constant 0.3' or 'interval 1 at noise levels <= 0.5'."""
-    if g.kind == "constant":
-        return f"constant {g.strength:g}"
-    return f"{g.kind} {g.strength:g} at noise levels <= {g.high:g}"
+def describe(c: Candidate | GuidanceSchedule) -> str:
+    """'constant 0.3', 'interval 1 at noise levels <= 0.5' or '... <= 0.2, N = 10'."""
+    g = c.guidance if isinstance(c, Candidate) else c
+    text = (
+        f"constant {g.strength:g}"
+        if g.kind == "constant"
+        else (f"{g.kind} {g.strength:g} at noise levels <= {g.high:g}")
+    )
+    if isinstance(c, Candidate) and c.inner_steps is not None:
+        text += f", N = {c.inner_steps}"
+    return text
 
 
-def parse_schedule(text: str) -> GuidanceSchedule:
-    """'interval:STRENGTH:HIGH' or 'constant:STRENGTH'."""
-    kind, *nums = text.split(":")
-    if kind == "constant" and len(nums) == 1:
-        return GuidanceSchedule("constant", float(nums[0]))
-    if kind == "interval" and len(nums) == 2:
-        return GuidanceSchedule("interval", float(nums[0]), high=float(nums[1]))
+def parse_schedule(text: str) -> Candidate:
+    """'interval:STRENGTH:HIGH' or 'constant:STRENGTH', optionally followed by '@N' (NDTM's
+    inner steps for row (d))."""
+    spec, at, n_text = text.partition("@")
+    kind, *nums = spec.split(":")
+    try:
+        n = int(n_text) if at else None
+        if n is not None and n < 1:
+            raise ValueError
+        if kind == "constant" and len(nums) == 1:
+            return Candidate(GuidanceSchedule("constant", float(nums[0])), n)
+        if kind == "interval" and len(nums) == 2:
+            return Candidate(GuidanceSchedule("interval", float(nums[0]), high=float(nums[1])), n)
+    except ValueError:
+        pass
     raise SystemExit(
-        f"--schedule {text!r}: expected 'interval:STRENGTH:HIGH' or 'constant:STRENGTH'"
+        f"--schedule {text!r}: expected 'interval:STRENGTH:HIGH' or 'constant:STRENGTH', "
+        "optionally followed by '@N' (N >= 1 inner steps)"
     )
 
 
-def tune(prior, model, objective, ndtm, args) -> tuple[GuidanceSchedule, list[dict]]:
+def tune(prior, model, objective, ndtm, args) -> tuple[Candidate, list[dict]]:
     """Row (d)'s schedule, chosen on training digits (never the held-out references)."""
     refs = references(args.tune_references, args.tune_seed, split="train")
     seeds = [args.tune_seed]
@@ -100,11 +151,11 @@ def tune(prior, model, objective, ndtm, args) -> tuple[GuidanceSchedule, list[di
     )
     bound = FIDELITY_FACTOR * base[0]["median_fiber_loss"]
     table = [{"schedule": "(a) NDTM (prior), the reference", **base[0], "eligible": None}]
-    for g in SCHEDULES:
+    for c in SCHEDULES:
         sets, _, secs = sample_sets(
-            NDTMSampler(model, objective, replace(ndtm, guidance=g)), refs, args.samples, seeds
+            NDTMSampler(model, objective, c.config(ndtm)), refs, args.samples, seeds
         )
-        row = {"schedule": describe(g), "guidance": g.to_dict(), **sets[0]}
+        row = {"schedule": describe(c), **c.to_dict(), **sets[0]}
         row["eligible"] = row["median_fiber_loss"] <= bound
         row["seconds_per_sample"] = secs
         table.append(row)
@@ -113,7 +164,7 @@ def tune(prior, model, objective, ndtm, args) -> tuple[GuidanceSchedule, list[di
     if not eligible:
         raise SystemExit(f"no schedule reached median fiber loss <= {bound:.3g} on the tuning set")
     best = min(eligible, key=lambda r: r["kl"])
-    return GuidanceSchedule.from_dict(best["guidance"]), table
+    return Candidate.from_dict(best), table
 
 
 def background_colours(result, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,8 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--schedule",
         default=None,
-        help="row (d)'s schedule as 'interval:STRENGTH:HIGH' or 'constant:STRENGTH' instead of "
-        "tuning",
+        help="row (d)'s schedule as 'interval:STRENGTH:HIGH' or 'constant:STRENGTH', optionally "
+        "with '@N' for NDTM's inner steps, instead of tuning",
     )
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
@@ -268,7 +319,7 @@ def run(args) -> dict:
         "d": (
             f"NDTM on the conditional model, guidance {describe(chosen)}"
             + (" (chosen on training digits)" if tuning else ""),
-            NDTMSampler(model, objective, replace(ndtm, guidance=chosen)),
+            NDTMSampler(model, objective, chosen.config(ndtm)),
         ),
     }
     rows: dict[str, dict] = {}
@@ -320,7 +371,8 @@ def run(args) -> dict:
         "steps": args.steps,
         "inner_steps": args.inner_steps,
         "ndtm": ndtm.to_dict(),
-        "row_d_guidance": chosen.to_dict(),
+        "row_d_guidance": chosen.guidance.to_dict(),
+        "row_d_inner_steps": chosen.config(ndtm).inner_steps,
         "tune_references": args.tune_references if tuning else 0,
         "tune_seed": args.tune_seed,
         "seed": args.seed,
@@ -348,7 +400,8 @@ def markdown(report: dict) -> str:
         f"{s['seed']}..{s['seed'] + s['sets'] - 1}; mean ± std over the sets), T={s['steps']}, "
         f"NDTM N={s['inner_steps']}, guidance {g['kind']} {g['strength']:g}, lr "
         f"{s['ndtm']['lr_start']:g} -> {s['ndtm']['lr_end']:g}, kappa {s['ndtm']['kappa']:g} (the "
-        f"benchmark's settings; row (d) changes only the guidance); {s['device']}, "
+        f"benchmark's settings; row (d) changes the guidance and, where its schedule names one, "
+        f"N); {s['device']}, "
         f"{s['torch_threads']} thread; whole script {s['wall_time_s']:.0f} s.",
         "",
         "| method | median fiber loss | mean fiber loss | colour KL | colour W1 | s / sample "

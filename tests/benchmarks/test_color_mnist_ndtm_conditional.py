@@ -21,12 +21,19 @@ def script():
 
 
 def test_parse_schedule(script):
-    assert script.parse_schedule("constant:0.3") == GuidanceSchedule("constant", 0.3)
-    assert script.parse_schedule("interval:1:0.5") == GuidanceSchedule("interval", 1.0, high=0.5)
-    with pytest.raises(SystemExit, match="'ramp:1'"):
-        script.parse_schedule("ramp:1")
-    with pytest.raises(SystemExit, match="interval:STRENGTH:HIGH"):
-        script.parse_schedule("interval:1")
+    c = script.Candidate
+    assert script.parse_schedule("constant:0.3") == c(GuidanceSchedule("constant", 0.3))
+    interval = GuidanceSchedule("interval", 1.0, high=0.5)
+    assert script.parse_schedule("interval:1:0.5") == c(interval)
+    assert script.parse_schedule("interval:1:0.5@10") == c(interval, 10)
+    ndtm = script.NDTMConfig(num_steps=25, inner_steps=3)
+    assert script.parse_schedule("interval:1:0.5@10").config(ndtm).inner_steps == 10
+    assert script.parse_schedule("interval:1:0.5").config(ndtm).inner_steps == 3
+    assert script.parse_schedule("interval:1:0.5").config(ndtm).guidance == interval
+    assert script.describe(c(interval, 10)) == "interval 1 at noise levels <= 0.5, N = 10"
+    for bad in ("ramp:1", "interval:1", "interval:1:0.5@0", "interval:1:0.5@x", "constant:-1"):
+        with pytest.raises(SystemExit, match="interval:STRENGTH:HIGH"):
+            script.parse_schedule(bad)
 
 
 def _digits(x: torch.Tensor) -> set[bytes]:
@@ -102,6 +109,7 @@ def test_small_run_writes_the_four_rows_and_the_tuning_table(script, tmp_path):
     eligible = [r for r in tuning[1:] if r["eligible"]]
     best = min(eligible, key=lambda r: r["kl"])
     assert report["settings"]["row_d_guidance"] == best["guidance"]
+    assert report["settings"]["row_d_inner_steps"] == (best["inner_steps"] or 1)
     for t in report["targets"].values():
         assert t["met"] == (t["value"] <= t["bound"])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -144,12 +152,14 @@ def test_fixed_schedule_skips_the_tuning(script, tmp_path):
     report = script.main(
         [
             "--references", "1", "--samples", "1", "--steps", "2", "--inner-steps", "1",
-            "--sets", "1", "--tune-references", "0", "--schedule", "interval:1:0.5",
+            "--sets", "1", "--tune-references", "0", "--schedule", "interval:1:0.5@2",
             "--out", str(tmp_path),
         ]
     )  # fmt: skip
     assert report["tuning"] == []
     assert report["settings"]["row_d_guidance"]["high"] == 0.5
+    assert report["settings"]["row_d_inner_steps"] == 2
+    assert "N = 2" in report["rows"][3]["method"]
     assert "How row (d)" not in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="needs --schedule"):
         script.main(["--tune-references", "0", "--out", str(tmp_path)])

@@ -91,6 +91,9 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
         ({"mean_weight": -1.0}, "mean_weight must be >= 0"),
         ({"objective": "epsilon", "mean_weight": 10.0}, "mean_weight must be >= 0 and is for"),
         ({"objective": "v", "time_sampling": "logit-normal"}, "is for objective='flow'"),
+        ({"target": "x0"}, "target must be one of"),
+        ({"target": "colour-posterior", "ood": True}, "with in-distribution colours"),
+        ({"target": "colour-posterior", "objective": "v"}, "is for objective='flow'"),
     ],
 )
 def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):
@@ -133,3 +136,44 @@ def test_mean_weight_adds_the_error_mean_to_the_loss(tmp_path):
     weighted = training.train_prior(tmp_path / "weighted", mean_weight=100.0, **kw)
     assert weighted["final_loss_mean_last100"] > plain["final_loss_mean_last100"]
     assert weighted["mean_weight"] == 100.0 and "mean_weight" not in plain
+
+
+def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch):
+    """target='colour-posterior' regresses on v = (x_t - E[x0 | x_t, digit]) / t: with the
+    network's output zeroed, the recorded loss is the mean square of that target, recomputed here
+    from the batch the trainer drew; the sampled target (eps - x0) gives a different loss."""
+    from diffusers import UNet2DModel
+
+    from fiber_plugins.data import color_mnist as cm
+
+    seen: dict[str, list[torch.Tensor]] = {"xt": [], "t": [], "g": [], "x0": []}
+    forward, colour = UNet2DModel.forward, cm.make_colored
+
+    def zero(self, sample, timestep, *args, **kwargs):
+        out = forward(self, sample, timestep, *args, **kwargs)
+        if self.training:
+            seen["xt"].append(sample.detach().clone())
+            seen["t"].append(torch.as_tensor(timestep).detach().flatten() / 1000)
+            out.sample = out.sample * 0.0
+        return out
+
+    def spy(g, *args, **kwargs):
+        x, b = colour(g, *args, **kwargs)
+        seen["g"].append(g.clone())
+        seen["x0"].append(2 * x - 1)
+        return x, b
+
+    monkeypatch.setattr(UNet2DModel, "forward", zero)
+    monkeypatch.setattr(cm, "make_colored", spy)
+    kw = dict(steps=1, batch_size=8, progress=False)
+    meta = training.train_prior(tmp_path / "post", target="colour-posterior", **kw)
+    xt, t, g, x0 = (seen[k][0] for k in ("xt", "t", "g", "x0"))
+    tb = t.view(-1, 1, 1, 1)
+    v = (xt.double() - cm.posterior_clean(xt.double(), t, g)) / tb
+    assert meta["final_loss_mean_last100"] == pytest.approx(float(v.pow(2).mean()), rel=1e-4)
+    sampled = ((xt - (1 - tb) * x0) / tb - x0).pow(2).mean()  # eps - x0 of the drawn image
+    assert abs(float(sampled) - meta["final_loss_mean_last100"]) > 1e-3
+    assert "colours integrated out" in meta["target"]
+    plain = training.train_prior(tmp_path / "plain", **kw)
+    assert plain["final_loss_mean_last100"] == pytest.approx(float(sampled), rel=1e-4)
+    assert "target" not in plain

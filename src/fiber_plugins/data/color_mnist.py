@@ -21,6 +21,7 @@ mixture on b, known exactly.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -159,3 +160,75 @@ def wrong_branch_shares(x: torch.Tensor, bins: int = 10) -> list[tuple[float, in
         (i / bins, int((k == i).sum()), float(wrong[k == i].mean()) if (k == i).any() else np.nan)
         for i in range(bins)
     ]
+
+
+# ----------------------------------------------------------- the colour law's posterior (training)
+def _log_interval_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """log(Phi(beta) - Phi(alpha)) for alpha <= beta, accurate in both tails."""
+    from torch.special import log_ndtr
+
+    upper = alpha > 0  # both in the upper tail: use Phi(-alpha) - Phi(-beta)
+    hi = torch.where(upper, log_ndtr(-alpha), log_ndtr(beta))
+    lo = torch.where(upper, log_ndtr(-beta), log_ndtr(alpha))
+    return hi + torch.log1p(-torch.exp(lo - hi).clamp(max=1.0 - 1e-16))
+
+
+def posterior_clean(xt: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x_t, g]: the clean in-distribution image given its noisy version and its digit,
+    with the background colours integrated out exactly under the colour law.
+
+    Convention of the flow-matching priors: model units (x0 = 2 x - 1 in [-1, 1]) and
+    x_t = (1 - t) x0 + t eps, eps ~ N(0, I). ``xt`` (B, 3, H, W), ``t`` (B,) in (0, 1), ``g``
+    (B, 1, H, W) the grey digits in [0, 1] the images were coloured from. Per channel
+    x0 = (2 b - 1) + s g with s = +1 for b < 0.5 (f = b + 0.5) and s = -1 for b >= 0.5
+    (f = b - 0.5), so given g the likelihood of x_t is Gaussian in b on each branch; times each
+    Gaussian of the background mixture it is a Gaussian truncated to the branch's half of
+    [0, 1]. The posterior is the weighted sum of these four truncated Gaussians, in closed
+    form. (The clip of b to [0, 1], a probability mass below 2e-4, is left out.)
+
+    Averaged over the digit's posterior, E[x0 | x_t, g] is E[x0 | x_t]: a training target
+    built from it has the flow-matching loss's minimiser and none of the noise of the
+    sampled background colours (Rao-Blackwellisation over b).
+    """
+    if xt.ndim != 4 or xt.shape[1] != 3 or g.shape != (xt.shape[0], 1, *xt.shape[2:]):
+        raise UserValueError(
+            f"posterior_clean needs x_t (B, 3, H, W) and digits (B, 1, H, W); got "
+            f"{tuple(xt.shape)} and {tuple(g.shape)}"
+        )
+    x = xt.double()
+    gd = g.double()
+    n_pix = x.shape[2] * x.shape[3]
+    t64 = t.double().clamp(1e-6, 1.0 - 1e-6).view(-1, 1)
+    a = 1.0 - t64
+    sum_x = x.sum((2, 3))  # (B, 3)
+    sum_g = gd.sum((2, 3))  # (B, 1)
+    # sum over pixels of (x_t - mean x_t) g: the evidence for the branch
+    cov = ((x - x.mean((2, 3), keepdim=True)) * gd).sum((2, 3))  # (B, 3)
+    var_l = t64**2 / (4 * a**2 * n_pix)  # likelihood variance of b
+    log_w, means, signs = [], [], []
+    for s, lo, hi in ((1.0, 0.0, 0.5), (-1.0, 0.5, 1.0)):
+        mu_l = (sum_x + a * n_pix - a * s * sum_g) / (2 * a * n_pix)  # likelihood mean of b
+        branch = s * a * cov / t64**2  # the s-dependent part of the log-likelihood
+        for w, m, sd in zip(MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STDS):
+            v_sum = var_l + sd**2
+            v_post = var_l * sd**2 / v_sum
+            m_post = (mu_l * sd**2 + m * var_l) / v_sum
+            sd_post = v_post.sqrt()
+            alpha, beta = (lo - m_post) / sd_post, (hi - m_post) / sd_post
+            log_mass = _log_interval_mass(alpha, beta)
+            log_w.append(
+                branch
+                + math.log(w)
+                - 0.5 * (mu_l - m) ** 2 / v_sum
+                - 0.5 * torch.log(v_sum)
+                + log_mass
+            )
+            log_phi = -0.5 * torch.stack([alpha, beta]) ** 2 - 0.5 * math.log(2 * math.pi)
+            shift = torch.exp(log_phi[0] - log_mass) - torch.exp(log_phi[1] - log_mass)
+            means.append((m_post + sd_post * shift).clamp(lo, hi))
+            signs.append(s)
+    weights = torch.softmax(torch.stack(log_w), dim=0)  # (4, B, 3)
+    mean_b = (weights * torch.stack(means)).sum(0)
+    mean_s = (weights * torch.tensor(signs, dtype=x.dtype).view(-1, 1, 1)).sum(0)
+    x0 = (2 * mean_b - 1)[:, :, None, None] + mean_s[:, :, None, None] * gd
+    return x0.to(xt.dtype)

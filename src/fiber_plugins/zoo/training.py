@@ -73,6 +73,7 @@ def _save_weights(module: torch.nn.Module, out: Path) -> None:
 PRIOR_OBJECTIVES = ("epsilon", "v", "flow")
 PRIOR_LOSS_WEIGHTINGS = ("none", "min-snr")
 PRIOR_TIME_SAMPLINGS = ("uniform", "logit-normal")
+PRIOR_TARGETS = ("sampled", "colour-posterior")
 # the flow-matching prior's scheduler: rectified flow x_t = (1 - t) x0 + t eps, the network
 # predicts v = eps - x0 at timestep 1000 t (as the conditional fiber models)
 PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
@@ -109,6 +110,7 @@ def train_prior(
     flow_shift: float = 1.0,
     time_sampling: str = "uniform",
     mean_weight: float = 0.0,
+    target: str = "sampled",
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 250,
     resume: bool = True,
@@ -138,7 +140,12 @@ def train_prior(
     adds w times the squared per-channel image mean of the velocity error to the loss, so the
     error's mean component (the background colour, for these images) weighs 1 + w times as much;
     a fixed positive weighting of a squared error keeps its minimiser, the conditional mean, so
-    the model learns the same flow. ``checkpoint`` / ``checkpoint_every`` /
+    the model learns the same flow. ``target`` (flow, in-distribution only): ``"sampled"``
+    (v = eps - x0 of the drawn image) or ``"colour-posterior"`` (v = (x_t - E[x0 | x_t, g]) / t,
+    with the background colours integrated out exactly under the colour law by
+    :func:`~fiber_plugins.data.color_mnist.posterior_clean`; the same conditional mean, so the
+    same flow, without the noise of the drawn colours in the target). ``checkpoint`` /
+    ``checkpoint_every`` /
     ``resume``: :func:`~fiber_plugins.training.train_loop`'s checkpointing (the batch generator's
     state included, so a resumed run ends with the same weights). ``on_checkpoint(step, prior)``
     gets, after each checkpoint, a :class:`~fiber_plugins.priors.DiffusionPrior` on a copy of
@@ -163,6 +170,13 @@ def train_prior(
     if mean_weight < 0 or (objective != "flow" and mean_weight != 0):
         raise UserValueError(
             f"mean_weight must be >= 0 and is for objective='flow', got {mean_weight}"
+        )
+    if target not in PRIOR_TARGETS:
+        raise UserValueError(f"target must be one of {PRIOR_TARGETS}, got {target!r}")
+    if target != "sampled" and (objective != "flow" or ood):
+        raise UserValueError(
+            f"target={target!r} is for objective='flow' with in-distribution colours (ood=False); "
+            f"got objective={objective!r}, ood={ood}"
         )
     if objective != "flow" and time_sampling != "uniform":
         raise UserValueError("time_sampling='logit-normal' is for objective='flow'")
@@ -192,7 +206,8 @@ def train_prior(
 
     def step(_step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, g.shape[0], (batch_size,), generator=gen)
-        x, _ = cm.make_colored(g[idx], gen, ood=ood)
+        digits = g[idx]
+        x, _ = cm.make_colored(digits, gen, ood=ood)
         x0 = to_model_range(x).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         if acp is None:  # rectified flow
@@ -204,7 +219,12 @@ def train_prior(
                 t = flow_shift * t / (1 + (flow_shift - 1) * t)
             tb = t.view(-1, 1, 1, 1)
             xt = (1 - tb) * x0 + tb * noise
-            err = unet(xt, t * num_t).sample - (noise - x0)
+            v = noise - x0
+            if target == "colour-posterior":
+                x0_post = cm.posterior_clean(xt.double(), t, digits.to(dev))
+                v_post = ((xt.double() - x0_post) / tb.double()).float()
+                v = torch.where(tb < 1e-3, v, v_post)  # at t ~ 0 the posterior is x0 itself
+            err = unet(xt, t * num_t).sample - v
             mse = err.pow(2).mean()
             if not mean_weight:
                 return {"loss": mse}
@@ -212,8 +232,8 @@ def train_prior(
         t = torch.randint(0, num_t, (batch_size,), generator=gen).to(dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if objective == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        err = (unet(xt, t).sample - target).pow(2).mean((1, 2, 3))
+        goal = noise if objective == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        err = (unet(xt, t).sample - goal).pow(2).mean((1, 2, 3))
         if loss_weighting == "min-snr":
             snr = acp[t] / (1 - acp[t])
             w = snr.clamp(max=snr_gamma) / (snr if objective == "epsilon" else snr + 1)
@@ -257,6 +277,11 @@ def train_prior(
         **({"snr_gamma": snr_gamma} if loss_weighting == "min-snr" else {}),
         "time_sampling": _time_law(objective, time_sampling, flow_shift),
         **({"mean_weight": mean_weight} if mean_weight else {}),
+        **(
+            {"target": "v = (x_t - E[x0 | x_t, digit]) / t, colours integrated out"}
+            if target == "colour-posterior"
+            else {}
+        ),
         "scheduler": type(sched).__name__,
         "schedule": schedule,
         **_recipe(steps, batch_size, lr, seed, g),
