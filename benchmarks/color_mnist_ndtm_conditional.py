@@ -105,15 +105,13 @@ SCHEDULES = (
 )
 
 
-def describe(c: Candidate | GuidanceSchedule) -> str:
+def describe(c: Candidate) -> str:
     """'constant 0.3', 'interval 1 at noise levels <= 0.5' or '... <= 0.2, N = 10'."""
-    g = c.guidance if isinstance(c, Candidate) else c
-    text = (
-        f"constant {g.strength:g}"
-        if g.kind == "constant"
-        else (f"{g.kind} {g.strength:g} at noise levels <= {g.high:g}")
-    )
-    if isinstance(c, Candidate) and c.inner_steps is not None:
+    g = c.guidance
+    text = f"constant {g.strength:g}"
+    if g.kind != "constant":
+        text = f"{g.kind} {g.strength:g} at noise levels <= {g.high:g}"
+    if c.inner_steps is not None:
         text += f", N = {c.inner_steps}"
     return text
 
