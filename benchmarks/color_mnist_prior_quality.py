@@ -24,8 +24,10 @@ colour is fixed by hundreds of pixels, so a network that has learnt h puts the j
 and off it) against the count the colour law expects there: it shows where the wrong-branch
 colours of the [0.4, 0.5) bin lie and whether they add to the law's colours or replace them.
 
-Each ``PRIOR`` is a diffusers prior folder (what :func:`fiber_plugins.load_prior` reads) or a
-zoo name (``color-mnist-prior``). A conditional fiber model (``color-mnist-conditional``) has no
+Each ``PRIOR`` is a diffusers prior folder (what :func:`fiber_plugins.load_prior` reads), a
+zoo name (``color-mnist-prior``), or ``exact``: the exact denoiser of the training distribution
+on the same sampling grid (:class:`ExactDenoiser`; it separates the sampler's error from the
+network's). A conditional fiber model (``color-mnist-conditional``) has no
 unguided samples: it is measured on 4 samples for each of n / 4 held-out references, conditioned
 on their features, for comparison. Writes ``quality.json`` and ``quality.md`` into
 ``--out-dir`` (appending a row per prior)::
@@ -52,9 +54,64 @@ def load(prior: str):
     import fiber_plugins as fp
     from fiber_plugins import zoo
 
+    if prior == "exact":
+        return ExactDenoiser()
     if Path(prior).expanduser().is_dir():
         return fp.load_prior(prior)
     return zoo.load(prior)
+
+
+class ExactDenoiser:
+    """The exact denoiser of the training distribution (the 4,000 training digits, each in
+    every colouring of the colour law), sampled on the shipped flow prior's grid with its Euler
+    update: E[x0 | x_t] = sum_i p(g_i | x_t) E[x0 | x_t, g_i], all in closed form
+    (:func:`fiber_plugins.data.color_mnist.colour_components`). It memorises the digits, so its
+    samples are training digits; what it shows is whether the sampler itself keeps h's wrap
+    when the denoiser is exact. PRIOR name ``exact``."""
+
+    latent_shape = (3, 32, 32)
+    conditional_on_features = False
+
+    def __init__(self, batch: int = 64):
+        from fiber_plugins import zoo
+        from fiber_plugins.data import color_mnist as cm
+
+        self.grid = zoo.load("color-mnist-prior")  # timesteps and update only
+        self.digits = cm.load_digits("train")[0].double().flatten(1)  # (D, P)
+        self.batch = batch
+
+    def x0(self, x: torch.Tensor, t: float, digits: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x0 | x_t] for x_t (N, 3, H, W) at noise level t (model units, x_t = (1 - t) x0 +
+        t eps), over ``digits`` (D, P) (default: the training digits)."""
+        from fiber_plugins.data import color_mnist as cm
+
+        g = self.digits if digits is None else digits
+        n_pix = g.shape[1]
+        xf = x.double().flatten(2)  # (N, 3, P)
+        tt = torch.tensor(min(max(t, 1e-6), 1 - 1e-6), dtype=torch.float64)
+        a = 1 - tt
+        sum_g, sq_g = g.sum(1), g.pow(2).sum(1)  # (D,)
+        cov = xf @ g.T - xf.mean(2, keepdim=True) * sum_g  # (N, 3, D)
+        log_w, mean_b, signs = cm.colour_components(xf.sum(2, keepdim=True), cov, sum_g, tt, n_pix)
+        # log p(x_t,c | g_i) up to a constant of x_t: the components, plus the digit's own term
+        log_p = torch.logsumexp(log_w, 0) - a**2 * (sq_g - sum_g**2 / n_pix) / (2 * tt**2)
+        w_digit = torch.softmax(log_p.sum(1), -1)[:, None]  # (N, 1, D)
+        comp = torch.softmax(log_w, 0)  # (4, N, 3, D)
+        b_hat = (comp * mean_b).sum(0)
+        s_hat = (comp * signs.view(-1, 1, 1, 1)).sum(0)
+        x0 = ((2 * b_hat - 1) * w_digit).sum(-1, keepdim=True) + (s_hat * w_digit) @ g
+        return x0.view_as(x).to(x.dtype)
+
+    def sample_unguided(self, noise, num_steps=25, eta=0.0, step_noises=None) -> torch.Tensor:
+        if eta != 0:
+            raise SystemExit("the exact denoiser is sampled deterministically (eta 0)")
+        out = []
+        for x in noise.split(self.batch):
+            for step in self.grid.timesteps(num_steps):
+                x0 = self.x0(x, float(step.s_t))
+                x = self.grid.update(x0, (x - step.a_t * x0) / step.s_t, step)
+            out.append(x)
+        return torch.cat(out)
 
 
 def unguided(

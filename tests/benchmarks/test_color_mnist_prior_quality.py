@@ -109,3 +109,32 @@ def test_main_measures_priors_and_a_conditional_model(quality, tmp_path):
         quality.main(["color-mnist-conditional", "--n", "6", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         quality.main(["color-mnist-prior", "--name", "a", "b", "--out-dir", str(tmp_path)])
+
+
+def test_exact_denoiser_with_one_digit_is_posterior_clean_and_picks_the_true_digit(quality):
+    """With a single candidate digit the exact denoiser is E[x0 | x_t, g] (posterior_clean);
+    with many it puts its weight on the digit the image was made from at low noise."""
+    exact = quality.ExactDenoiser()
+    g = cm.load_digits("test")[0][:3]
+    x0 = 2 * cm.colorize(g, torch.tensor([[0.48, 0.7, 0.2], [0.52, 0.3, 0.6], [0.2, 0.45, 0.8]]))
+    x0 = x0 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    for t in (0.2, 0.6, 0.9):
+        xt = (1 - t) * x0 + t * noise
+        for i in range(3):
+            one = exact.x0(xt[i : i + 1], t, digits=g[i].double().flatten()[None])
+            ref = cm.posterior_clean(xt[i : i + 1], torch.tensor([t]), g[i : i + 1])
+            torch.testing.assert_close(one, ref, atol=1e-5, rtol=0)
+    # among the 3 digits (and 100 more), low noise finds the true one: x0_hat = x0 up to the
+    # colour's posterior spread (b's sd 0.0008 at t = 0.05; another digit would be off by ~1)
+    pool = torch.cat([g, cm.load_digits("train")[0][:100]]).double().flatten(1)
+    xt = 0.95 * x0 + 0.05 * noise
+    torch.testing.assert_close(exact.x0(xt, 0.05, digits=pool), x0, atol=1e-2, rtol=0)
+
+
+def test_exact_denoiser_runs_through_the_script(quality, tmp_path):
+    rows = quality.main(["exact", "--n", "4", "--steps", "3", "--out-dir", str(tmp_path)])
+    assert rows[0]["prior"] == "exact" and rows[0]["n"] == 4
+    assert sum(c["colours"] for c in rows[0]["wrong_branch"]) == 12
+    with pytest.raises(SystemExit, match="deterministically"):
+        quality.main(["exact", "--n", "4", "--eta", "1", "--out-dir", str(tmp_path)])

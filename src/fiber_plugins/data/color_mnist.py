@@ -197,18 +197,32 @@ def posterior_clean(xt: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torch
         )
     x = xt.double()
     gd = g.double()
-    n_pix = x.shape[2] * x.shape[3]
     t64 = t.double().clamp(1e-6, 1.0 - 1e-6).view(-1, 1)
-    a = 1.0 - t64
-    sum_x = x.sum((2, 3))  # (B, 3)
-    sum_g = gd.sum((2, 3))  # (B, 1)
     # sum over pixels of (x_t - mean x_t) g: the evidence for the branch
     cov = ((x - x.mean((2, 3), keepdim=True)) * gd).sum((2, 3))  # (B, 3)
-    var_l = t64**2 / (4 * a**2 * n_pix)  # likelihood variance of b
+    log_w, mean_b, signs = colour_components(x.sum((2, 3)), cov, gd.sum((2, 3)), t64, gd[0].numel())
+    weights = torch.softmax(log_w, dim=0)  # (4, B, 3)
+    b_hat = (weights * mean_b).sum(0)
+    s_hat = (weights * signs.view(-1, 1, 1)).sum(0)
+    x0 = (2 * b_hat - 1)[:, :, None, None] + s_hat[:, :, None, None] * gd
+    return x0.to(xt.dtype)
+
+
+def colour_components(
+    sum_x: torch.Tensor, cov: torch.Tensor, sum_g: torch.Tensor, t: torch.Tensor, n_pix: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four pieces of the colour posterior of one channel given its digit (see
+    :func:`posterior_clean`), from sufficient statistics that broadcast together: ``sum_x`` the
+    pixel sum of x_t's channel, ``cov`` the sum of (x_t - its mean) g, ``sum_g`` the digit's
+    pixel sum, ``t`` the noise level, all float64. Returns (log weights, up to a constant per
+    digit and channel; truncated-Gaussian means of b; branch signs s), the first two stacked
+    over (branch, mixture component) in front."""
+    a = 1.0 - t
+    var_l = t**2 / (4 * a**2 * n_pix)  # likelihood variance of b
     log_w, means, signs = [], [], []
     for s, lo, hi in ((1.0, 0.0, 0.5), (-1.0, 0.5, 1.0)):
         mu_l = (sum_x + a * n_pix - a * s * sum_g) / (2 * a * n_pix)  # likelihood mean of b
-        branch = s * a * cov / t64**2  # the s-dependent part of the log-likelihood
+        branch = s * a * cov / t**2  # the s-dependent part of the log-likelihood
         for w, m, sd in zip(MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STDS):
             v_sum = var_l + sd**2
             v_post = var_l * sd**2 / v_sum
@@ -227,8 +241,4 @@ def posterior_clean(xt: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torch
             shift = torch.exp(log_phi[0] - log_mass) - torch.exp(log_phi[1] - log_mass)
             means.append((m_post + sd_post * shift).clamp(lo, hi))
             signs.append(s)
-    weights = torch.softmax(torch.stack(log_w), dim=0)  # (4, B, 3)
-    mean_b = (weights * torch.stack(means)).sum(0)
-    mean_s = (weights * torch.tensor(signs, dtype=x.dtype).view(-1, 1, 1)).sum(0)
-    x0 = (2 * mean_b - 1)[:, :, None, None] + mean_s[:, :, None, None] * gd
-    return x0.to(xt.dtype)
+    return torch.stack(log_w), torch.stack(means), torch.tensor(signs, dtype=sum_x.dtype)
