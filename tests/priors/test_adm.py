@@ -23,7 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from fiber_plugins.cli.main import _ADM_FLAG_HELP, main
+from fiber_plugins.cli.main import main
+from fiber_plugins.cli.parser import _ADM_FLAG_HELP
 from fiber_plugins.errors import UserValueError
 from fiber_plugins.priors import adm, convert_adm, load_prior
 
