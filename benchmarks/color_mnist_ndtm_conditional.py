@@ -25,8 +25,9 @@ Targets checked for (c) and (d): median fiber loss within 10x of (a)'s, and colo
 (b)'s + 0.05, on the means over ``--sets`` independent sample sets. Writes results.md,
 results.json, grids of (b), (c) and (d), ``colour_histograms.png`` (every row's background
 colours, all sets pooled, against the mixture) and ``colour_drift.png`` (each colour of (c) and
-(d) against its twin in (b): the rows share their initial noise) into ``--out``. Runs on one
-CPU thread.
+(d) against its twin in (b): the rows share their initial noise) into ``--out``; results.md
+also counts the colours of (b) off h's branch and what the guidance made of each
+(``branch_fate``). Runs on one CPU thread.
 """
 
 from __future__ import annotations
@@ -188,6 +189,34 @@ def paired_drift(base_runs, runs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(base), torch.cat(change)
 
 
+def branch_fate(base_runs, runs) -> dict:
+    """What the guidance did to the colours on and off h's branch, colour by colour against the
+    twin in ``base_runs`` (paired as in :func:`paired_drift`). A colour is on the law when its
+    digit colour f is within 0.3 of h(b) (``color_mnist.off_branch``). Counts of the base's
+    colours off the law, and of those in the guided run: put on the law with b moved across
+    the wrap (b = 0.5), put on the law with b on the same side (the digit colour changed), or
+    still off; and of the base's colours on the law, those the guidance put off it."""
+    b0s, f0s, b1s, f1s = [], [], [], []
+    for r0, r1 in zip(base_runs, runs):
+        ok = ~r0.failed & ~r1.failed
+        for r, bs, fs in ((r0, b0s, f0s), (r1, b1s, f1s)):
+            x = r.images[ok]
+            b, f = cm.channel_colours(x.reshape(-1, *x.shape[-3:]))
+            bs.append(b.flatten())
+            fs.append(f.flatten())
+    b0, f0, b1, f1 = (torch.cat(v) for v in (b0s, f0s, b1s, f1s))
+    off0, off1 = cm.off_branch(b0, f0), cm.off_branch(b1, f1)
+    crossed = (b0 >= 0.5) != (b1 >= 0.5)
+    return {
+        "colours": int(b0.numel()),
+        "base_off_law": int(off0.sum()),
+        "put_on_law_across_the_wrap": int((off0 & ~off1 & crossed).sum()),
+        "put_on_law_same_side": int((off0 & ~off1 & ~crossed).sum()),
+        "still_off_law": int((off0 & off1).sum()),
+        "put_off_law": int((~off0 & off1).sum()),
+    }
+
+
 def drift_summary(b: torch.Tensor, d: torch.Tensor) -> dict:
     """Mean absolute change of the colours, and their mean change away from h's wrap (b = 0.5;
     positive: pushed away from it), for all colours and for those within 0.1 of the wrap."""
@@ -346,6 +375,7 @@ def run(args) -> dict:
     plot_drift(drift, out / "colour_drift.png")
     for k, (b, d, _) in drift.items():
         rows[k]["colour_drift_vs_b"] = drift_summary(b, d)
+        rows[k]["branch_fate_vs_b"] = branch_fate(runs_of["b"], runs_of[k])
 
     a, b = rows["a"], rows["b"]
     targets = {}
@@ -434,6 +464,26 @@ def markdown(report: dict) -> str:
                 f"| {r['method'][:3]} | {dr['mean_abs_change']:.4f} | "
                 f"{dr['mean_change_away_from_wrap']:+.4f} | "
                 f"{dr['near_wrap_mean_change_away']:+.4f} ({dr['near_wrap_colours']} colours) |"
+            )
+        lines += [
+            "",
+            "Colours off h's branch (digit colour more than 0.3 from h(b)) in (b), and what the "
+            "guidance made of each in its twin: put on the law by moving b across the wrap "
+            "(b = 0.5), put on the law with b on the same side, or left off; and colours of (b) "
+            "on the law that the guidance put off it.",
+            "",
+            "| method | colours | off the law in (b) | on the law, b across the wrap | on the law, "
+            "same side | still off | put off the law |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in drifts:
+            fate = r.get("branch_fate_vs_b")
+            if fate is None:
+                continue
+            lines.append(
+                f"| {r['method'][:3]} | {fate['colours']} | {fate['base_off_law']} | "
+                f"{fate['put_on_law_across_the_wrap']} | {fate['put_on_law_same_side']} | "
+                f"{fate['still_off_law']} | {fate['put_off_law']} |"
             )
     lines += ["", "| target | bound | measured | met |", "|---|---|---|---|"]
     for t in report["targets"].values():

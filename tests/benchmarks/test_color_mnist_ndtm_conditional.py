@@ -121,7 +121,15 @@ def test_small_run_writes_the_four_rows_and_the_tuning_table(script, tmp_path):
     assert (tmp_path / "colour_drift.png").stat().st_size > 10_000
     for row in report["rows"][2:]:
         assert row["colour_drift_vs_b"]["mean_abs_change"] >= 0
+        fate = row["branch_fate_vs_b"]
+        # 3 channels x 2 references x 1 sample x 2 sets, less the samples failed in either run
+        assert fate["colours"] <= 12 and fate["colours"] % 3 == 0
+        if not (report["rows"][1]["failed"] or row["failed"]):
+            assert fate["colours"] == 12
+        repaired = fate["put_on_law_across_the_wrap"] + fate["put_on_law_same_side"]
+        assert repaired + fate["still_off_law"] == fate["base_off_law"]
     assert "mean change away from the wrap" in md
+    assert "| off the law in (b) |" in md
 
 
 class _Run:
@@ -163,3 +171,34 @@ def test_fixed_schedule_skips_the_tuning(script, tmp_path):
     assert "How row (d)" not in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="needs --schedule"):
         script.main(["--tune-references", "0", "--out", str(tmp_path)])
+
+
+def test_branch_fate_counts_how_each_off_law_colour_was_repaired(script):
+    g = torch.zeros(1, 1, 32, 32)
+    g[:, :, 10:20, 10:20] = 1.0
+    # four channels' colourings in (b): on the law at 0.3 (f = 0.8); off it at 0.48 with a dark
+    # digit (f = 0.0, as for b just above 0.5), twice; on the law at 0.7 (f = 0.2)
+    base_b = torch.tensor([[0.3, 0.48, 0.48], [0.7, 0.3, 0.3]])
+    base_f = torch.tensor([[0.8, 0.0, 0.0], [0.2, 0.8, 0.8]])
+    # guided twins: 0.3 kept; one 0.48 moved to 0.52 (across the wrap, now on the law); the
+    # other given a light digit (same side); 0.7 given a light digit (put off the law)
+    new_b = torch.tensor([[0.3, 0.52, 0.48], [0.7, 0.3, 0.3]])
+    new_f = torch.tensor([[0.8, 0.02, 0.98], [0.9, 0.8, 0.8]])
+    base = _Run(
+        cm.colorize(g.expand(2, -1, -1, -1), base_b, base_f)[None],
+        torch.zeros(1, 2, dtype=torch.bool),
+    )
+    guided = _Run(
+        cm.colorize(g.expand(2, -1, -1, -1), new_b, new_f)[None],
+        torch.zeros(1, 2, dtype=torch.bool),
+    )
+    fate = script.branch_fate([base], [guided])
+    assert fate == {
+        "colours": 6,
+        "base_off_law": 2,
+        "put_on_law_across_the_wrap": 1,
+        "put_on_law_same_side": 1,
+        "still_off_law": 0,
+        "put_off_law": 1,
+    }
+    assert script.branch_fate([base], [base])["still_off_law"] == 2
