@@ -1,6 +1,7 @@
 """What each ``fiber-plugins`` command does: one ``cmd_*(args) -> exit code`` per command, called
 by :func:`fiber_plugins.cli.main.main` with the arguments :mod:`fiber_plugins.cli.parser` read.
-Library imports stay inside the commands, so ``--help`` and ``info`` load no toolkit."""
+The library's heavier modules are imported inside the commands, so parsing the arguments (and
+``--help``) loads no prior, sampler or toolkit."""
 
 from __future__ import annotations
 
