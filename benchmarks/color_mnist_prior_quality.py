@@ -258,9 +258,10 @@ PROBE_LEVELS = (0.2, 0.4, 0.6, 0.8)
 
 
 def wrong_foreground(b: torch.Tensor) -> torch.Tensor:
-    """The other branch of h at b, clipped to [0, 1]: max(b - 0.5, 0) below the wrap (0.5), where
-    h(b) = b + 0.5, and min(b + 0.5, 1) from it on, where h(b) = b - 0.5."""
-    return torch.where(b < 0.5, (b - 0.5).clamp(min=0.0), (b + 0.5).clamp(max=1.0))
+    """The other branch of h at b (:func:`fiber_plugins.data.color_mnist.other_branch`)."""
+    from fiber_plugins.data import color_mnist as cm
+
+    return cm.other_branch(b)
 
 
 def wrap_probe(prior, levels=PROBE_LEVELS, num_digits: int = 32, steps: int = 25, seed: int = 0):

@@ -94,6 +94,10 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
         ({"target": "x0"}, "target must be one of"),
         ({"target": "colour-posterior", "ood": True}, "with in-distribution colours"),
         ({"target": "colour-posterior", "objective": "v"}, "is for objective='flow'"),
+        ({"off_law": 0.25}, "needs target='colour-posterior'"),
+        ({"off_law": 1.0, "target": "colour-posterior"}, "off_law must be in"),
+        ({"off_law": -0.1, "target": "colour-posterior"}, "off_law must be in"),
+        ({"off_law": 0.25, "target": "colour-posterior", "off_law_t_max": 0.0}, "off_law_t_max"),
     ],
 )
 def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):
@@ -177,3 +181,74 @@ def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch
     plain = training.train_prior(tmp_path / "plain", **kw)
     assert plain["final_loss_mean_last100"] == pytest.approx(float(sampled), rel=1e-4)
     assert "target" not in plain
+
+
+def test_off_law_states_regress_on_the_colour_posterior(tmp_path, monkeypatch):
+    """off_law=0.25 replaces the first quarter of each batch by digits coloured off the law near
+    h's wrap, at t <= off_law_t_max: with the network's output zeroed the loss is the mean square
+    of (x_t - E[x0 | x_t, digit]) / t over the whole batch, those states included, and the
+    posterior moves their backgrounds to the side of 0.5 that their digits' contrast names."""
+    from diffusers import UNet2DModel
+
+    from fiber_plugins.data import color_mnist as cm
+
+    seen: dict[str, list[torch.Tensor]] = {"xt": [], "t": [], "g": [], "b": [], "f": []}
+    forward, colour, off = UNet2DModel.forward, cm.make_colored, cm.off_law_colours
+
+    def zero(self, sample, timestep, *args, **kwargs):
+        out = forward(self, sample, timestep, *args, **kwargs)
+        if self.training:
+            seen["xt"].append(sample.detach().clone())
+            seen["t"].append(torch.as_tensor(timestep).detach().flatten() / 1000)
+            out.sample = out.sample * 0.0
+        return out
+
+    def spy(g, *args, **kwargs):
+        seen["g"].append(g.clone())
+        return colour(g, *args, **kwargs)
+
+    def spy_off(*args, **kwargs):
+        b, f = off(*args, **kwargs)
+        seen["b"].append(b)
+        seen["f"].append(f)
+        return b, f
+
+    monkeypatch.setattr(UNet2DModel, "forward", zero)
+    monkeypatch.setattr(cm, "make_colored", spy)
+    monkeypatch.setattr(cm, "off_law_colours", spy_off)
+    meta = training.train_prior(
+        tmp_path / "off",
+        steps=1,
+        batch_size=16,
+        progress=False,
+        target="colour-posterior",
+        off_law=0.25,
+        off_law_t_max=0.5,
+    )
+    xt, t, g, b, f = (seen[k][0] for k in ("xt", "t", "g", "b", "f"))
+    assert b.shape == f.shape == (4, 3) and ((b - 0.5).abs() <= 0.1).all()
+    assert (t[:4] >= 0.02).all() and (t[:4] <= 0.5).all()
+    tb = t.view(-1, 1, 1, 1)
+    post = cm.posterior_clean(xt.double(), t, g)
+    v = (xt.double() - post) / tb
+    assert meta["final_loss_mean_last100"] == pytest.approx(float(v.pow(2).mean()), rel=1e-4)
+    # the first four states are the off-law digits, noised: their mean colour matches
+    x0_off = cm.colorize(g[:4], b, f) * 2 - 1
+    eps = (xt[:4] - (1 - tb[:4]) * x0_off) / tb[:4]
+    assert eps.abs().max() < 6 and abs(float(eps.std()) - 1) < 0.1
+    # the posterior's background is on the side the digit's contrast names: dark digit, b >= 0.5
+    b_post = cm.border_mean((post[:4].float() + 1) / 2)
+    darker = f < b
+    assert ((b_post >= 0.5) == darker).all()
+    assert meta["off_law"]["fraction"] == 0.25 and meta["off_law"]["t"] == "U(0.02, 0.5)"
+
+
+def test_off_law_colours_break_the_law_half_the_time():
+    from fiber_plugins.data import color_mnist as cm
+
+    b, f = cm.off_law_colours(4000, torch.Generator().manual_seed(0))
+    assert ((b - 0.5).abs() <= 0.1).all() and ((f >= 0) & (f <= 1)).all()
+    off = cm.off_branch(b, f)
+    assert 0.47 < float(off.float().mean()) < 0.53
+    torch.testing.assert_close(f[~off], cm.foreground(b)[~off])
+    torch.testing.assert_close(f[off], cm.other_branch(b)[off])

@@ -82,6 +82,29 @@ def foreground(b: torch.Tensor) -> torch.Tensor:
     return torch.remainder(b + 0.5, 1.0)
 
 
+def other_branch(b: torch.Tensor) -> torch.Tensor:
+    """The digit colour on the other branch of h at b, clipped to [0, 1]: max(b - 0.5, 0) below
+    the wrap (0.5), where h(b) = b + 0.5, and min(b + 0.5, 1) from it on, where h(b) = b - 0.5.
+    The colour law never makes it; a digit of this colour is lighter than its background where
+    the law's is darker, and the other way round."""
+    return torch.where(b < 0.5, (b - 0.5).clamp(min=0.0), (b + 0.5).clamp(max=1.0))
+
+
+def off_law_colours(
+    n: int,
+    generator: torch.Generator | None = None,
+    half_width: float = 0.1,
+    other_share: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colours near h's wrap that break the colour law, for training a denoiser (see
+    ``train_prior(off_law=...)``): per channel b uniform in [0.5 - half_width, 0.5 + half_width]
+    and the digit colour on the other branch of h (:func:`other_branch`) with probability
+    ``other_share``, else on h. Returns (b, f), each (n, 3)."""
+    b = 0.5 + half_width * (2 * torch.rand((n, 3), generator=generator) - 1)
+    other = torch.rand((n, 3), generator=generator) < other_share
+    return b, torch.where(other, other_branch(b), foreground(b))
+
+
 def colorize(g: torch.Tensor, b: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
     """x_c = b_c + (f_c - b_c) g for grey digits g (N, 1, H, W) and colours b, f (N, 3)."""
     f = foreground(b) if f is None else f

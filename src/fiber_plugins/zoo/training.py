@@ -111,6 +111,8 @@ def train_prior(
     time_sampling: str = "uniform",
     mean_weight: float = 0.0,
     target: str = "sampled",
+    off_law: float = 0.0,
+    off_law_t_max: float = 0.6,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 250,
     resume: bool = True,
@@ -144,7 +146,16 @@ def train_prior(
     (v = eps - x0 of the drawn image) or ``"colour-posterior"`` (v = (x_t - E[x0 | x_t, g]) / t,
     with the background colours integrated out exactly under the colour law by
     :func:`~fiber_plugins.data.color_mnist.posterior_clean`; the same conditional mean, so the
-    same flow, without the noise of the drawn colours in the target). ``checkpoint`` /
+    same flow, without the noise of the drawn colours in the target). ``off_law`` (with
+    ``target="colour-posterior"``): the fraction of each batch replaced by states the data never
+    makes, digits whose channels sit near h's wrap with half of their digit colours on the
+    other branch (:func:`~fiber_plugins.data.color_mnist.off_law_colours`), noised to
+    t ~ U(0.02, ``off_law_t_max``); their target is the colour law's posterior there, which moves
+    the background to the side of 0.5 that the digit's contrast names (what the exact denoiser
+    does). On-law states ask for that rule only within the observation noise of the wrap, too
+    little of the loss for the network to learn it (docs/color_mnist.md); these states ask for it
+    plainly. Where the digit is known (low and middle noise) the target is the same function of
+    x_t as on the law, so the flow on the data is unchanged. ``checkpoint`` /
     ``checkpoint_every`` /
     ``resume``: :func:`~fiber_plugins.training.train_loop`'s checkpointing (the batch generator's
     state included, so a resumed run ends with the same weights). ``on_checkpoint(step, prior)``
@@ -178,6 +189,13 @@ def train_prior(
             f"target={target!r} is for objective='flow' with in-distribution colours (ood=False); "
             f"got objective={objective!r}, ood={ood}"
         )
+    if not 0 <= off_law < 1 or (off_law and target != "colour-posterior"):
+        raise UserValueError(
+            f"off_law must be in [0, 1) and needs target='colour-posterior' (an off-law state's "
+            f"target is the colour law's posterior); got off_law={off_law}, target={target!r}"
+        )
+    if not 0.02 < off_law_t_max <= 1:
+        raise UserValueError(f"off_law_t_max must be in (0.02, 1], got {off_law_t_max}")
     if objective != "flow" and time_sampling != "uniform":
         raise UserValueError("time_sampling='logit-normal' is for objective='flow'")
     if objective == "flow" and loss_weighting != "none":
@@ -220,6 +238,14 @@ def train_prior(
             tb = t.view(-1, 1, 1, 1)
             xt = (1 - tb) * x0 + tb * noise
             v = noise - x0
+            k = round(batch_size * off_law)
+            if k:  # the first k states: off the law near the wrap, at t <= off_law_t_max
+                b_off, f_off = cm.off_law_colours(k, gen)
+                x0_off = to_model_range(cm.colorize(digits[:k], b_off, f_off)).to(dev)
+                t_off = (0.02 + (off_law_t_max - 0.02) * torch.rand(k, generator=gen)).to(dev)
+                t = torch.cat([t_off, t[k:]])
+                tb = t.view(-1, 1, 1, 1)
+                xt = torch.cat([(1 - tb[:k]) * x0_off + tb[:k] * noise[:k], xt[k:]])
             if target == "colour-posterior":
                 x0_post = cm.posterior_clean(xt.double(), t, digits.to(dev))
                 v_post = ((xt.double() - x0_post) / tb.double()).float()
@@ -280,6 +306,19 @@ def train_prior(
         **(
             {"target": "v = (x_t - E[x0 | x_t, digit]) / t, colours integrated out"}
             if target == "colour-posterior"
+            else {}
+        ),
+        **(
+            {
+                "off_law": {
+                    "fraction": off_law,
+                    "t": f"U(0.02, {off_law_t_max:g})",
+                    "colours": "off_law_colours: b ~ U(0.4, 0.6) per channel, digit colour on "
+                    "the other branch of h with probability 0.5",
+                    "target": "the colour law's posterior (colour-posterior)",
+                }
+            }
+            if off_law
             else {}
         ),
         "scheduler": type(sched).__name__,
