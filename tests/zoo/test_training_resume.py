@@ -98,6 +98,7 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
         ({"off_law": 1.0, "target": "colour-posterior"}, "off_law must be in"),
         ({"off_law": -0.1, "target": "colour-posterior"}, "off_law must be in"),
         ({"off_law": 0.25, "target": "colour-posterior", "off_law_t_max": 0.0}, "off_law_t_max"),
+        ({"off_law": 0.2, "target": "colour-posterior"}, "rounds to no off-law state"),
     ],
 )
 def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):

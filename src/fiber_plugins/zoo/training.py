@@ -198,6 +198,11 @@ def train_prior(
         )
     if not 0.02 < off_law_t_max <= 1:
         raise UserValueError(f"off_law_t_max must be in (0.02, 1], got {off_law_t_max}")
+    if off_law and round(batch_size * off_law) == 0:
+        raise UserValueError(
+            f"off_law={off_law} of a batch of {batch_size} rounds to no off-law state; use "
+            f"off_law > {0.5 / batch_size:g} or a larger batch"
+        )
     if objective != "flow" and time_sampling != "uniform":
         raise UserValueError("time_sampling='logit-normal' is for objective='flow'")
     if objective == "flow" and loss_weighting != "none":
