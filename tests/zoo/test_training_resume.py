@@ -143,16 +143,12 @@ def test_mean_weight_adds_the_error_mean_to_the_loss(tmp_path):
     assert weighted["mean_weight"] == 100.0 and "mean_weight" not in plain
 
 
-def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch):
-    """target='colour-posterior' regresses on v = (x_t - E[x0 | x_t, digit]) / t: with the
-    network's output zeroed, the recorded loss is the mean square of that target, recomputed here
-    from the batch the trainer drew; the sampled target (eps - x0) gives a different loss."""
+def _zero_network(monkeypatch, seen: dict[str, list[torch.Tensor]]) -> None:
+    """Zero the UNet's output in training and record its inputs x_t and t in ``seen``: the
+    recorded loss is then the mean square of the training target."""
     from diffusers import UNet2DModel
 
-    from fiber_plugins.data import color_mnist as cm
-
-    seen: dict[str, list[torch.Tensor]] = {"xt": [], "t": [], "g": [], "x0": []}
-    forward, colour = UNet2DModel.forward, cm.make_colored
+    forward = UNet2DModel.forward
 
     def zero(self, sample, timestep, *args, **kwargs):
         out = forward(self, sample, timestep, *args, **kwargs)
@@ -162,13 +158,26 @@ def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch
             out.sample = out.sample * 0.0
         return out
 
+    monkeypatch.setattr(UNet2DModel, "forward", zero)
+
+
+def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch):
+    """target='colour-posterior' regresses on v = (x_t - E[x0 | x_t, digit]) / t: with the
+    network's output zeroed, the recorded loss is the mean square of that target, recomputed here
+    from the batch the trainer drew; the sampled target (eps - x0) gives a different loss."""
+
+    from fiber_plugins.data import color_mnist as cm
+
+    seen: dict[str, list[torch.Tensor]] = {"xt": [], "t": [], "g": [], "x0": []}
+    colour = cm.make_colored
+
     def spy(g, *args, **kwargs):
         x, b = colour(g, *args, **kwargs)
         seen["g"].append(g.clone())
         seen["x0"].append(2 * x - 1)
         return x, b
 
-    monkeypatch.setattr(UNet2DModel, "forward", zero)
+    _zero_network(monkeypatch, seen)
     monkeypatch.setattr(cm, "make_colored", spy)
     kw = dict(steps=1, batch_size=8, progress=False)
     meta = training.train_prior(tmp_path / "post", target="colour-posterior", **kw)
@@ -189,20 +198,11 @@ def test_off_law_states_regress_on_the_colour_posterior(tmp_path, monkeypatch):
     h's wrap, at t <= off_law_t_max: with the network's output zeroed the loss is the mean square
     of (x_t - E[x0 | x_t, digit]) / t over the whole batch, those states included, and the
     posterior moves their backgrounds to the side of 0.5 that their digits' contrast names."""
-    from diffusers import UNet2DModel
 
     from fiber_plugins.data import color_mnist as cm
 
     seen: dict[str, list[torch.Tensor]] = {"xt": [], "t": [], "g": [], "b": [], "f": []}
-    forward, colour, off = UNet2DModel.forward, cm.make_colored, cm.off_law_colours
-
-    def zero(self, sample, timestep, *args, **kwargs):
-        out = forward(self, sample, timestep, *args, **kwargs)
-        if self.training:
-            seen["xt"].append(sample.detach().clone())
-            seen["t"].append(torch.as_tensor(timestep).detach().flatten() / 1000)
-            out.sample = out.sample * 0.0
-        return out
+    colour, off = cm.make_colored, cm.off_law_colours
 
     def spy(g, *args, **kwargs):
         seen["g"].append(g.clone())
@@ -214,7 +214,7 @@ def test_off_law_states_regress_on_the_colour_posterior(tmp_path, monkeypatch):
         seen["f"].append(f)
         return b, f
 
-    monkeypatch.setattr(UNet2DModel, "forward", zero)
+    _zero_network(monkeypatch, seen)
     monkeypatch.setattr(cm, "make_colored", spy)
     monkeypatch.setattr(cm, "off_law_colours", spy_off)
     meta = training.train_prior(
