@@ -55,6 +55,18 @@ def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 2 and metrics["config"]["objective"]["layer"] == "conv1"
     assert "median fiber loss" in capsys.readouterr().out
+    assert metrics["config"]["settings"]["optimiser"] == "adam"  # the paper's, by default
+
+
+def test_sample_optimiser_flag(pixel_prior_dir, ref_png, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(pixel_prior_dir, ref_png, out, "--optimiser", "sgd", "--lr", "5", "1")) == 0
+    settings = json.loads((out / "metrics.json").read_text())["config"]["settings"]
+    assert settings["optimiser"] == "sgd" and settings["lr_start"] == 5.0
+    with pytest.raises(SystemExit) as exc:
+        main(_args(pixel_prior_dir, ref_png, tmp_path / "run2", "--optimiser", "lbfgs"))
+    assert exc.value.code == 2
+    assert "invalid choice: 'lbfgs' (choose from" in capsys.readouterr().err
 
 
 def test_sample_speed_flags(pixel_prior_dir, ref_png, tmp_path):

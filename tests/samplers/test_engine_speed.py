@@ -362,14 +362,18 @@ def test_ndtm_inner_loop_has_no_host_syncs(pixel_prior, subject, references, mon
 # ---------------------------------------------------------------- eps(x_t) reuse
 def _reference_ndtm_with_tau(prior, objective, x_T, target, cfg):
     """NDTM with tau written the straightforward way: a separate forward for eps(x_t) and
-    torch.optim.Adam on u (one row, so Adam's per-element update equals the engine's)."""
+    torch.optim.Adam (or SGD, as ``cfg.optimiser`` says) on u (one row, so Adam's per-element
+    update equals the engine's)."""
     x = x_T.clone()
     for step in prior.timesteps(cfg.num_steps):
         gamma, lr = cfg.guidance(step.level), cfg.lr(step.index)
         with torch.no_grad():
             eps_ref = prior.predict(x, step)[0]
         u = torch.zeros_like(x, requires_grad=True)
-        opt = torch.optim.Adam([u], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        if cfg.optimiser == "sgd":
+            opt = torch.optim.SGD([u], lr=lr)
+        else:
+            opt = torch.optim.Adam([u], lr=lr, betas=(0.9, 0.999), eps=1e-8)
         for _ in range(cfg.inner_steps):
             opt.zero_grad()
             eps, x0 = prior.predict(x + gamma * u, step)
@@ -404,6 +408,27 @@ def test_tau_reuses_the_first_inner_forward_and_matches_the_straightforward_code
     # Adam's normalised first steps turn float rounding of near-zero gradients into lr-sized
     # moves, so agreement is ~1e-3 here (tau=0.5 itself changes the images by ~0.86)
     torch.testing.assert_close(res.images[0, 0], expected[0], rtol=0, atol=3e-3)
+
+
+def test_sgd_control_matches_torch_optim_sgd(pixel_prior, subject, references):
+    """optimiser='sgd': plain gradient steps on u, as torch.optim.SGD takes them."""
+    objective = fp.FiberObjective(subject)
+    kw = dict(num_steps=3, inner_steps=3, tau=0.5, trace=False, optimiser="sgd")
+    sampler = _sampler(pixel_prior, objective, **kw, lr_start=20.0, lr_end=5.0)
+    res = sampler.sample(references=references[:1], n=1, seed=0, progress=False)
+    assert res.config["settings"]["optimiser"] == "sgd"
+    x_T = engine.randn_rows([engine.row_generator(0, 0, 0)], pixel_prior.latent_shape, "cpu")
+    with objective.attached():
+        y = objective.target(references[:1] * 2 - 1).detach()
+        x = _reference_ndtm_with_tau(pixel_prior, objective, x_T, y, sampler.config)
+    # no normalised steps here, so the two agree to float rounding
+    torch.testing.assert_close(res.images[0, 0], ((x.clamp(-1, 1) + 1) / 2)[0], rtol=0, atol=1e-5)
+    # and the guidance did something: Adam at these learning rates, or no guidance, differ
+    unguided = _sampler(pixel_prior, objective, **{**kw, "guidance": 0.0}).sample(
+        references=references[:1], n=1, seed=0, progress=False
+    )
+    assert (res.images - unguided.images).abs().max() > 1e-2
+    assert res.fiber_loss[0, 0] < unguided.fiber_loss[0, 0]
 
 
 # ---------------------------------------------------------------- the prior's speed settings

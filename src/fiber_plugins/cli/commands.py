@@ -80,6 +80,7 @@ def cmd_sample(args) -> int:
         guidance=_guidance(args),
         lr_start=args.lr[0],
         lr_end=args.lr[1],
+        optimiser=args.optimiser,
         kappa=args.kappa,
         tau=args.tau,
         eta=args.eta,
@@ -116,8 +117,8 @@ def cmd_sample(args) -> int:
 
         print(
             f"{prior!r}: conditional sampling with {args.steps} steps; the guidance settings "
-            "(--inner-steps, --guidance, --schedule, --lr, --kappa, --tau, --eta, --target-mode) "
-            "do not apply and are ignored"
+            "(--inner-steps, --guidance, --schedule, --lr, --optimiser, --kappa, --tau, --eta, "
+            "--target-mode) do not apply and are ignored"
         )
         sampler = ConditionalFiberSampler(
             prior, objective, ConditionalConfig(num_steps=args.steps, autocast=args.bf16)

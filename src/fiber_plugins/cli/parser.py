@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-n", type=_positive_int, default=4, help="samples per reference")
     s.add_argument("--steps", type=_positive_int, default=50, help="sampling steps T")
-    s.add_argument("--inner-steps", type=_count, default=4, help="NDTM inner Adam steps N")
+    s.add_argument(
+        "--inner-steps", type=_count, default=4, help="NDTM inner optimiser steps N on the control"
+    )
     s.add_argument("--guidance", type=_finite_float, default=1.0, help="guidance strength gamma")
     s.add_argument("--schedule", default="constant", choices=["constant", "interval", "ramp"])
     s.add_argument(
@@ -174,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-guidance", type=_finite_float, default=None)
     s.add_argument(
         "--lr", type=_finite_float, nargs=2, default=(0.05, 0.01), metavar=("START", "END")
+    )
+    s.add_argument(
+        "--optimiser",
+        default="adam",
+        choices=["adam", "sgd"],
+        help="optimiser of NDTM's control (adam: the paper's; sgd: plain gradient steps, whose "
+        "learning rates are on another scale)",
     )
     s.add_argument("--kappa", type=_finite_float, default=1e-4)
     s.add_argument("--tau", type=_finite_float, default=0.0)

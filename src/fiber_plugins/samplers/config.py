@@ -6,7 +6,14 @@ import numbers
 from dataclasses import dataclass
 
 from ..errors import UserTypeError, UserValueError
-from ._common import SettingsMixin, check_bool, check_choice, check_float, check_int
+from ._common import (
+    OPTIMISERS,
+    SettingsMixin,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+)
 
 GUIDANCE_SCHEDULES = ("constant", "interval", "ramp")
 TARGET_MODES = ("static", "reapprox")
@@ -75,9 +82,13 @@ class NDTMConfig(SettingsMixin):
     Parameters
     ----------
     num_steps: T, steps of the sampling grid.
-    inner_steps: N, Adam steps on the control u per sampling step (paper 4-8).
+    inner_steps: N, optimiser steps on the control u per sampling step (paper 4-8).
     guidance: gamma_t schedule (a float means a constant schedule).
-    lr_start, lr_end: Adam learning rate, linearly decayed over the trajectory.
+    lr_start, lr_end: learning rate of the control's optimiser, linearly decayed over the
+        trajectory.
+    optimiser: 'adam' (the paper's; a fresh Adam state at every sampling step) or 'sgd' (plain
+        gradient steps: each pixel moves in proportion to its gradient, where Adam's first steps
+        move every pixel by about lr; its learning rates are on another scale).
     kappa: weight of ||u||^2 (paper 1e-4).
     tau: weight of ||eps(x_t + gamma u) - eps(x_t)||^2 (paper 0).
     eta: DDIM eta of the update (0 deterministic, 1 DDPM-like).
@@ -98,6 +109,7 @@ class NDTMConfig(SettingsMixin):
     guidance: GuidanceSchedule = GuidanceSchedule()
     lr_start: float = 0.05
     lr_end: float = 0.01
+    optimiser: str = "adam"
     kappa: float = 1e-4
     tau: float = 0.0
     eta: float = 0.0
@@ -111,6 +123,7 @@ class NDTMConfig(SettingsMixin):
         self._check("guidance", check_guidance)
         self._check("lr_start", check_float, 0.0)
         self._check("lr_end", check_float, 0.0)
+        self._check("optimiser", check_choice, OPTIMISERS)
         self._check("kappa", check_float, 0.0)
         self._check("tau", check_float, 0.0)
         self._check("eta", check_float, 0.0, 1.0)

@@ -1,7 +1,7 @@
 """NDTM: per-step optimal control of the sampling trajectory (DESIGN 4.1; paper Sec. 3.2, App. C).
 
 At every step t -> s of the DDIM grid a control u (initialised to zero) is optimised with N Adam
-steps on
+(or, with ``optimiser='sgd'``, plain gradient) steps on
 
     J(u) = d(phi(D(x0_hat(x_t + gamma_t u))), y*_t) + kappa ||u||^2
            + tau ||eps(x_t + gamma_t u, t) - eps(x_t, t)||^2,
@@ -69,8 +69,8 @@ class NDTMSampler(FiberSampler):
         return Targets.of(feats).float().value
 
     def run_batch(self, batch: Batch, progress: tqdm | None):
-        """NDTM on one batch: at each step, N Adam steps on the control u of x_t + gamma u, then
-        the DDIM update from the guided state.
+        """NDTM on one batch: at each step, N optimiser steps on the control u of x_t + gamma u,
+        then the DDIM update from the guided state.
 
         Returns
         -------
@@ -116,7 +116,7 @@ class NDTMSampler(FiberSampler):
         return img.float(), trace
 
     def _control(self, batch: Batch, x, step, gamma, lr, target):
-        """N Adam steps on u; returns the guided state x + gamma u and the last fiber loss.
+        """N optimiser steps on u; returns the guided state x + gamma u and the last fiber loss.
 
         Rows whose loss, gradient, control or guided state is not finite fail here with that
         reason (``batch.fail``); the rest of the batch goes on.
@@ -128,9 +128,9 @@ class NDTMSampler(FiberSampler):
         # is taken from there instead of a separate forward (its tau term is 0 with zero gradient)
         eps_ref = None
         u = torch.zeros_like(x)
-        # a fresh Adam per sampling step; element-wise, so each sample's update is independent
-        # of the rest of the batch, and failed rows stay where they are
-        opt = RowOptimiser("adam", lr)
+        # a fresh optimiser state per sampling step; element-wise, so each sample's update is
+        # independent of the rest of the batch, and failed rows stay where they are
+        opt = RowOptimiser(cfg.optimiser, lr)
         fl = torch.zeros(x.shape[0], device=x.device)
         for _ in range(cfg.inner_steps):
             u.requires_grad_(True)
