@@ -12,7 +12,7 @@ import torch
 
 from fiber_plugins import zoo
 from fiber_plugins.data import color_mnist as cm
-from fiber_plugins.zoo import training
+from fiber_plugins.zoo import prior_training
 from fiber_plugins.zoo.training import color_mnist_accuracy
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "color_mnist.md"
@@ -72,7 +72,7 @@ def test_priors_load_with_training_record(name):
     info = zoo.training_info(name)
     # the shipped recipe is train_prior's default, so `fiber-plugins train prior` rebuilds it
     assert (info["objective"], info["batch_size"]) == ("flow", 32)
-    assert info["steps"] == training.SHIPPED_PRIOR_STEPS[info["ood"]]
+    assert info["steps"] == prior_training.SHIPPED_PRIOR_STEPS[info["ood"]]
     assert info["unguided_quality"]["kl"] <= 0.2  # measured on 512 unguided samples
     assert info["ood"] == name.endswith("ood") and info["data_hash"] == cm.data_hash(
         cm.load_digits("train")[0]

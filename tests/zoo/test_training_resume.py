@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import fiber_plugins as fp  # noqa: E402
-from fiber_plugins.zoo import training  # noqa: E402
+from fiber_plugins.zoo import prior_training  # noqa: E402
 
 
 def _weights(folder):
@@ -28,9 +28,9 @@ def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
         kw["loss_weighting"] = "min-snr"
     else:
         kw["flow_shift"] = 3.0
-    whole = training.train_prior(tmp_path / "whole", checkpoint=tmp_path / "ck_whole", **kw)
+    whole = prior_training.train_prior(tmp_path / "whole", checkpoint=tmp_path / "ck_whole", **kw)
 
-    real_loop = training.train_loop
+    real_loop = prior_training.train_loop
 
     def interrupted(*args, **kwargs):  # the process dies during step 3 (after checkpoint 2)
         step = kwargs.pop("step", None) or args[1]
@@ -42,12 +42,12 @@ def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
 
         return real_loop(args[0], dying, **kwargs)
 
-    monkeypatch.setattr(training, "train_loop", interrupted)
+    monkeypatch.setattr(prior_training, "train_loop", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        training.train_prior(tmp_path / "resumed", checkpoint=tmp_path / "ck", **kw)
+        prior_training.train_prior(tmp_path / "resumed", checkpoint=tmp_path / "ck", **kw)
     assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 2
-    monkeypatch.setattr(training, "train_loop", real_loop)
-    resumed = training.train_prior(tmp_path / "resumed", checkpoint=tmp_path / "ck", **kw)
+    monkeypatch.setattr(prior_training, "train_loop", real_loop)
+    resumed = prior_training.train_prior(tmp_path / "resumed", checkpoint=tmp_path / "ck", **kw)
 
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -66,7 +66,7 @@ def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
 
 def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp_path):
     seen = []
-    meta = training.train_prior(
+    meta = prior_training.train_prior(
         tmp_path / "p",
         steps=2,
         batch_size=2,
@@ -103,7 +103,7 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
 )
 def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        training.train_prior(tmp_path, steps=1, batch_size=2, progress=False, **kw)
+        prior_training.train_prior(tmp_path, steps=1, batch_size=2, progress=False, **kw)
 
 
 def test_logit_normal_time_sampling_trains_more_at_middle_noise(tmp_path, monkeypatch):
@@ -123,7 +123,7 @@ def test_logit_normal_time_sampling_trains_more_at_middle_noise(tmp_path, monkey
     middle = {}
     for law in ("uniform", "logit-normal"):
         seen.clear()
-        meta = training.train_prior(
+        meta = prior_training.train_prior(
             tmp_path / law, steps=2, batch_size=64, progress=False, time_sampling=law
         )
         t = torch.cat(seen)
@@ -137,8 +137,8 @@ def test_mean_weight_adds_the_error_mean_to_the_loss(tmp_path):
     """mean_weight w adds w x (per-channel image mean of the velocity error)^2: on the same first
     batch and weights the loss grows by that term, and training.json records w."""
     kw = dict(steps=1, batch_size=4, progress=False)
-    plain = training.train_prior(tmp_path / "plain", **kw)
-    weighted = training.train_prior(tmp_path / "weighted", mean_weight=100.0, **kw)
+    plain = prior_training.train_prior(tmp_path / "plain", **kw)
+    weighted = prior_training.train_prior(tmp_path / "weighted", mean_weight=100.0, **kw)
     assert weighted["final_loss_mean_last100"] > plain["final_loss_mean_last100"]
     assert weighted["mean_weight"] == 100.0 and "mean_weight" not in plain
 
@@ -180,7 +180,7 @@ def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch
     _zero_network(monkeypatch, seen)
     monkeypatch.setattr(cm, "make_colored", spy)
     kw = dict(steps=1, batch_size=8, progress=False)
-    meta = training.train_prior(tmp_path / "post", target="colour-posterior", **kw)
+    meta = prior_training.train_prior(tmp_path / "post", target="colour-posterior", **kw)
     xt, t, g, x0 = (seen[k][0] for k in ("xt", "t", "g", "x0"))
     tb = t.view(-1, 1, 1, 1)
     v = (xt.double() - cm.posterior_clean(xt.double(), t, g)) / tb
@@ -188,7 +188,7 @@ def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch
     sampled = ((xt - (1 - tb) * x0) / tb - x0).pow(2).mean()  # eps - x0 of the drawn image
     assert abs(float(sampled) - meta["final_loss_mean_last100"]) > 1e-3
     assert "colours integrated out" in meta["target"]
-    plain = training.train_prior(tmp_path / "plain", **kw)
+    plain = prior_training.train_prior(tmp_path / "plain", **kw)
     assert plain["final_loss_mean_last100"] == pytest.approx(float(sampled), rel=1e-4)
     assert "target" not in plain
 
@@ -217,7 +217,7 @@ def test_off_law_states_regress_on_the_colour_posterior(tmp_path, monkeypatch):
     _zero_network(monkeypatch, seen)
     monkeypatch.setattr(cm, "make_colored", spy)
     monkeypatch.setattr(cm, "off_law_colours", spy_off)
-    meta = training.train_prior(
+    meta = prior_training.train_prior(
         tmp_path / "off",
         steps=1,
         batch_size=16,

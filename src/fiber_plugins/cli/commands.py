@@ -306,7 +306,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ..zoo import training
+    from ..zoo import prior_training, training
     from ..zoo._registry import trainers
 
     assets = Path(__file__).resolve().parents[1] / "assets"
@@ -358,7 +358,7 @@ def cmd_train(args) -> int:
     if args.model in ("prior", "prior-ood"):
         extra = {k: v for k, v in (("objective", args.objective), ("batch_size", args.batch_size),
                                     ("checkpoint", args.checkpoint)) if v is not None}  # fmt: skip
-        meta = training.train_prior(
+        meta = prior_training.train_prior(
             out, ood=args.model == "prior-ood", resume=bool(args.resume), **extra, **kw
         )
     elif args.model == "autoencoder":

@@ -5,7 +5,7 @@
 - :func:`train_loop` and :func:`cosine_lr` (:mod:`.loop`): optimiser, warm-up + cosine schedule,
   gradient clipping, EMA, progress bar, a :class:`TrainingRecord` and checkpoint / resume
   (``checkpoint=FOLDER``: safetensors + JSON, no pickle); the shipped models' trainers
-  (:mod:`fiber_plugins.zoo.training`) run on it too.
+  (:mod:`fiber_plugins.zoo.training`, :mod:`fiber_plugins.zoo.prior_training`) run on it too.
 """
 
 from .conditional import train_fiber_model
