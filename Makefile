@@ -64,7 +64,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gpu_ndtm.py
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests examples
+	$(BIN)/python -m ruff check src tests examples benchmarks
+	$(BIN)/python -m ruff format --check src tests examples benchmarks
 	$(BIN)/python -m mypy src
 
 clean-venv:

@@ -82,7 +82,9 @@ def main(argv=None) -> list[dict]:
         for bs in (2, 4, 16):
             rows.append((label, f"batch {bs}", *_diff(s.sample(batch_size=bs, **kw), base)))
         resumed = _interrupted_and_resumed(s, kw, 4)
-        rows.append((label, "batch 4 resumed vs batch 4", *_diff(resumed, s.sample(batch_size=4, **kw))))
+        rows.append(
+            (label, "batch 4 resumed vs batch 4", *_diff(resumed, s.sample(batch_size=4, **kw)))
+        )
         print(*rows[-5:], sep="\n", flush=True)
     date = _dt.date.today().isoformat()
     lines = [

@@ -56,7 +56,9 @@ def units_rows(units: int, steps: int, inner: int, device: str) -> list[dict]:
         return fp.FiberObjective(model, layer="features.8", index=index, reduction="spatial_mean")
 
     rows = []
-    fp.NDTMSampler(prior, layer([0]), **settings).sample(references=[ref], n=1, progress=False)  # warm-up
+    fp.NDTMSampler(prior, layer([0]), **settings).sample(
+        references=[ref], n=1, progress=False
+    )  # warm-up
     _sync(device)
     t = time.perf_counter()
     for u in range(units):
@@ -68,7 +70,9 @@ def units_rows(units: int, steps: int, inner: int, device: str) -> list[dict]:
         references=[ref], n=1, batch_size=units, progress=False
     )
     _sync(device)
-    rows.append((f"one UnitSet call, {units} units (batch {units})", units, time.perf_counter() - t))
+    rows.append(
+        (f"one UnitSet call, {units} units (batch {units})", units, time.perf_counter() - t)
+    )
     assert result.images.shape[0] == units
     t = time.perf_counter()
     fp.NDTMSampler(prior, layer([0]), **settings).sample(

@@ -239,5 +239,7 @@ def test_an_adapter_importing_a_prior_is_reported(monkeypatch):
         return found
 
     monkeypatch.setitem(globals(), "_imports", with_violation)
-    with pytest.raises(AssertionError, match=r"adapters \(rank 2\) imports priors .*may import only"):
+    with pytest.raises(
+        AssertionError, match=r"adapters \(rank 2\) imports priors .*may import only"
+    ):
         test_no_module_imports_a_higher_layer()

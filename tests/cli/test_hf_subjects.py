@@ -132,7 +132,9 @@ def test_output_units(hf_folder):
     obj = objective_from_spec(model, "output:last_hidden_state:token=mean:0-3", preprocess=pre)
     assert isinstance(obj, UnitSet)
     assert obj.labels == [f"output:last_hidden_state:{i}" for i in range(4)]
-    joint = objective_from_spec(model, "output:last_hidden_state:token=mean:0+1+2+3", preprocess=pre)
+    joint = objective_from_spec(
+        model, "output:last_hidden_state:token=mean:0+1+2+3", preprocess=pre
+    )
     x = as_prior(photo(24))
     with torch.no_grad():
         torch.testing.assert_close(obj.features(x), joint.features(x))

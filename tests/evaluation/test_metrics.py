@@ -145,7 +145,9 @@ def test_frechet_distance_tf_inception_weights_read_safely(tmp_path, monkeypatch
     monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
     torch.manual_seed(0)
     net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
     monkeypatch.undo()
 
     class Same(torch.nn.Module):  # what torchmetrics feeds its Inception: uint8 images

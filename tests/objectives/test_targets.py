@@ -14,7 +14,9 @@ from fiber_plugins.objectives.targets import Targets
 def test_targets_own_rows_device_widths_and_the_tuple_question():
     plain = Targets.of(torch.arange(12.0).reshape(4, 3))
     assert (plain.num_rows, plain.widths, plain.summed) == (4, (3,), False)
-    assert torch.equal(plain.rows(torch.tensor([2, 0])).value, torch.tensor([[6.0, 7, 8], [0, 1, 2]]))
+    assert torch.equal(
+        plain.rows(torch.tensor([2, 0])).value, torch.tensor([[6.0, 7, 8], [0, 1, 2]])
+    )
     summed = Targets.of((torch.zeros(4, 3), torch.ones(4, 5)))
     assert summed.summed and summed.widths == (3, 5) and isinstance(summed.value, tuple)
     assert [p.shape for p in summed.rows(torch.tensor([1])).parts] == [(1, 3), (1, 5)]

@@ -59,8 +59,14 @@ def test_training_record_and_files(trained):
     _, model, meta, out = trained
     assert isinstance(model, ConditionalFiberModel)
     assert model.num_features == 3 and model.image_size == (8, 8) and model.kind == "flow"
-    for f in ("unet/config.json", "scheduler/scheduler_config.json", "condition/config.json",
-              "condition/model.safetensors", "fiber_model.json", "training.json"):
+    for f in (
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+        "condition/config.json",
+        "condition/model.safetensors",
+        "fiber_model.json",
+        "training.json",
+    ):
         assert (out / f).is_file(), f
     assert meta["fiber_weight"] == 1.0 and meta["num_features"] == 3
     assert meta["final_fiber_loss_mean_last100"] is not None
@@ -114,8 +120,15 @@ def test_the_fiber_loss_term_trains_without_touching_the_subject():
     objective = fp.FiberObjective(subject)
     with pytest.warns(UserWarning, match="train mode"):
         model, meta = train_fiber_model(
-            objective, colour_batches, None, steps=3, batch_size=8, unet_config=TINY_UNET,
-            fiber_weight=0.5, fiber_t_max=1.0, progress=False,
+            objective,
+            colour_batches,
+            None,
+            steps=3,
+            batch_size=8,
+            unet_config=TINY_UNET,
+            fiber_weight=0.5,
+            fiber_t_max=1.0,
+            progress=False,
         )
     assert all(p.grad is None for p in subject.parameters())
     assert [p.requires_grad for p in subject.parameters()] == flags and subject.training
@@ -134,8 +147,13 @@ def test_training_data_is_checked():
     with pytest.raises(ValueError, match="fiber_weight"):
         train_fiber_model(objective, torch.rand(8, 3, 8, 8), fiber_weight=-1, progress=False)
     with pytest.raises(TypeError, match="one objective"):
-        train_fiber_model(objective + objective, torch.rand(8, 3, 8, 8), steps=1,
-                          unet_config=TINY_UNET, progress=False)
+        train_fiber_model(
+            objective + objective,
+            torch.rand(8, 3, 8, 8),
+            steps=1,
+            unet_config=TINY_UNET,
+            progress=False,
+        )
 
 
 def test_wrong_pairings_are_refused(trained, pixel_prior):

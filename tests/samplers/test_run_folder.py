@@ -41,7 +41,9 @@ def _index_is_consistent(run: Path) -> int:
 
 
 # ---------------------------------------------------------------------------- writing as it goes
-def test_rows_are_written_per_batch_and_the_result_equals_the_folder(pixel_prior, subject, tmp_path):
+def test_rows_are_written_per_batch_and_the_result_equals_the_folder(
+    pixel_prior, subject, tmp_path
+):
     commits = []
     orig = rf.RunFolder.commit
 
@@ -97,8 +99,14 @@ def test_ctrl_c_in_process_keeps_finished_rows_and_resume_matches(pixel_prior, s
         s.sample(references=_refs(), n=3, batch_size=2, out=run, progress=False)
     done = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rf.RunFolder, "commit", lambda self, rows, *a, **k: (done.extend(rows), orig(self, rows, *a, **k)))
-        resumed = s.sample(references=_refs(), n=3, batch_size=2, out=run, resume=True, progress=False)
+        mp.setattr(
+            rf.RunFolder,
+            "commit",
+            lambda self, rows, *a, **k: (done.extend(rows), orig(self, rows, *a, **k)),
+        )
+        resumed = s.sample(
+            references=_refs(), n=3, batch_size=2, out=run, resume=True, progress=False
+        )
     assert done == [(1, 1), (1, 2)]  # only the missing rows ran
     assert torch.equal(resumed.images, full.images)
     assert torch.equal(resumed.fiber_loss, full.fiber_loss)
@@ -160,9 +168,7 @@ def test_a_signal_after_two_rows_keeps_them_and_resume_gives_the_same_samples(
         assert manifest["status"] == "interrupted"
         assert f"{rows} of 6 rows are written" in err and "--resume" in err
     s = _sampler(pixel_prior, subject)
-    resumed = s.sample(
-        references=_refs(), n=3, batch_size=1, out=run, resume=True, progress=False
-    )
+    resumed = s.sample(references=_refs(), n=3, batch_size=1, out=run, resume=True, progress=False)
     full = s.sample(references=_refs(), n=3, batch_size=1, progress=False)
     assert torch.equal(resumed.images, full.images)
     assert torch.equal(resumed.fiber_loss, full.fiber_loss)

@@ -37,8 +37,13 @@ def test_the_loop_minimises_and_records_every_step():
         return out
 
     record = train_loop(
-        [w], step, steps=50, lr=0.1, optimizer=Recording,
-        lr_schedule=lambda i, total, lr: lr * (total - i) / total, progress=False,
+        [w],
+        step,
+        steps=50,
+        lr=0.1,
+        optimizer=Recording,
+        lr_schedule=lambda i, total, lr: lr * (total - i) / total,
+        progress=False,
     )
     assert isinstance(record, TrainingRecord) and record.wall_time_s > 0
     assert len(record.logs["loss"]) == 50 and record.logs["loss"][-1] < 0.1 * record.logs["loss"][0]
@@ -52,9 +57,7 @@ def test_gradients_reach_only_the_trained_parameters():
     frozen = torch.nn.Linear(2, 2)  # a subject inside the loss, with requires_grad left on
     w = torch.nn.Parameter(torch.ones(2))
     before = [p.detach().clone() for p in frozen.parameters()]
-    train_loop(
-        [w], lambda i: {"loss": frozen(w).pow(2).sum()}, steps=3, lr=0.1, progress=False
-    )
+    train_loop([w], lambda i: {"loss": frozen(w).pow(2).sum()}, steps=3, lr=0.1, progress=False)
     assert all(p.grad is None for p in frozen.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters()))
 
@@ -75,8 +78,14 @@ def test_ema_weights_are_copied_in_at_the_end():
     def run(ema_decay):
         w = torch.nn.Parameter(torch.tensor([4.0]))
         train_loop(
-            [w], lambda i: {"loss": w.pow(2).sum()}, steps=30, lr=0.2, lr_schedule=None,
-            optimizer=torch.optim.SGD, ema_decay=ema_decay, progress=False,
+            [w],
+            lambda i: {"loss": w.pow(2).sum()},
+            steps=30,
+            lr=0.2,
+            lr_schedule=None,
+            optimizer=torch.optim.SGD,
+            ema_decay=ema_decay,
+            progress=False,
         )
         return float(w.detach())
 
@@ -105,8 +114,15 @@ def _toy_run(folder, steps=12, stop_after=None, resume=True, every=4, seen=None)
         return {"loss": loss, "odd": loss * 0 + i} if i % 2 else {"loss": loss}
 
     kw = dict(
-        steps=steps, lr=0.01, clip_grad_norm=1.0, ema_decay=0.9, progress=False,
-        checkpoint=folder, checkpoint_every=every, resume=resume, generators=[gen],
+        steps=steps,
+        lr=0.01,
+        clip_grad_norm=1.0,
+        ema_decay=0.9,
+        progress=False,
+        checkpoint=folder,
+        checkpoint_every=every,
+        resume=resume,
+        generators=[gen],
         on_checkpoint=(lambda done, w: seen.append(done)) if seen is not None else None,
     )
     try:
@@ -122,7 +138,8 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     assert _toy_run(tmp_path / "b", stop_after=6, seen=seen) == (None, None)
     assert seen == [4]  # the checkpoint after 4 steps; steps 5 and 6 are redone
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        "state-4.safetensors", "state.json"
+        "state-4.safetensors",
+        "state.json",
     ]
     resumed, w_resumed = _toy_run(tmp_path / "b", seen=seen)
     assert seen == [4, 8, 12]
@@ -182,5 +199,12 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_in_one_line(tmp_path):
 def test_checkpoint_every_must_be_positive(tmp_path):
     w = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
-        train_loop([w], lambda i: {"loss": w.sum()}, steps=2, lr=0.1, progress=False,
-                   checkpoint=tmp_path, checkpoint_every=0)
+        train_loop(
+            [w],
+            lambda i: {"loss": w.sum()},
+            steps=2,
+            lr=0.1,
+            progress=False,
+            checkpoint=tmp_path,
+            checkpoint_every=0,
+        )

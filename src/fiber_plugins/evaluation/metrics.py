@@ -179,7 +179,10 @@ def invariance_map(result: FiberResult, like: torch.Tensor | None = None) -> tor
         if tuple(std.shape[-2:]) != tuple(like.shape[-2:]):
             shrink = std.shape[-2] > like.shape[-2] or std.shape[-1] > like.shape[-1]
             std = torch.nn.functional.interpolate(
-                std, size=tuple(like.shape[-2:]), mode="bilinear", align_corners=False,
+                std,
+                size=tuple(like.shape[-2:]),
+                mode="bilinear",
+                align_corners=False,
                 antialias=shrink,
             )
         if std.shape[1] != like.shape[1]:

@@ -326,21 +326,26 @@ def prior_fingerprint(prior) -> str:
 
 
 # BEGIN CALIBRATED (written by `python benchmarks/color_mnist_realism.py --write-calibration`)
-CALIBRATED: dict[str, dict] = {'b9997f511f681245': {'draws': 2,
-                      'extra': {'command': 'python benchmarks/color_mnist_realism.py '
-                                           '--write-calibration',
-                                'name': 'color-mnist-prior',
-                                'validation_false_positive_rate': 0.0039,
-                                'validation_roc_auc_pooled': 1.0},
-                      'held_out_max': 0.154961496591568,
-                      'levels': [0.02, 0.05, 0.1, 0.2, 0.4],
-                      'num_images': 500,
-                      'prior': 'b9997f511f681245',
-                      'quantile': 0.99,
-                      'seed': 0,
-                      'source': "500 Color-MNIST test digits (the last 500 of the benchmark's "
-                                'test permutation, seed 0), coloured with seed 10',
-                      'threshold': 0.12001696974039078}}
+CALIBRATED: dict[str, dict] = {
+    "b9997f511f681245": {
+        "draws": 2,
+        "extra": {
+            "command": "python benchmarks/color_mnist_realism.py --write-calibration",
+            "name": "color-mnist-prior",
+            "validation_false_positive_rate": 0.0039,
+            "validation_roc_auc_pooled": 1.0,
+        },
+        "held_out_max": 0.154961496591568,
+        "levels": [0.02, 0.05, 0.1, 0.2, 0.4],
+        "num_images": 500,
+        "prior": "b9997f511f681245",
+        "quantile": 0.99,
+        "seed": 0,
+        "source": "500 Color-MNIST test digits (the last 500 of the benchmark's "
+        "test permutation, seed 0), coloured with seed 10",
+        "threshold": 0.12001696974039078,
+    }
+}
 # END CALIBRATED
 
 
