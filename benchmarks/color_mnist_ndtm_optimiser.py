@@ -13,8 +13,9 @@ the guidance did, and the colour KL's excess over (b) is paired set by set.
 
 ``--split train`` (default) runs on the digits that script tunes on (32 training digits in
 colourings of seed 101, noise seeds 100, 101, ...); ``--split test`` on the benchmark's 16
-held-out references (noise seeds 0, 1, ..., as that script's rows). Writes results.md,
-results.json and ``colour_histograms.png`` into ``--out``. Runs on one CPU thread.
+held-out references (noise seeds 0, 1, ..., as that script's rows). Writes
+``results_{split}.md``, ``results_{split}.json`` and ``colour_histograms_{split}.png`` into
+``--out``. Runs on one CPU thread.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ from fiber_plugins.objectives import FiberObjective  # noqa: E402
 from fiber_plugins.samplers import GuidanceSchedule, NDTMConfig, NDTMSampler  # noqa: E402
 
 OUT = "benchmarks/results/color-mnist-ndtm-conditional/optimiser"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 BIG_MOVE = 0.05  # a colour moved by more than this is counted
 
 
-def row_d_config(results_json: Path, steps: int, inner_steps: int) -> NDTMConfig:
+def row_d_config(results_json: Path, steps: int) -> NDTMConfig:
     """Row (d)'s NDTM settings as ``color_mnist_ndtm_conditional.py`` chose and recorded them."""
     if not results_json.is_file():
         raise SystemExit(
@@ -63,7 +65,7 @@ def row_d_config(results_json: Path, steps: int, inner_steps: int) -> NDTMConfig
             "or pass --conditional-results"
         )
     s = json.loads(results_json.read_text())["settings"]
-    base = NDTMConfig(num_steps=steps, **{**BENCH_NDTM, "inner_steps": inner_steps})
+    base = NDTMConfig(num_steps=steps, **BENCH_NDTM)
     return replace(
         base,
         guidance=GuidanceSchedule.from_dict(s["row_d_guidance"]),
@@ -104,11 +106,10 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--sets", type=int, default=4, help="independent sample sets (noise seeds)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--inner-steps", type=int, default=3, help="the benchmark's N (see row (d))")
     p.add_argument("--lr-scales", type=float, nargs="+", default=[10.0, 30.0, 100.0, 300.0])
     p.add_argument(
         "--conditional-results",
-        default=str(Path(CONDITIONAL_OUT) / "results.json"),
+        default=str(ROOT / CONDITIONAL_OUT / "results.json"),
         help="results.json of color_mnist_ndtm_conditional.py (row (d)'s schedule)",
     )
     p.add_argument("--out", default=OUT)
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     start = time.perf_counter()
-    adam = row_d_config(Path(args.conditional_results), args.steps, args.inner_steps)
+    adam = row_d_config(Path(args.conditional_results), args.steps)
     if args.split == "train":  # the digits color_mnist_ndtm_conditional.py tunes on
         num, seed0 = args.references or 32, 100
         refs = references(num, seed0, split="train")
@@ -140,7 +141,8 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    samplers = {"b": _make_sampler("conditional", prior, objective, args.steps, args.inner_steps)}
+    n_bench = BENCH_NDTM["inner_steps"]  # unused by the plain conditional sampler
+    samplers = {"b": _make_sampler("conditional", prior, objective, args.steps, n_bench)}
     samplers["adam"] = NDTMSampler(model, objective, adam)
     for s in args.lr_scales:
         samplers[f"sgd x{s:g}"] = NDTMSampler(model, objective, sgd_config(adam, s))

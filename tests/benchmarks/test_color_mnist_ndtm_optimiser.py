@@ -19,13 +19,14 @@ def script():
 
 
 def test_row_d_is_read_from_the_conditional_benchmark_record(script, tmp_path):
-    cfg = script.row_d_config(script.Path(script.CONDITIONAL_OUT) / "results.json", 25, 3)
-    recorded = json.loads((script.Path(script.CONDITIONAL_OUT) / "results.json").read_text())
+    record = script.ROOT / script.CONDITIONAL_OUT / "results.json"
+    cfg = script.row_d_config(record, 25)
+    recorded = json.loads(record.read_text())
     assert cfg.guidance.to_dict() == recorded["settings"]["row_d_guidance"]
     assert cfg.inner_steps == recorded["settings"]["row_d_inner_steps"]
     assert cfg.optimiser == "adam" and cfg.num_steps == 25
     with pytest.raises(SystemExit, match="not found: run benchmarks/color_mnist_ndtm_conditional"):
-        script.row_d_config(tmp_path / "missing.json", 25, 3)
+        script.row_d_config(tmp_path / "missing.json", 25)
 
 
 def test_sgd_rows_scale_the_learning_rates_and_keep_the_rest(script):

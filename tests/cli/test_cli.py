@@ -58,6 +58,18 @@ def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_pa
     assert metrics["config"]["settings"]["optimiser"] == "adam"  # the paper's, by default
 
 
+def test_sample_choices_are_the_librarys():
+    from fiber_plugins.cli.parser import build_parser
+    from fiber_plugins.samplers._common import OPTIMISERS
+    from fiber_plugins.samplers.config import GUIDANCE_SCHEDULES, TARGET_MODES
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    choices = {a.dest: a.choices for a in sample._actions if a.choices}
+    assert set(choices["optimiser"]) == set(OPTIMISERS)
+    assert set(choices["schedule"]) == set(GUIDANCE_SCHEDULES)
+    assert set(choices["target_mode"]) == set(TARGET_MODES)
+
+
 def test_sample_optimiser_flag(pixel_prior_dir, ref_png, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(pixel_prior_dir, ref_png, out, "--optimiser", "sgd", "--lr", "5", "1")) == 0

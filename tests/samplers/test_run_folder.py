@@ -201,6 +201,34 @@ def test_resume_refuses_other_settings_and_drops_orphan_shards(pixel_prior, subj
     assert not orphan.exists() and not res.failed.any()
 
 
+def test_a_run_from_before_a_setting_existed_resumes_at_its_earlier_value(
+    pixel_prior, subject, tmp_path
+):
+    """NDTM's ``optimiser`` came later: a run folder whose fingerprint does not record it was
+    sampled with Adam, so it resumes with Adam and is refused with SGD."""
+    s = _sampler(pixel_prior, subject)
+    run = tmp_path / "run"
+    orig = rf.RunFolder.commit
+
+    def stop_first(self, *a, **k):
+        orig(self, *a, **k)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rf.RunFolder, "commit", stop_first)
+        with pytest.raises(RunInterrupted):
+            s.sample(references=_refs(), n=2, batch_size=2, out=run, progress=False)
+    manifest = json.loads((run / rf.RUN_FILE).read_text())
+    del manifest["fingerprint"]["settings"]["optimiser"]  # as an earlier version wrote it
+    (run / rf.RUN_FILE).write_text(json.dumps(manifest))
+    sgd = _sampler(pixel_prior, subject, optimiser="sgd")
+    with pytest.raises(UserError, match="optimiser: run 'adam', now 'sgd'"):
+        sgd.sample(references=_refs(), n=2, out=run, resume=True, progress=False)
+    res = s.sample(references=_refs(), n=2, batch_size=2, out=run, resume=True, progress=False)
+    whole = s.sample(references=_refs(), n=2, batch_size=2, progress=False)
+    assert torch.equal(res.images, whole.images) and not res.failed.any()
+
+
 # ---------------------------------------------------------------------------- the folder rules
 def test_out_dir_rules(tmp_path):
     f = tmp_path / "file"

@@ -94,7 +94,7 @@ class NDTMConfig(SettingsMixin):
     eta: DDIM eta of the update (0 deterministic, 1 DDPM-like).
     target_mode: 'static' (y* = phi(x*)) or 'reapprox' (y*_t = phi(D(x0_hat(x*_t))), paper Eq. 11-12).
     autocast: bf16 autocast of the networks (meant for CUDA; also honoured on CPU); the control
-        u, the Adam state and the losses stay fp32.
+        u, the optimiser state and the losses stay fp32.
     trace: record the fiber loss of x0_hat at every step (costs one decode + phi forward on
         unguided steps).
 

@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -198,6 +199,21 @@ def remove_run(path: Path) -> None:
             p.unlink()
 
 
+# Settings a sampler gained after run folders existed, with the value every earlier run had:
+# a run written before the setting existed resumes under that value (and only under it).
+LATER_SETTINGS: dict[str, dict[str, Any]] = {"ndtm": {"optimiser": "adam"}}
+
+
+def with_later_settings(fingerprint: dict) -> dict:
+    """``fingerprint`` with the settings its sampler gained later (:data:`LATER_SETTINGS`)
+    filled in at their earlier value where it does not record them."""
+    later = LATER_SETTINGS.get(fingerprint.get("sampler"), {})
+    settings = fingerprint.get("settings")
+    if not later or not isinstance(settings, dict):
+        return fingerprint
+    return {**fingerprint, "settings": {**later, **settings}}
+
+
 class RunFolder:
     """A run folder being written (see the module docstring for the format).
 
@@ -283,13 +299,19 @@ class RunFolder:
         return folder
 
     def _check_fingerprint(self, fingerprint: dict) -> None:
-        old = self.manifest.get("fingerprint", {})
+        old = with_later_settings(self.manifest.get("fingerprint", {}))
         keys = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if keys:
             k = keys[0]
+            was, now = old.get(k), fingerprint.get(k)
+            if isinstance(was, dict) and isinstance(now, dict):  # name the entries that differ
+                sub = sorted(j for j in set(was) | set(now) if was.get(j) != now.get(j))
+                detail = "; ".join(f"{j}: run {was.get(j)!r}, now {now.get(j)!r}" for j in sub)
+            else:
+                detail = f"{k}: run {was!r}, now {now!r}"
             raise UserValueError(
                 f"cannot resume {str(self.path)!r}: this call differs from the run in "
-                f"{', '.join(keys)} ({k}: run {old.get(k)!r}, now {fingerprint.get(k)!r}); "
+                f"{', '.join(keys)} ({detail}); "
                 "repeat the run's own settings, or pass --overwrite / a new folder"
             )
 
