@@ -465,6 +465,8 @@ def markdown(report: dict) -> str:
                 f"{dr['mean_change_away_from_wrap']:+.4f} | "
                 f"{dr['near_wrap_mean_change_away']:+.4f} ({dr['near_wrap_colours']} colours) |"
             )
+    fates = [r for r in drifts if r.get("branch_fate_vs_b") is not None]
+    if fates:  # records written before branch_fate have none
         lines += [
             "",
             "Colours off h's branch (digit colour more than 0.3 from h(b)) in (b), and what the "
@@ -476,10 +478,8 @@ def markdown(report: dict) -> str:
             "same side | still off | put off the law |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in drifts:
-            fate = r.get("branch_fate_vs_b")
-            if fate is None:
-                continue
+        for r in fates:
+            fate = r["branch_fate_vs_b"]
             lines.append(
                 f"| {r['method'][:3]} | {fate['colours']} | {fate['base_off_law']} | "
                 f"{fate['put_on_law_across_the_wrap']} | {fate['put_on_law_same_side']} | "
@@ -497,6 +497,9 @@ def markdown(report: dict) -> str:
         "is better for all). (b), (c) and (d) use the shipped `color-mnist-conditional` "
         "(lambda_fiber 0.01); (c) and (d) condition every network call of each row on that row's "
         "target y* and correct the trajectory with NDTM's control.",
+        "",
+        "The same control with plain gradient steps instead of Adam's (`optimiser='sgd'`): "
+        "`optimiser/results_test.md`, written by `benchmarks/color_mnist_ndtm_optimiser.py`.",
         "",
     ]
     if report.get("tuning"):

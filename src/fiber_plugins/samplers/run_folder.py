@@ -207,7 +207,7 @@ LATER_SETTINGS: dict[str, dict[str, Any]] = {"ndtm": {"optimiser": "adam"}}
 def with_later_settings(fingerprint: dict) -> dict:
     """``fingerprint`` with the settings its sampler gained later (:data:`LATER_SETTINGS`)
     filled in at their earlier value where it does not record them."""
-    later = LATER_SETTINGS.get(fingerprint.get("sampler"), {})
+    later = LATER_SETTINGS.get(str(fingerprint.get("sampler")), {})
     settings = fingerprint.get("settings")
     if not later or not isinstance(settings, dict):
         return fingerprint
