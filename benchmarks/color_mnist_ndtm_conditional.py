@@ -306,10 +306,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.tune_references <= 0 and args.schedule is None:
         raise SystemExit("--tune-references 0 needs --schedule")
+    return on_one_thread(run, args)
+
+
+def on_one_thread(fn, *args):
+    """``fn(*args)`` with torch on one CPU thread (the thread count is restored after)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(args)
+        return fn(*args)
     finally:
         torch.set_num_threads(threads)
 

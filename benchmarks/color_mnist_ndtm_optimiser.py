@@ -36,6 +36,7 @@ from color_mnist_ndtm_conditional import OUT as CONDITIONAL_OUT  # noqa: E402
 from color_mnist_ndtm_conditional import (  # noqa: E402
     background_colours,
     drift_summary,
+    on_one_thread,
     paired_drift,
     plot_colours,
 )
@@ -116,12 +117,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if any(not (math.isfinite(s) and s > 0) for s in args.lr_scales):
         raise SystemExit(f"--lr-scales must be positive numbers, got {args.lr_scales}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return on_one_thread(run, args)
 
 
 def run(args) -> dict:

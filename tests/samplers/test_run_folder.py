@@ -175,9 +175,8 @@ def test_a_signal_after_two_rows_keeps_them_and_resume_gives_the_same_samples(
     assert json.loads((run / rf.RUN_FILE).read_text())["status"] == "complete"
 
 
-def test_resume_refuses_other_settings_and_drops_orphan_shards(pixel_prior, subject, tmp_path):
-    s = _sampler(pixel_prior, subject)
-    run = tmp_path / "run"
+def _interrupted_after_one_batch(sampler, run: Path) -> Path:
+    """``run``: a run of 2 references x 2 samples stopped (Ctrl-C) after its first batch of 2."""
     orig = rf.RunFolder.commit
 
     def stop_first(self, *a, **k):
@@ -187,7 +186,13 @@ def test_resume_refuses_other_settings_and_drops_orphan_shards(pixel_prior, subj
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rf.RunFolder, "commit", stop_first)
         with pytest.raises(RunInterrupted):
-            s.sample(references=_refs(), n=2, batch_size=2, out=run, progress=False)
+            sampler.sample(references=_refs(), n=2, batch_size=2, out=run, progress=False)
+    return run
+
+
+def test_resume_refuses_other_settings_and_drops_orphan_shards(pixel_prior, subject, tmp_path):
+    s = _sampler(pixel_prior, subject)
+    run = _interrupted_after_one_batch(s, tmp_path / "run")
     orphan = run / rf.SHARD_DIR / "000099.safetensors"
     orphan.write_bytes(b"half a file from a killed run")
     with pytest.raises(UserError, match="differs from the run in seed"):
@@ -207,17 +212,7 @@ def test_a_run_from_before_a_setting_existed_resumes_at_its_earlier_value(
     """NDTM's ``optimiser`` came later: a run folder whose fingerprint does not record it was
     sampled with Adam, so it resumes with Adam and is refused with SGD."""
     s = _sampler(pixel_prior, subject)
-    run = tmp_path / "run"
-    orig = rf.RunFolder.commit
-
-    def stop_first(self, *a, **k):
-        orig(self, *a, **k)
-        raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rf.RunFolder, "commit", stop_first)
-        with pytest.raises(RunInterrupted):
-            s.sample(references=_refs(), n=2, batch_size=2, out=run, progress=False)
+    run = _interrupted_after_one_batch(s, tmp_path / "run")
     manifest = json.loads((run / rf.RUN_FILE).read_text())
     del manifest["fingerprint"]["settings"]["optimiser"]  # as an earlier version wrote it
     (run / rf.RUN_FILE).write_text(json.dumps(manifest))
