@@ -218,7 +218,8 @@ class ConditionalFiberModel(DiffusionPrior):
     ) -> ConditionalFiberModel:
         """Load a folder written by :meth:`save_pretrained` (or ``fiber-plugins train``)."""
         from ..weights import load_state, read_safetensors
-        from .loading import _load_model, _read_json
+        from ._files import read_json
+        from .loading import _load_model
 
         root = Path(folder)
         missing = [
@@ -236,10 +237,10 @@ class ConditionalFiberModel(DiffusionPrior):
                 f"{str(root)!r} is not a conditional fiber model folder: missing {missing} "
                 "(write one with ConditionalFiberModel.save_pretrained or train_fiber_model)"
             )
-        sched = _read_json(root / "scheduler" / "scheduler_config.json")
+        sched = read_json(root / "scheduler" / "scheduler_config.json")
         cond_cfg_file = root / "condition" / "config.json"
         try:
-            cond = ConditionEmbedding(**_read_json(cond_cfg_file))
+            cond = ConditionEmbedding(**read_json(cond_cfg_file))
         except TypeError as err:  # keys the embedding does not take
             raise UserValueError(
                 f"{cond_cfg_file} does not describe a ConditionEmbedding ({err})"
@@ -249,7 +250,7 @@ class ConditionalFiberModel(DiffusionPrior):
         load_state(cond, state, f"condition weights {str(weights)!r}")
         unet = _load_model(root / "unet", "UNet2DModel")
         info_file = root / "fiber_model.json"
-        info = _read_json(info_file) if info_file.is_file() else {}
+        info = read_json(info_file) if info_file.is_file() else {}
         model = cls(unet, cond, sched, info=info)
         return model.to(device) if device is not None else model
 
