@@ -37,6 +37,13 @@ _EXTRAS = {
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def _generated_init(frame: FrameType) -> bool:
+    """A dataclass's generated ``__init__`` (compiled from a string), on the way from a config's
+    ``__post_init__`` to the user's line."""
+    code = frame.f_code
+    return code.co_filename == "<string>" and code.co_name == "__init__"
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside this package (the user's line),
     however deep inside the package the warning is raised."""
@@ -45,6 +52,7 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and (
         frame.f_code.co_filename.startswith(_PACKAGE_DIR)
         or frame.f_code.co_filename == contextlib.__file__  # our `with` blocks' generator frames
+        or _generated_init(frame)  # a dataclass's __init__ calling our __post_init__
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

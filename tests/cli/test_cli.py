@@ -61,10 +61,11 @@ def test_sample_writes_grid_tensors_and_metrics(pixel_prior_dir, ref_png, tmp_pa
 def test_sample_choices_are_the_librarys():
     from fiber_plugins.cli.parser import build_parser
     from fiber_plugins.samplers._common import OPTIMISERS
-    from fiber_plugins.samplers.config import GUIDANCE_SCHEDULES, TARGET_MODES
+    from fiber_plugins.samplers.config import ADAM_LRS, GUIDANCE_SCHEDULES, TARGET_MODES
 
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     choices = {a.dest: a.choices for a in sample._actions if a.choices}
+    assert tuple(next(a.default for a in sample._actions if a.dest == "lr")) == ADAM_LRS
     assert set(choices["optimiser"]) == set(OPTIMISERS)
     assert set(choices["schedule"]) == set(GUIDANCE_SCHEDULES)
     assert set(choices["target_mode"]) == set(TARGET_MODES)

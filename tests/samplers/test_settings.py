@@ -162,6 +162,24 @@ def test_good_values_are_accepted_and_normalised():
     assert ConditionalConfig(num_steps=1, trace=False).trace is False
 
 
+def test_sgd_at_adams_default_rates_warns_once_at_the_users_line():
+    """Plain gradient steps at Adam's default rates: a warning naming the rates and what to do,
+    attributed to the user's line; not for Adam, nor for SGD with rates of its own."""
+    import warnings
+
+    with pytest.warns(
+        UserWarning, match=r"'sgd' with the default learning rates \(0\.05, 0\.01\)"
+    ) as rec:
+        NDTMConfig(optimiser="sgd")
+    assert len(rec) == 1 and rec[0].filename == __file__
+    assert "set lr_start and lr_end" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NDTMConfig()
+        NDTMConfig(optimiser="sgd", lr_start=5.0, lr_end=0.1)
+        NDTMConfig(optimiser="sgd", lr_start=0.05, lr_end=0.0)
+
+
 ROUND_TRIP = [
     GuidanceSchedule("ramp", 0.5, low=0.1, high=0.9, final=2.0),
     NDTMConfig(

@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="adam",
         choices=["adam", "sgd"],
         help="optimiser of NDTM's control (adam: the paper's; sgd: plain gradient steps, whose "
-        "learning rates are on another scale: with sgd, set --lr too, or the default's steps are "
-        "too small to guide)",
+        "learning rates are on the scale of the objective's gradient: with sgd, set --lr too; "
+        "the default --lr is Adam's, and sgd with it warns)",
     )
     s.add_argument("--kappa", type=_finite_float, default=1e-4)
     s.add_argument("--tau", type=_finite_float, default=0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+from .._utils import warn
 from ..errors import UserTypeError, UserValueError
 from ._common import (
     OPTIMISERS,
@@ -17,6 +18,8 @@ from ._common import (
 
 GUIDANCE_SCHEDULES = ("constant", "interval", "ramp")
 TARGET_MODES = ("static", "reapprox")
+# NDTM's default (lr_start, lr_end), chosen for Adam
+ADAM_LRS = (0.05, 0.01)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ class NDTMConfig(SettingsMixin):
     num_steps: int = 50
     inner_steps: int = 4
     guidance: GuidanceSchedule = GuidanceSchedule()
-    lr_start: float = 0.05
-    lr_end: float = 0.01
+    lr_start: float = ADAM_LRS[0]
+    lr_end: float = ADAM_LRS[1]
     optimiser: str = "adam"
     kappa: float = 1e-4
     tau: float = 0.0
@@ -130,6 +133,14 @@ class NDTMConfig(SettingsMixin):
         self._check("target_mode", check_choice, TARGET_MODES)
         self._check("autocast", check_bool)
         self._check("trace", check_bool)
+        if self.optimiser == "sgd" and (self.lr_start, self.lr_end) == ADAM_LRS:
+            warn(
+                f"NDTM optimiser 'sgd' with the default learning rates {ADAM_LRS}, which are "
+                "Adam's: plain gradient steps move u by lr x its gradient, so their scale depends "
+                "on the objective's; set lr_start and lr_end for it (on the Color-MNIST "
+                "conditional model, 10 and 0.2 reached the fiber: docs/samplers.md, 'The "
+                "control's optimiser')"
+            )
 
     def lr(self, i: int) -> float:
         """Learning rate at step i of the grid (linear decay)."""
