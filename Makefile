@@ -60,7 +60,7 @@ notebooks: $(STAMP)
 	cd notebooks && ../$(BIN)/jupyter-execute --inplace captum_companion.ipynb sae_feature_inspection.ipynb neuron_concept_validation.ipynb
 
 bench: $(STAMP)
-	$(BIN)/fiber-plugins bench color-mnist --out benchmarks/results/color-mnist
+	$(BIN)/fiber-plugins bench color-mnist --out benchmarks/results/color-mnist --overwrite
 	$(BIN)/python benchmarks/gpu_ndtm.py
 
 lint: $(STAMP)

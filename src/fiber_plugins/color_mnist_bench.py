@@ -158,6 +158,38 @@ def summarise(sets: list[dict]) -> dict:
     return out
 
 
+# every file the benchmark writes (the grids: one per method and prior)
+BENCH_FILES = (
+    "results.json",
+    "results.md",
+    "fidelity_consistency.png",
+    *(f"{m}_{tag}.png" for m in METHOD_NAMES for tag in ("in", "ood")),
+)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a file, a folder of other things, or an earlier benchmark without ``overwrite``;
+    with it, remove the earlier benchmark's files (a grid of a method not run again would
+    otherwise stay beside the new results)."""
+    if out.exists() and not out.is_dir():
+        raise UserValueError(f"--out {str(out)!r} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "results.json").is_file():
+        names = sorted(p.name for p in out.iterdir())
+        raise UserValueError(
+            f"--out {str(out)!r} is not empty and holds no benchmark ({', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}); give a new or empty folder"
+        )
+    if not overwrite:
+        raise UserValueError(
+            f"--out {str(out)!r} holds an earlier benchmark (results.json); pass --overwrite "
+            "(overwrite=True) to replace it, or give a new folder"
+        )
+    for name in BENCH_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_color_mnist_bench(
     out: str | Path,
     num_references: int = 16,
@@ -170,18 +202,23 @@ def run_color_mnist_bench(
     methods: tuple[str, ...] = tuple(METHOD_NAMES),
     progress: bool = True,
     sets: int = 3,
+    overwrite: bool = False,
 ) -> dict:
     """Run the benchmark; ``methods`` for the in-distribution prior (the OOD prior runs
     unguided and NDTM). Every method draws ``sets`` independent sample sets (noise seeds
     ``seed``, ``seed + 1``, ...) for the same references; rows give the mean and standard
     deviation over the sets (paper Fig. 14). Writes results.md, results.json,
-    fidelity_consistency.png and one grid per method (first set) into ``out``."""
+    fidelity_consistency.png and one grid per method (first set) into ``out``.
+
+    ``out`` is new, empty, or holds an earlier benchmark (its results.json): that one is
+    replaced only with ``overwrite`` (its files go; other files in the folder stay)."""
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown:
         raise UserValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
     if sets < 1:
         raise UserValueError(f"sets must be >= 1 (independent sample sets), got {sets}")
     out = Path(out)
+    _check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     subject = zoo.load("color-mnist-subject", device=device)
     objective = FiberObjective(subject, name="E(decolorize(x))")

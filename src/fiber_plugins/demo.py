@@ -39,7 +39,7 @@ def run_demo(
     overwrite: bool = False,
 ) -> Path:
     out = Path(out)
-    check_out_dir(out, overwrite=overwrite)  # before any model is loaded
+    check_out_dir(out, overwrite=overwrite, can_resume=False)  # before any model is loaded
     out.mkdir(parents=True, exist_ok=True)
     prior = zoo.load("color-mnist-prior", device=device)
     subject = zoo.load("color-mnist-subject", device=device)

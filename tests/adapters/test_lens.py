@@ -91,9 +91,10 @@ def test_unknown_hook_suggests_closest(model):
 def test_bad_token_and_position(model):
     with pytest.raises(ValueError, match="unknown token"):
         lens_objective(model, "hook_resid_post", token="first")
-    obj = lens_objective(model, "hook_resid_post", token=40)
-    with pytest.raises(IndexError, match="17 tokens"):
-        obj.features(torch.zeros(1, 3, 16, 16))
+    for bad in (40, -1):  # no negatives: one token, one name
+        obj = lens_objective(model, "hook_resid_post", token=bad)
+        with pytest.raises(IndexError, match=r"17 tokens \(valid: 0\.\.16\)"):
+            obj.features(torch.zeros(1, 3, 16, 16))
     obj = lens_objective(model, "hook_logits", token="cls")
     with pytest.raises(ValueError, match="token='all'"):
         obj.features(torch.zeros(1, 3, 16, 16))

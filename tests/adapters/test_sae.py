@@ -216,7 +216,7 @@ def test_truncated_sae_weights_one_line(tmp_path):
     assert "\n" not in message and str(weights) in message and "truncated or corrupt" in message
 
 
-@pytest.mark.parametrize("features", [12, [0, 40], -13])
+@pytest.mark.parametrize("features", [12, [0, 40], -13, -1, [3, -2]])
 def test_feature_out_of_range_names_sae_size(model, features):
     with pytest.raises(IndexError, match="SAE with 12 features"):
         sae_objective(model, "block", ours(), features=features)

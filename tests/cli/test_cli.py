@@ -108,6 +108,10 @@ def test_bad_batch_size_exit_2(pixel_prior_dir, ref_png, tmp_path, capsys, bad):
             ["--target", "layer:conv1:99"],
             "channel 99 is out of range for layer 'conv1' with size 8",
         ),
+        (
+            ["--target", "layer:conv1:-1"],
+            "channel -1 is out of range for layer 'conv1' with size 8 (valid: 0..7)",
+        ),
         (["--target", "pixels"], "unknown target 'pixels'; valid forms"),
         (["--target", "logits:x"], "must be an integer"),
         (["--target", "embedding"], "needs a timm-style model"),
@@ -291,3 +295,21 @@ def test_train_prior_checkpoints_and_resumes(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.parametrize(
+    "flags, unused",
+    [
+        (["--interval", "0.1", "0.2"], "'constant' does not use low=0.1, high=0.2"),
+        (["--final-guidance", "2"], "'constant' does not use final=2.0"),
+        (["--schedule", "interval", "--final-guidance", "2"], "'interval' does not use final"),
+    ],
+)
+def test_guidance_flags_the_schedule_ignores_are_refused(
+    pixel_prior_dir, ref_png, tmp_path, capsys, flags, unused
+):
+    """--interval under the default constant schedule would be recorded and change nothing."""
+    out = tmp_path / "run"
+    assert main(_args(pixel_prior_dir, ref_png, out, *flags)) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert unused in err and "(--schedule)" in err and len(err.strip().splitlines()) == 1

@@ -156,3 +156,22 @@ def test_every_failure_is_a_user_error(tmp_path):
         with pytest.raises(UserError) as err:
             load_subject(SUBJECT, str(tmp_path / name))
         _one_line(err)
+
+
+def test_timm_subject_without_weights_warns_and_with_weights_loads_them(tmp_path):
+    """``timm:NAME`` never downloads: without --weights the model is random, which a user must
+    be told (as for OpenCLIP); with them, they are what the model holds."""
+    import warnings
+
+    timm = pytest.importorskip("timm")
+    with pytest.warns(UserWarning, match=r"timm model 'test_vit' has no weights: .*--weights"):
+        model, pre = load_subject("timm:test_vit")
+    assert pre is not None and not model.training
+    reference = timm.create_model("test_vit", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded, _ = load_subject("timm:test_vit", weights=str(path))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

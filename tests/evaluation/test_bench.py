@@ -55,3 +55,27 @@ def test_small_benchmark_ndtm_beats_nearest_neighbour(tmp_path):
 def test_benchmark_refuses_zero_sets(tmp_path):
     with pytest.raises(ValueError, match="sets must be >= 1"):
         run_color_mnist_bench(tmp_path, sets=0, progress=False)
+
+
+def test_benchmark_keeps_out_of_other_folders_and_replaces_only_with_overwrite(tmp_path):
+    """Like every command that writes a folder: a folder of other things is refused, an earlier
+    benchmark is replaced only with overwrite, and then only its own files go (checked before
+    any model is loaded)."""
+    from fiber_plugins.color_mnist_bench import _check_out
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"is not empty and holds no benchmark \(keep.txt\)"):
+        run_color_mnist_bench(other, progress=False)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("results.json", "results.md", "dps_in.png", "study.json"):
+        (earlier / name).write_text("{}")
+    with pytest.raises(ValueError, match=r"holds an earlier benchmark .*pass --overwrite"):
+        run_color_mnist_bench(earlier, progress=False)
+    _check_out(earlier, overwrite=True)
+    assert sorted(p.name for p in earlier.iterdir()) == ["study.json"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        run_color_mnist_bench(tmp_path / "file", progress=False)

@@ -255,6 +255,15 @@ def test_report_marks_flagged_samples(trained_prior, subject, calibrated, tmp_pa
     assert "2 of 5 samples flagged off-manifold" in page
     assert page.count("(flagged)") == 4  # loss table and realism table, 2 samples each
     assert "Realism score per sample" in page
+    # every file the evaluation and the report wrote is a run file: the folder can be overwritten
+    # or resumed, and removing the run leaves nothing behind
+    from fiber_plugins.samplers.run_folder import RUN_FILES, check_out_dir, remove_run
+
+    assert {p.name for p in run.iterdir()} <= set(RUN_FILES)
+    assert check_out_dir(run, overwrite=True) == "overwrite"
+    assert check_out_dir(run, resume=True) == "resume"
+    remove_run(run)
+    assert not any(run.iterdir())
 
 
 def test_cli_sample_scores_its_samples(pixel_prior_dir, tmp_path):

@@ -74,6 +74,10 @@ def test_selections_match_hand_computation():
         select(a, [0, 9])
     with pytest.raises(IndexError, match="index along dim 2"):
         select(a, (0, 3, 0))
+    # negatives are refused, not wrapped: channel -1 would be channel 5 under a second name
+    for bad in (-1, [0, -6], (-1, 0)):
+        with pytest.raises(IndexError, match=r"-[16] is out of range .*\(valid: 0\.\.[52]\)"):
+            select(a, bad)
 
 
 # ---------------------------------------------------------------- preprocessing

@@ -407,3 +407,52 @@ def test_every_sampler_writes_its_own_config_entries_into_the_run(pixel_prior, s
     res = s.sample(references=_refs(), n=1, out=tmp_path / "run", progress=False)
     assert res.config["iterations"] == [[2], [2]]
     assert fp.FiberResult.load(tmp_path / "run").config["iterations"] == [[2], [2]]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_get_the_umasks_mode(tmp_path, umask):
+    """Atomic writes go through a temporary file (owner-only by mkstemp); the file they leave
+    has the mode a plain open() gives under the user's umask, like the PNGs beside it."""
+    old = os.umask(umask)
+    try:
+        rf.atomic_write(tmp_path / "metrics.json", lambda p: p.write_text("{}"))
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "metrics.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
+def test_an_out_folder_the_system_cannot_create_is_refused_before_loading(tmp_path):
+    """A name too long, or a folder under a file system that creates nothing (/proc): one line
+    at the check, not a traceback after the models have loaded; the probe leaves nothing."""
+    cases = [tmp_path / ("a" * 300), tmp_path / "new" / ("b" * 300) / "run"]
+    if Path("/proc/self").is_dir():
+        cases.append(Path("/proc/fiber-plugins-run"))
+    for path in cases:
+        with pytest.raises(UserError, match=r"^cannot use output folder .*; give another folder$"):
+            rf.check_out_dir(path)
+    assert not (tmp_path / "new").exists()
+    assert rf.check_out_dir(tmp_path / "x" / "y") == "new" and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "status, can_resume, offers_resume",
+    [("interrupted", True, True), ("running", True, True), ("complete", True, False),
+     ("interrupted", False, False)],
+)  # fmt: skip
+def test_an_earlier_run_is_refused_offering_only_what_can_be_done(
+    tmp_path, status, can_resume, offers_resume
+):
+    """A finished run has nothing to finish, and the demo cannot resume: the refusal offers
+    --resume only for an unfinished run where the caller can resume."""
+    (tmp_path / rf.RUN_FILE).write_text(
+        json.dumps({"status": status, "rows_done": 3, "num_rows": 8})
+    )
+    with pytest.raises(UserError) as err:
+        rf.check_out_dir(tmp_path, can_resume=can_resume)
+    message = str(err.value)
+    assert f"holds an earlier {status} run, 3 of 8 rows" in message
+    assert "--overwrite (overwrite=True) to replace it" in message
+    assert ("--resume" in message) is offers_resume

@@ -131,6 +131,12 @@ def test_every_numeric_setting_is_in_the_table():
         (lambda: GuidanceSchedule("interval", low=0.8, high=0.2), "0 <= low <= high <= 1"),
         (lambda: GuidanceSchedule("ramp", final=NAN), "final guidance must be"),
         (lambda: GuidanceSchedule("cosine"), "unknown guidance schedule 'cosine'"),
+        # a setting the kind does not use would be stored but change nothing
+        (lambda: GuidanceSchedule(low=0.1, high=0.2), "'constant' does not use low=0.1, high=0.2"),
+        (lambda: GuidanceSchedule(final=2.0), "'constant' does not use final=2.0"),
+        (lambda: GuidanceSchedule(outside=0.5), "'constant' does not use outside=0.5"),
+        (lambda: GuidanceSchedule("interval", final=2.0), "'interval' does not use final=2.0"),
+        (lambda: NDTMConfig(guidance={"kind": "constant", "final": 1}), "does not use final=1.0"),
         (lambda: NDTMConfig(guidance={"kind": "ramp", "final": NAN}), "final guidance must be"),
         (lambda: NDTMConfig(guidance={"strength": 1, "gamma": 2}), "settings ['gamma']"),
         (lambda: NDTMConfig(target_mode="dynamic"), "unknown target_mode 'dynamic'"),

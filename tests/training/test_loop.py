@@ -3,8 +3,10 @@ non-finite losses refused, EMA."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,9 +96,10 @@ def test_ema_weights_are_copied_in_at_the_end():
 
 
 # ---------------------------------------------------------------------- checkpoint / resume
-def _toy_run(folder, steps=12, stop_after=None, resume=True, every=4, seen=None):
+def _toy_run(folder, steps=12, stop_after=None, resume=True, every=4, seen=None, **changed):
     """A seeded toy regression with AdamW, the cosine schedule, EMA and a batch generator;
-    ``stop_after`` interrupts it (an exception from ``step``) before that step."""
+    ``stop_after`` interrupts it (an exception from ``step``) before that step; ``changed``
+    replaces train_loop arguments."""
     pytest.importorskip("diffusers")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -125,6 +128,7 @@ def _toy_run(folder, steps=12, stop_after=None, resume=True, every=4, seen=None)
         generators=[gen],
         on_checkpoint=(lambda done, w: seen.append(done)) if seen is not None else None,
     )
+    kw.update(changed)
     try:
         record = train_loop(net.parameters(), step, **kw)
     except Stop:
@@ -174,7 +178,9 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_in_one_line(tmp_path):
     assert "cannot be resumed" in _one_line(err)
 
     state.write_text(good)
-    with pytest.raises(UserValueError, match=r"another run \(differs in steps\)") as err:
+    with pytest.raises(
+        UserValueError, match=r"other settings \(steps: checkpoint 8, now 10\)"
+    ) as err:
         _toy_run(folder, steps=10)
     _one_line(err)
 
@@ -208,3 +214,112 @@ def test_checkpoint_every_must_be_positive(tmp_path):
             checkpoint=tmp_path,
             checkpoint_every=0,
         )
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        ({"lr": 0.02}, "lr: checkpoint 0.01, now 0.02"),
+        ({"ema_decay": 0.5}, "ema_decay: checkpoint 0.9, now 0.5"),
+        ({"ema_decay": None}, "ema_decay: checkpoint 0.9, now None"),
+        ({"clip_grad_norm": None}, "clip_grad_norm: checkpoint 1.0, now None"),
+        ({"weight_decay": 0.1}, "weight_decay: checkpoint 0.0, now 0.1"),
+        ({"optimizer": torch.optim.Adam}, "optimizer: checkpoint 'AdamW', now 'Adam'"),
+        ({"lr_schedule": None}, "lr_schedule: checkpoint 'cosine_lr', now None"),
+        ({"generators": []}, "generators: checkpoint 1, now 0"),
+        ({"recipe": {"batch": 16}}, "batch: checkpoint (not recorded), now 16"),
+    ],
+)
+def test_a_resume_with_other_settings_names_each_with_both_values(tmp_path, changed, named):
+    """Every setting of the loop and of the trainer's recipe is compared on resume; the refusal
+    names each differing one with the checkpoint's value and the new one, before any step."""
+    from fiber_plugins.errors import UserValueError
+
+    folder = tmp_path / "ck"
+    _toy_run(folder, steps=8)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserValueError, match="cannot be resumed") as err:
+        _toy_run(folder, steps=8, **changed)
+    assert named in _one_line(err) and "other settings" in str(err.value)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_the_recipe_is_compared_key_by_key(tmp_path):
+    from fiber_plugins.errors import UserTypeError, UserValueError
+
+    folder = tmp_path / "ck"
+    recipe = {"batch_size": 16, "seed": 0, "arch": (8, 8), "objective": "flow"}
+    _, w = _toy_run(folder, steps=8, recipe=recipe)
+    # the same recipe (tuples come back from JSON as lists) resumes the finished run
+    _, w_again = _toy_run(folder, steps=8, recipe=dict(recipe))
+    assert all(torch.equal(a, b) for a, b in zip(w, w_again))
+    with pytest.raises(UserValueError) as err:
+        _toy_run(folder, steps=10, recipe={**recipe, "seed": 5, "objective": "epsilon"})
+    text = _one_line(err)
+    assert "(steps: checkpoint 8, now 10; seed: checkpoint 0, now 5; objective: " in text
+    assert "objective: checkpoint 'flow', now 'epsilon')" in text
+    with pytest.raises(UserValueError) as err:  # a checkpoint of another trainer, no recipe
+        _toy_run(folder, steps=8)
+    assert "batch_size: checkpoint 16, now (not given)" in _one_line(err)
+    with pytest.raises(UserTypeError, match="recipe must hold JSON values.*shape \\(2,\\)"):
+        _toy_run(tmp_path / "other", steps=8, recipe={"data": torch.zeros(2)})
+    # numpy and torch scalars are the numbers they hold
+    _toy_run(
+        folder, steps=8, recipe={**recipe, "batch_size": torch.tensor(16), "seed": np.int64(0)}
+    )
+    # a checkpoint written before the settings were recorded: refused, naming what is missing
+    state = folder / "state.json"
+    meta = json.loads(state.read_text())
+    for key in ("recipe", "ema_decay", "optimizer"):
+        del meta["settings"][key]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(UserValueError) as err:
+        _toy_run(folder, steps=8, recipe=recipe)
+    text = _one_line(err)
+    assert "ema_decay: checkpoint (not recorded), now 0.9" in text
+    assert "batch_size: checkpoint (not recorded), now 16" in text
+
+
+def test_the_checkpoint_folder_is_checked_before_anything_is_written(tmp_path):
+    """A file, a path under a file and a folder of other files are refused in one line, before
+    a step runs and without writing anything; resume=True in a new or empty folder starts
+    afresh; check_checkpoint(required=True) refuses a folder with nothing to resume."""
+    from fiber_plugins.errors import UserValueError
+    from fiber_plugins.training.loop import check_checkpoint
+
+    png = tmp_path / "digit.png"
+    png.write_bytes(b"not a folder")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "grid.png").write_bytes(b"png")
+    for folder, message in [
+        (png, f"checkpoint {str(png)!r} is a file; give a folder"),
+        (
+            png / "ck",
+            f"cannot create checkpoint folder {str(png / 'ck')!r}: {str(png)!r} is a file",
+        ),
+        (run, "is not empty and holds no training checkpoint (grid.png, run.json)"),
+    ]:
+        for resume in (True, False):
+            with pytest.raises(UserValueError) as err:
+                _toy_run(folder, steps=4, resume=resume)
+            assert message in _one_line(err)
+    assert png.read_bytes() == b"not a folder"
+    assert sorted(p.name for p in run.iterdir()) == ["grid.png", "run.json"]
+
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"")  # hidden files do not count
+    (empty / "state-2.safetensors.tmp").write_bytes(b"")  # an interrupted first save
+    for folder in (new, empty):
+        assert check_checkpoint(folder) is False
+        with pytest.raises(UserValueError, match="nothing to resume") as err:
+            check_checkpoint(folder, required=True)
+        _one_line(err)
+        record, _ = _toy_run(folder, steps=4, resume=True)  # continue if present: afresh here
+        assert len(record.logs["loss"]) == 4
+        assert check_checkpoint(folder, required=True) is True
+    with pytest.raises(UserValueError, match="does not exist, so there is nothing to resume"):
+        check_checkpoint(tmp_path / "none", required=True)
+    assert not (tmp_path / "none").exists()

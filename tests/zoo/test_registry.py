@@ -56,3 +56,34 @@ def test_missing_weights_name_the_training_command(scratch_entry):
 def test_unknown_name_lists_the_table():
     with pytest.raises(KeyError, match="closest: 'color-mnist-vit'.*available: \\['color-mnist"):
         zoo.load("color-mnist-vt")
+
+
+def test_load_prior_loads_the_priors_and_refuses_the_subjects():
+    """``--prior zoo:NAME`` and plans' ``prior.path`` go through ``zoo.load_prior``: each entry
+    marked ``prior`` loads as a sampler prior; a subject is refused in one line naming the
+    priors, before anything is loaded."""
+    from fiber_plugins.errors import UserValueError
+    from fiber_plugins.priors import ConditionalFiberModel, DiffusionPrior
+
+    assert zoo.prior_names() == [
+        "color-mnist-prior",
+        "color-mnist-prior-ood",
+        "color-mnist-conditional",
+        "color-mnist-conditional-nofiber",
+    ]
+    for name in zoo.prior_names():
+        assert isinstance(zoo.load_prior(name), (DiffusionPrior, ConditionalFiberModel))
+    for name in set(zoo.list_models()) - set(zoo.prior_names()):
+        with pytest.raises(UserValueError) as err:
+            zoo.load_prior(name)
+        message = str(err.value)
+        assert f"shipped model {name!r} is not a prior" in message and "\n" not in message
+        assert "shipped priors: color-mnist-prior, color-mnist-prior-ood" in message
+
+
+def test_a_zoo_name_given_as_a_prior_folder_says_how_to_load_it():
+    import fiber_plugins as fp
+    from fiber_plugins.errors import UserValueError
+
+    with pytest.raises(UserValueError, match=r"zoo\.load_prior\('color-mnist-prior'\)"):
+        fp.load_prior("zoo:color-mnist-prior")

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import fiber_plugins as fp  # noqa: E402
+from fiber_plugins.data import color_mnist as cm  # noqa: E402
 from fiber_plugins.zoo import prior_training  # noqa: E402
 
 
@@ -253,3 +254,99 @@ def test_off_law_colours_break_the_law_half_the_time():
     assert 0.47 < float(off.float().mean()) < 0.53
     torch.testing.assert_close(f[~off], cm.foreground(b)[~off])
     torch.testing.assert_close(f[off], cm.other_branch(b)[off])
+
+
+# ---------------------------------------------------------------------- what a resume must share
+_BASES = {
+    "plain": {},
+    "posterior": {"target": "colour-posterior", "off_law": 0.25},
+    "ddpm": {"objective": "v", "loss_weighting": "min-snr"},
+}
+_CHANGES = [
+    ("plain", "ood", True),
+    ("plain", "steps", 2),
+    ("plain", "batch_size", 2),
+    ("plain", "lr", 2e-3),
+    ("plain", "ema_decay", 0.99),
+    ("plain", "seed", 5),
+    ("plain", "objective", "epsilon"),
+    ("plain", "flow_shift", 2.0),
+    ("plain", "time_sampling", "logit-normal"),
+    ("plain", "mean_weight", 1.0),
+    ("plain", "target", "colour-posterior"),
+    ("posterior", "off_law", 0.5),
+    ("posterior", "off_law_t_max", 0.9),
+    ("ddpm", "loss_weighting", "none"),
+    ("ddpm", "snr_gamma", 1.0),
+]
+
+
+@pytest.fixture(scope="module")
+def base_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    kw = dict(steps=1, batch_size=4, progress=False)
+    runs: dict = {"digits": cm.load_digits("train")}  # loaded once for every case
+    for name, recipe in _BASES.items():
+        prior_training.train_prior(root / f"{name}-out", checkpoint=root / name, **kw, **recipe)
+        runs[name] = (root / name, {**kw, **recipe})
+    return runs
+
+
+def test_every_recipe_argument_of_train_prior_is_tested_for_a_changed_resume():
+    """The recipe a checkpoint records is every argument but NOT_RECIPE (by construction); the
+    table of changes below covers each of them, so a new argument needs a case here."""
+    import inspect
+
+    arguments = set(inspect.signature(prior_training.train_prior).parameters)
+    assert set(prior_training.NOT_RECIPE) <= arguments
+    assert {name for _, name, _ in _CHANGES} == arguments - set(prior_training.NOT_RECIPE)
+
+
+@pytest.mark.parametrize("base, name, value", _CHANGES, ids=[c[1] for c in _CHANGES])
+def test_a_resume_with_a_changed_recipe_is_refused_naming_it(
+    tmp_path, monkeypatch, base_checkpoints, base, name, value
+):
+    """Any change of the recipe on resume is refused in one line that names the setting with the
+    checkpoint's value and the new one; nothing is written, the checkpoint is left as it was."""
+    import inspect
+
+    monkeypatch.setattr(cm, "load_digits", lambda split: base_checkpoints["digits"])
+    folder, kw = base_checkpoints[base]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    old = kw.get(name, inspect.signature(prior_training.train_prior).parameters[name].default)
+    changed = {**kw, name: value}
+    with pytest.raises(ValueError, match="cannot be resumed") as err:
+        prior_training.train_prior(tmp_path / "out", checkpoint=folder, resume=True, **changed)
+    text = str(err.value)
+    assert "\n" not in text and f"{name}: checkpoint {old!r}, now {value!r}" in text
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_train_prior_refuses_a_checkpoint_path_that_is_no_checkpoint_folder(tmp_path, monkeypatch):
+    """A file, or a folder of other files (a sample run), is refused in one line before any data
+    is loaded or model built; resume=True in a new folder trains afresh (continue if present)."""
+    from fiber_plugins.errors import UserValueError
+
+    png = tmp_path / "digit.png"
+    png.write_bytes(b"png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the checkpoint folder is checked before the data is loaded")
+
+    kw = dict(steps=1, batch_size=2, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(cm, "load_digits", no_data)
+        for folder, message in [(png, "is a file; give a folder"), (run, "holds no training")]:
+            for resume in (True, False):
+                with pytest.raises(UserValueError, match=message) as err:
+                    prior_training.train_prior(
+                        tmp_path / "out", checkpoint=folder, resume=resume, **kw
+                    )
+                assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in run.iterdir()) == ["run.json"]
+    prior_training.train_prior(tmp_path / "out", checkpoint=tmp_path / "new", resume=True, **kw)
+    assert json.loads((tmp_path / "new" / "state.json").read_text())["step"] == 1

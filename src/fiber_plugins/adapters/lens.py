@@ -123,7 +123,7 @@ def reduce_tokens(act: torch.Tensor, token: Token, axis: int = 1, where: str = "
         return act.mean(axis) if token == "mean" else act.amax(axis)
     pos = 0 if token == "cls" else int(token)
     n = act.shape[axis]
-    if not -n <= pos < n:
+    if not 0 <= pos < n:  # no negatives: one token, one name
         raise UserIndexError(
             f"token {pos} is out of range for {where} with {n} tokens (valid: 0..{n - 1})"
         )

@@ -35,7 +35,7 @@ def _load_prior(spec: str, device: str | None, args=None):
                 f"{', '.join(given)} are settings of text- or class-conditioned priors, not of "
                 f"the shipped {spec!r}"
             )
-        return zoo.load(spec[4:], device=device)
+        return zoo.load_prior(spec[4:], device=device)
     return load_prior(
         spec,
         device=device,
@@ -290,7 +290,7 @@ def cmd_demo(args) -> int:
     from ..demo import run_demo
     from ..samplers.run_folder import check_out_dir
 
-    if check_out_dir(args.out, overwrite=args.overwrite) == "overwrite":
+    if check_out_dir(args.out, overwrite=args.overwrite, can_resume=False) == "overwrite":
         print(f"replacing the earlier run in {args.out} (--overwrite)")
 
     out = run_demo(
@@ -349,8 +349,11 @@ def cmd_train(args) -> int:
         raise UserValueError(f"{', '.join(given)}: settings of 'train prior' / 'train prior-ood'")
     if args.resume and not args.checkpoint:
         raise UserValueError("--resume continues from a checkpoint folder: give --checkpoint DIR")
-    if args.checkpoint and not args.resume and Path(args.checkpoint).is_dir():
-        if any(Path(args.checkpoint).iterdir()):
+    if args.checkpoint:
+        from ..training.loop import check_checkpoint
+
+        # a file or a folder of other files is refused; --resume needs a checkpoint to continue
+        if check_checkpoint(args.checkpoint, required=args.resume) and not args.resume:
             raise UserValueError(
                 f"--checkpoint {args.checkpoint!r} holds an earlier run: pass --resume to continue "
                 "it, or give a new folder"
@@ -385,10 +388,6 @@ def cmd_train(args) -> int:
 def cmd_bench(args) -> int:
     from ..color_mnist_bench import METHOD_NAMES, run_color_mnist_bench
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserValueError(f"--out {args.out!r} is a file; give a folder")
-
     report = run_color_mnist_bench(
         args.out,
         num_references=args.references,
@@ -399,6 +398,7 @@ def cmd_bench(args) -> int:
         device=_device(args.device),
         methods=tuple(args.methods or METHOD_NAMES),
         sets=args.sets,
+        overwrite=args.overwrite,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, fidelity_consistency.png")

@@ -317,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: color-mnist (fidelity vs consistency)")
     b.add_argument("name", choices=["color-mnist"])
     b.add_argument("--out", default="bench-out/color-mnist")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier benchmark in --out (its files; other files stay)",
+    )
     b.add_argument("--references", type=_positive_int, default=16, help="K held-out references")
     b.add_argument("--samples", type=_positive_int, default=4, help="M samples per reference")
     b.add_argument("--steps", type=_positive_int, default=25)

@@ -168,7 +168,9 @@ def select(act: torch.Tensor, index: Index, where: str = "activation") -> torch.
 
 
 def _check_channel(i: int, size: int, where: str, dim: int = 1) -> None:
-    if not -size <= i < size:
+    # negative indices are refused, not wrapped: channel -1 and channel size - 1 would be one
+    # unit under two names (labels, plans' unit lists, resume checks)
+    if not 0 <= i < size:
         what = "channel" if dim == 1 else f"index along dim {dim}"
         raise UserIndexError(
             f"{what} {i} is out of range for {where} with size {size} (valid: 0..{size - 1})"

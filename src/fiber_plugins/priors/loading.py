@@ -77,6 +77,11 @@ def _resolve(source: str | Path) -> Path:
             raise UserValueError(f"prior {str(source)!r} is a file; {_LAYOUT_HELP}")
         return path
     text = str(source)
+    if isinstance(source, str) and text.startswith("zoo:"):
+        raise UserValueError(
+            f"{text!r} names a shipped model, not a folder: load it with "
+            f"fiber_plugins.zoo.load_prior({text[4:]!r}) and pass the prior itself"
+        )
     if isinstance(source, Path) or _looks_local(text):
         raise MissingFileError(f"prior folder {text!r} does not exist; {_LAYOUT_HELP}")
     # a Hub id such as 'google/ddpm-cifar10-32': fetch configs and weights (needs the network,

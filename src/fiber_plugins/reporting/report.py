@@ -38,11 +38,15 @@ from ..evaluation.realism import (
 )
 from ..objectives.targets import Targets
 from ..samplers.result import FiberResult
-from ..samplers.run_folder import METRICS_FILE, atomic_write
+from ..samplers.run_folder import (
+    EVALUATION_FILE,
+    FLAGGED_GRID_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    atomic_write,
+)
 from .html import Page
 
-EVALUATION_FILE = "evaluation.json"
-FLAGGED_GRID_FILE = "grid_flagged.png"
 NO_THRESHOLD_NOTE = (
     "no calibrated threshold for this prior, so no sample is flagged: the scores alone do not "
     "say what is off-manifold. Calibrate one on held-out real images of the prior's domain "
@@ -341,7 +345,7 @@ def write_report(run_dir: str | Path, result: FiberResult | None = None) -> Path
     page.text(
         "Bright: pixels the samples change freely (the model is invariant there).", cls="note"
     )
-    return page.write(run / "report.html")
+    return page.write(run / REPORT_FILE)
 
 
 def _flag_tensor(realism: dict, result: FiberResult) -> torch.Tensor | None:

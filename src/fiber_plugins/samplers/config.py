@@ -22,6 +22,11 @@ TARGET_MODES = ("static", "reapprox")
 ADAM_LRS = (0.05, 0.01)
 
 
+# the settings each schedule kind ignores, which must stay at their defaults
+_UNUSED_BY = {"constant": ("low", "high", "outside", "final"), "interval": ("final",), "ramp": ()}
+_SCHEDULE_DEFAULTS = {"low": 0.0, "high": 1.0, "outside": 0.0, "final": None}
+
+
 @dataclass(frozen=True)
 class GuidanceSchedule(SettingsMixin):
     """gamma_t as a function of the noise level in [0, 1] (1 = pure noise).
@@ -32,7 +37,8 @@ class GuidanceSchedule(SettingsMixin):
     - ``ramp``: linear from ``strength`` at level 1 to ``final`` at level 0 (guidance raised
       towards the end of sampling when ``final > strength``), zero outside [``low``, ``high``].
 
-    Every strength is a finite number >= 0.
+    Every strength is a finite number >= 0. A setting the kind does not use (``low`` for
+    ``constant``, ``final`` for ``interval``, ...) is refused unless it is at its default.
     """
 
     _label = "guidance schedule"
@@ -55,6 +61,17 @@ class GuidanceSchedule(SettingsMixin):
             )
         self._check("outside", check_float, 0.0, label="guidance outside the interval")
         self._check("final", check_float, 0.0, optional=True, label="final guidance")
+        unused = [
+            f"{name}={getattr(self, name)!r}"
+            for name in _UNUSED_BY[self.kind]
+            if getattr(self, name) != _SCHEDULE_DEFAULTS[name]
+        ]
+        if unused:
+            raise UserValueError(
+                f"guidance schedule {self.kind!r} does not use {', '.join(unused)}: low, high "
+                "(--interval) and outside shape 'interval' and 'ramp', final (--final-guidance) "
+                "only 'ramp'; choose that kind (--schedule) or leave them out"
+            )
 
     def __call__(self, level: float) -> float:
         inside = self.low <= level <= self.high

@@ -52,6 +52,10 @@ SHARD_DIR = "shards"
 SAMPLES_FILE = "samples.safetensors"
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
+# written by reporting (evaluate_run, write_report) into the run's folder
+EVALUATION_FILE = "evaluation.json"
+FLAGGED_GRID_FILE = "grid_flagged.png"
+REPORT_FILE = "report.html"
 # every name a run and its report may write; ``overwrite`` removes these and nothing else
 RUN_FILES = (
     RUN_FILE,
@@ -61,8 +65,9 @@ RUN_FILES = (
     SAMPLES_FILE,
     METRICS_FILE,
     GRID_FILE,
-    "evaluation.json",
-    "report.html",
+    EVALUATION_FILE,
+    FLAGGED_GRID_FILE,
+    REPORT_FILE,
     "trace.png",
     "lowpass.png",
     "invariance.png",
@@ -85,6 +90,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``
     (an observer sees the old file or the new one, never half of one)."""
@@ -93,6 +104,8 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes the file owner-only; give it the mode a plain open() would (umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -123,6 +136,13 @@ def tensor_digest(*tensors) -> str:
     return h.hexdigest()[:16]
 
 
+def _status(path: Path) -> str | None:
+    try:
+        return json.loads((path / RUN_FILE).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def describe_folder(path: Path) -> str:
     """One phrase about the run in ``path`` (status, rows), for messages."""
     try:
@@ -138,17 +158,41 @@ def holds_run(path: Path) -> bool:
     return any((path / name).exists() for name in (RUN_FILE, SAMPLES_FILE, METRICS_FILE))
 
 
-def check_out_dir(path, *, overwrite: bool = False, resume: bool = False) -> str:
+def check_out_dir(
+    path, *, overwrite: bool = False, resume: bool = False, can_resume: bool = True
+) -> str:
     """Check an output folder before any model is loaded; returns ``"new"``, ``"resume"`` or
     ``"overwrite"``.
 
     The folder must be creatable and writable, and free of an earlier run unless ``resume``
     (finish it) or ``overwrite`` (replace the whole earlier run) says what to do with it. A
-    folder that holds other files is never written into.
+    folder that holds other files is never written into. The refusal offers ``--resume`` only
+    for an unfinished run and where the caller can resume (``can_resume``: not the demo).
     """
     if overwrite and resume:
         raise UserValueError("give overwrite or resume, not both")
     path = Path(path)
+    try:
+        return _check_out_dir(path, overwrite, resume, can_resume)
+    except OSError as err:  # a name too long, a path the system will not create, ...
+        raise UserValueError(
+            f"cannot use output folder {str(path)!r}: {err.strerror or err}; give another folder"
+        ) from None
+
+
+def _probe_create(path: Path) -> None:
+    """Create the missing folders of ``path`` and remove them again: what cannot be created
+    (a read-only or virtual file system, a name too long) fails here, before models load."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True)
+    finally:
+        for p in missing:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def _check_out_dir(path: Path, overwrite: bool, resume: bool, can_resume: bool) -> str:
     if path.exists() and not path.is_dir():
         raise UserValueError(f"output folder {str(path)!r} is a file; give a folder path")
     existing = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
@@ -162,6 +206,7 @@ def check_out_dir(path, *, overwrite: bool = False, resume: bool = False) -> str
             f"{str(existing)!r}); give another folder"
         )
     if not path.is_dir():
+        _probe_create(path)
         return "new"
     entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     if not holds_run(path):
@@ -182,10 +227,12 @@ def check_out_dir(path, *, overwrite: bool = False, resume: bool = False) -> str
         return "resume"
     if overwrite:
         return "overwrite"
+    finish = ""
+    if can_resume and _status(path) != "complete":
+        finish = ", --resume (resume=True) to finish it,"
     raise UserValueError(
         f"output folder {str(path)!r} holds an earlier {describe_folder(path)}; pass "
-        "--overwrite (overwrite=True) to replace it, --resume (resume=True) to finish it, "
-        "or give a new folder"
+        f"--overwrite (overwrite=True) to replace it{finish} or give a new folder"
     )
 
 

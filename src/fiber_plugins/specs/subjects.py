@@ -47,6 +47,13 @@ def load_subject(spec: str, weights: str | None = None) -> tuple[nn.Module, Prep
         model = timm.create_model(rest, pretrained=False)
         if weights:
             load_weights(model, weights)
+        else:
+            from .._utils import warn
+
+            warn(
+                f"timm model {rest!r} has no weights: it is randomly initialised; pass a local "
+                "weights file (--weights)"
+            )
         return model.eval(), Preprocess.from_timm(model)
     if kind == "module" and rest:
         mod_name, _, attr = rest.rpartition(":")

@@ -12,8 +12,13 @@ at the end) and, with ``resume=True``, continues from it: the trained parameters
 state, the EMA average, the step, the loss record, torch's global RNG and the generators named in
 ``generators`` (the ones ``step`` draws from). The folder holds ``state-<step>.safetensors`` (every
 tensor, RNG states as uint8 tensors) and ``state.json`` (the step, the record, the optimiser's
-non-tensor settings, which tensor file is current); nothing is pickled. ``state.json`` is replaced
-last, atomically, so an interruption while saving leaves the previous checkpoint usable. On the
+non-tensor settings, which tensor file is current, and the run's settings); nothing is pickled.
+``state.json`` is replaced last, atomically, so an interruption while saving leaves the previous
+checkpoint usable. The settings are the loop's own (steps, learning rate, optimiser, weight decay,
+schedule, clipping, EMA decay, parameter shapes, number of generators) and the trainer's
+``recipe`` (everything else that shapes the run: batch size, seed, objective, ...); a resume with
+any other value is refused, naming each differing setting with both values. A folder that holds
+anything but such a checkpoint is never written into (:func:`check_checkpoint`). On the
 CPU a resumed run ends bit-identical to an uninterrupted one (same kernels on the same shapes;
 tests/training/test_loop.py checks it); on CUDA only torch's CPU RNG and the given generators
 are restored, so a ``step`` that draws on the GPU's default generator, or nondeterministic GPU
@@ -25,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +39,9 @@ from typing import Any, cast
 
 import torch
 
-from ..errors import UserValueError
+from ..errors import UserTypeError, UserValueError
 
-__all__ = ["cosine_lr", "TrainingRecord", "train_loop", "CHECKPOINT_FORMAT"]
+__all__ = ["cosine_lr", "TrainingRecord", "train_loop", "check_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "fiber_plugins.train_loop/1"
 
@@ -91,6 +97,7 @@ def train_loop(
     resume: bool = True,
     generators: Sequence[torch.Generator] = (),
     on_checkpoint: Callable[[int, list[torch.Tensor]], None] | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> TrainingRecord:
     """Minimise ``step(i)["loss"]`` over ``params`` for ``steps`` steps.
 
@@ -117,18 +124,28 @@ def train_loop(
         postfix (the mean of each logged quantity over the last 50 values) is refreshed.
     nonfinite_hint: what else to lower when the loss becomes non-finite (named in the error,
         after the learning rate).
-    checkpoint: a folder for the loop's state (created when missing); None: no checkpoints.
+    checkpoint: a folder for the loop's state (created when missing); None: no checkpoints. A
+        file, or a folder that holds anything but a checkpoint of this loop, is refused before
+        the first step (:func:`check_checkpoint`).
     checkpoint_every: save every this many steps (and always after the last step).
     resume: with a checkpoint in ``checkpoint``, continue from it (a checkpoint of the final
-        step runs no more steps); False starts afresh and overwrites it. The checkpoint must come
-        from a run with the same ``steps``, ``lr``, parameter shapes, EMA setting and number of
-        generators.
+        step runs no more steps); with none there (a new or empty folder) the run starts afresh;
+        False starts afresh and overwrites a checkpoint that is there. The checkpoint must come
+        from a run with the same settings: ``steps``, ``lr``, the optimiser class,
+        ``weight_decay``, ``lr_schedule`` (by name), ``clip_grad_norm``, ``ema_decay``, the
+        parameter shapes, the number of generators and the whole ``recipe``; a difference is
+        refused in one line naming each differing setting with both values.
     generators: the torch generators ``step`` draws from; their states are saved and
         restored with the checkpoint (torch's global CPU RNG always is).
     on_checkpoint: ``(step, weights)`` called after each save, ``step`` the number of steps done
         and ``weights`` the EMA average (the parameters without EMA), e.g. to evaluate the model
         so far; it must not modify them. It runs without gradients, under ``fork_rng`` (torch's
         CPU RNG is restored after it); its time is not counted in ``wall_time_s``.
+    recipe: the trainer's own settings that shape the run and that the loop does not see (batch
+        size, seed, objective, data, architecture, ...; JSON values, tuples as lists), saved with
+        the checkpoint and compared, key by key, on resume. A trainer passes every setting it
+        was called with, but those that do not change the trained weights (where it writes, the
+        device, the progress bar), so that a resume under another recipe is refused.
 
     Returns
     -------
@@ -141,7 +158,10 @@ def train_loop(
         The loss became NaN or infinite (the weights are left at the step before).
     ValueError
         (:class:`~fiber_plugins.errors.UserValueError`) a checkpoint that is corrupt, truncated or
-        from another run; one line.
+        from a run with other settings; a ``checkpoint`` that is a file or a folder of other
+        files; one line.
+    TypeError
+        (:class:`~fiber_plugins.errors.UserTypeError`) a ``recipe`` that is not JSON.
     """
     from tqdm.auto import trange
 
@@ -157,9 +177,21 @@ def train_loop(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and checkpoint_every < 1:
         raise UserValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    settings = _run_settings(params, steps, lr, ema is not None, len(generators))
+    found = check_checkpoint(ckpt) if ckpt is not None else False
+    settings = _run_settings(
+        params,
+        steps=steps,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
+        clip_grad_norm=clip_grad_norm,
+        ema_decay=ema_decay,
+        generators=len(generators),
+        recipe=recipe,
+    )
     first, done_before = 0, 0.0
-    if ckpt is not None and resume and (ckpt / _STATE_JSON).exists():
+    if ckpt is not None and resume and found:
         first, done_before = _load_state(ckpt, settings, params, opt, ema, generators, record)
     start = time.perf_counter()
     callback_s = 0.0  # time spent in on_checkpoint, not counted as training time
@@ -220,19 +252,143 @@ def train_loop(
 
 # ---------------------------------------------------------------------- checkpoints
 _STATE_JSON = "state.json"
+# what a checkpoint folder may hold: state.json, the current tensor file, and the .tmp files of
+# a save that was interrupted
+_CHECKPOINT_FILE = re.compile(r"(state\.json|state-\d+\.safetensors)(\.tmp)?")
+
+
+def check_checkpoint(folder: str | Path, *, required: bool = False) -> bool:
+    """Check a ``checkpoint`` folder before anything is trained or written; returns whether it
+    holds a checkpoint (its ``state.json``) to continue from.
+
+    Refused in one line (:class:`~fiber_plugins.errors.UserValueError`): a path that is a file
+    (or under one); a folder that cannot be written; a non-empty folder that holds anything but
+    a :func:`train_loop` checkpoint (``state.json``, ``state-<step>.safetensors`` and the ``.tmp``
+    files of an interrupted save; hidden files are ignored), so that a run folder or any other
+    folder is never written into; with ``required`` (for a caller whose resume must continue a
+    run, as the command line's ``--resume``), a folder with no checkpoint: nothing to resume. Whether the checkpoint
+    fits the run is checked when :func:`train_loop` loads it.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserValueError(f"checkpoint {str(path)!r} is a file; give a folder")
+    existing = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserValueError(
+            f"cannot create checkpoint folder {str(path)!r}: {str(existing)!r} is a file; give "
+            "another folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserValueError(
+            f"checkpoint folder {str(path)!r} is not writable (no write permission on "
+            f"{str(existing)!r}); give another folder"
+        )
+    entries = (
+        sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        if path.is_dir()
+        else []
+    )
+    foreign = [e for e in entries if not _CHECKPOINT_FILE.fullmatch(e)]
+    if foreign:
+        raise UserValueError(
+            f"checkpoint folder {str(path)!r} is not empty and holds no training checkpoint "
+            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); give a new or "
+            "empty folder"
+        )
+    found = _STATE_JSON in entries
+    if required and not found:
+        where = "holds no checkpoint" if path.is_dir() else "does not exist"
+        raise UserValueError(
+            f"checkpoint folder {str(path)!r} {where}, so there is nothing to resume; start the "
+            "run without resume (--resume) to train afresh and save checkpoints there"
+        )
+    return found
+
+
+def _name(obj: Any) -> str | None:
+    """A callable's name for the recorded settings (a class, a function, a partial's class)."""
+    if obj is None:
+        return None
+    return str(getattr(obj, "__qualname__", type(obj).__qualname__))
 
 
 def _run_settings(
-    params: list[torch.nn.Parameter], steps: int, lr: float, ema: bool, generators: int
+    params: list[torch.nn.Parameter],
+    *,
+    steps: int,
+    lr: float,
+    optimizer: Callable[..., torch.optim.Optimizer],
+    weight_decay: float,
+    lr_schedule: LrSchedule | None,
+    clip_grad_norm: float | None,
+    ema_decay: float | None,
+    generators: int,
+    recipe: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that resumes it."""
-    return {
+    """What a checkpoint must agree on with the run that resumes it, as JSON gives it back."""
+    settings = {
         "steps": steps,
         "lr": lr,
-        "ema": ema,
+        "optimizer": _name(optimizer),
+        "weight_decay": weight_decay,
+        "lr_schedule": _name(lr_schedule),
+        "clip_grad_norm": clip_grad_norm,
+        "ema_decay": ema_decay,
         "generators": generators,
         "param_shapes": [list(p.shape) for p in params],
+        "recipe": dict(recipe or {}),
     }
+    try:
+        return cast(dict[str, Any], json.loads(json.dumps(settings, default=_json_scalar)))
+    except (TypeError, ValueError) as err:
+        raise UserTypeError(
+            f"recipe must hold JSON values (str, int, float, bool, None, lists, dicts): {err}"
+        ) from None
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy and torch scalars as the Python numbers they hold; anything else is refused."""
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise TypeError(f"a tensor of shape {tuple(value.shape)} is not a JSON value")
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} is not a JSON value")
+
+
+_ABSENT = object()
+
+
+def _show(value: Any, absent: str) -> str:
+    if value is _ABSENT:
+        return absent
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _setting_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``name: checkpoint A, now B`` for every setting (the loop's and the recipe's) that differs;
+    a setting recorded by both with the same change is named once."""
+    changes: list[str] = []
+    saved_recipe, now_recipe = saved.get("recipe"), now.get("recipe")
+    parts = [
+        (
+            {k: v for k, v in saved.items() if k != "recipe"},
+            {k: v for k, v in now.items() if k != "recipe"},
+        ),
+        (saved_recipe if isinstance(saved_recipe, dict) else {}, now_recipe or {}),
+    ]
+    if not isinstance(saved_recipe, dict) and saved_recipe is not None:
+        changes.append(f"recipe: checkpoint {_show(saved_recipe, '')}, now a dict")
+    for old, new in parts:
+        for key in [*new, *(k for k in old if k not in new)]:
+            a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+            if a != b:
+                line = (
+                    f"{key}: checkpoint {_show(a, '(not recorded)')}, now {_show(b, '(not given)')}"
+                )
+                if line not in changes:
+                    changes.append(line)
+    return changes
 
 
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -296,11 +452,10 @@ def _save_state(
             old.unlink(missing_ok=True)
 
 
-def _bad(folder: Path, why: str) -> UserValueError:
-    return UserValueError(
-        f"training checkpoint {str(folder)!r} cannot be resumed: {why}; delete the folder (or "
-        "pass resume=False) to start afresh"
-    )
+def _bad(
+    folder: Path, why: str, fix: str = "delete the folder (or pass resume=False) to start afresh"
+) -> UserValueError:
+    return UserValueError(f"training checkpoint {str(folder)!r} cannot be resumed: {why}; {fix}")
 
 
 def _tuples_like(value: Any, like: Any) -> Any:
@@ -334,9 +489,15 @@ def _load_state(
         ema_step, elapsed = meta["ema_optimization_step"], float(meta["wall_time_s"])
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(folder, f"{_STATE_JSON} lacks or garbles {err}") from None
+    if not isinstance(saved, dict):
+        raise _bad(folder, f"{_STATE_JSON} is garbled (settings {_show(saved, '')})")
     if saved != settings:
-        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        raise _bad(folder, f"it is from another run (differs in {', '.join(diff)})")
+        raise _bad(
+            folder,
+            f"it is from a run with other settings ({'; '.join(_setting_changes(saved, settings))})",
+            "resume with the checkpoint's settings, or give another checkpoint folder (or delete "
+            "this one) to start afresh",
+        )
     if not 0 <= done <= settings["steps"] or "/" in name or "\\" in name:
         raise _bad(folder, f"{_STATE_JSON} is garbled (step {done}, tensors {name!r})")
     if not (folder / name).is_file():

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingFileError
-from ._registry import ZooEntry, list_models, model_entry, models_table, register_model
+from ..errors import MissingFileError, UserValueError
+from ._registry import (
+    ZooEntry,
+    list_models,
+    model_entry,
+    models_table,
+    prior_names,
+    register_model,
+)
 from .models import AutoEncoder, ColorMNISTSubject, DigitCNN
 
 if __doc__:  # None under python -OO
@@ -48,12 +55,25 @@ def load(name: str, device: str | torch.device | None = None):
     return model_entry(name).loader(asset_dir(name), device)
 
 
+def load_prior(name: str, device: str | torch.device | None = None):
+    """Load a shipped prior by name (what ``--prior zoo:NAME`` and a plan's ``prior.path =
+    "zoo:NAME"`` name); a shipped model that is not a prior is refused in one line."""
+    if not model_entry(name).prior:
+        raise UserValueError(
+            f"shipped model {name!r} is not a prior (it is a subject model); shipped priors: "
+            f"{', '.join(prior_names())}"
+        )
+    return load(name, device=device)
+
+
 __all__ = [
     "NAMES",
     "ZooEntry",
     "list_models",
     "load",
+    "load_prior",
     "model_entry",
+    "prior_names",
     "register_model",
     "asset_dir",
     "training_info",

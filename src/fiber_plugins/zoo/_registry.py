@@ -28,6 +28,8 @@ class ZooEntry:
     train: the ``fiber-plugins train`` model that writes the folder (``prior``).
     loader: ``loader(folder, device) -> model``.
     summary: one line for the table of models (the loader's docstring's first line).
+    prior: whether the model is a prior for the samplers (a ``DiffusionPrior`` or a conditional
+        fiber model), which ``--prior zoo:NAME`` and plans' ``prior.path`` accept.
     """
 
     name: str
@@ -35,12 +37,15 @@ class ZooEntry:
     train: str
     loader: Loader
     summary: str
+    prior: bool = False
 
 
 _MODELS: dict[str, ZooEntry] = {}
 
 
-def register_model(name: str, *, folder: str, train: str) -> Callable[[Loader], Loader]:
+def register_model(
+    name: str, *, folder: str, train: str, prior: bool = False
+) -> Callable[[Loader], Loader]:
     """Decorator: add ``loader(folder, device) -> model`` to the zoo under ``name``.
 
     >>> @register_model("color-mnist-classifier", folder="color_mnist/classifier",
@@ -54,7 +59,9 @@ def register_model(name: str, *, folder: str, train: str) -> Callable[[Loader], 
         if name in _MODELS:
             raise ValueError(f"zoo model {name!r} is registered twice")
         summary = (loader.__doc__ or "").strip().splitlines()
-        _MODELS[name] = ZooEntry(name, folder, train, loader, summary[0] if summary else "")
+        _MODELS[name] = ZooEntry(
+            name, folder, train, loader, summary[0] if summary else "", prior=prior
+        )
         return loader
 
     return add
@@ -74,6 +81,11 @@ def model_entry(name: str) -> ZooEntry:
             f"unknown shipped model {name!r}{suggest(name, _MODELS)}; available: {list(_MODELS)}"
         )
     return _MODELS[name]
+
+
+def prior_names() -> list[str]:
+    """The names of the shipped priors (``prior=True``), in the order they were registered."""
+    return [e.name for e in _MODELS.values() if e.prior]
 
 
 def trainers() -> dict[str, str]:

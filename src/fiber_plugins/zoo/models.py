@@ -148,19 +148,23 @@ def _prior(folder: Path, device):
     return load_prior(folder, device=device)
 
 
-@register_model("color-mnist-prior", folder="color_mnist/prior", train="prior")
+@register_model("color-mnist-prior", folder="color_mnist/prior", train="prior", prior=True)
 def color_mnist_prior(folder: Path, device):
     """pixel flow-matching prior (UNet2DModel, 32x32) on Color-MNIST"""
     return _prior(folder, device)
 
 
-@register_model("color-mnist-prior-ood", folder="color_mnist/prior_ood", train="prior-ood")
+@register_model(
+    "color-mnist-prior-ood", folder="color_mnist/prior_ood", train="prior-ood", prior=True
+)
 def color_mnist_prior_ood(folder: Path, device):
     """the same on the OOD colouring (independent fg/bg colours)"""
     return _prior(folder, device)
 
 
-@register_model("color-mnist-conditional", folder="color_mnist/conditional", train="conditional")
+@register_model(
+    "color-mnist-conditional", folder="color_mnist/conditional", train="conditional", prior=True
+)
 def color_mnist_conditional(folder: Path, device):
     """conditional flow-matching fiber model p(x | phi(x)), fiber loss 0.01"""
     return _prior(folder, device)
@@ -170,6 +174,7 @@ def color_mnist_conditional(folder: Path, device):
     "color-mnist-conditional-nofiber",
     folder="color_mnist/conditional_nofiber",
     train="conditional-nofiber",
+    prior=True,
 )
 def color_mnist_conditional_nofiber(folder: Path, device):
     """the same trained without the fiber loss (lambda = 0)"""

@@ -18,7 +18,8 @@ from .._utils import resolve_device, to_model_range
 from ..data import color_mnist as cm
 from ..errors import UserValueError
 from ..training import train_loop
-from ._record import recipe, write_meta
+from ..training.loop import check_checkpoint
+from ._record import recipe, resume_recipe, write_meta
 
 PRIOR_ARCH = {
     "sample_size": 32,
@@ -47,6 +48,17 @@ PRIOR_TARGETS = ("sampled", "colour-posterior")
 PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
 # training steps of the shipped priors (in-distribution, OOD): unguided colour KL <= 0.2 on both
 SHIPPED_PRIOR_STEPS = {False: 4000, True: 2000}
+# train_prior's arguments that do not shape the trained weights; every other argument is part of
+# the recipe that a resumed run must share with its checkpoint
+NOT_RECIPE = (
+    "out_dir",
+    "device",
+    "progress",
+    "checkpoint",
+    "checkpoint_every",
+    "resume",
+    "on_checkpoint",
+)
 
 
 def _time_law(objective: str, time_sampling: str, flow_shift: float) -> str:
@@ -186,10 +198,19 @@ def train_prior(
     ``off_law_t_max=0.6`` and to 0.227 with 0.95 (docs/color_mnist.md). ``checkpoint`` /
     ``checkpoint_every`` /
     ``resume``: :func:`~fiber_plugins.training.train_loop`'s checkpointing (the batch generator's
-    state included, so a resumed run ends with the same weights). ``on_checkpoint(step, prior)``
+    state included, so a resumed run ends with the same weights). ``resume=True`` continues from
+    the checkpoint in ``checkpoint`` when there is one and starts afresh in a new or empty folder;
+    ``False`` starts afresh and overwrites it. The checkpoint records the whole recipe, every
+    argument but ``out_dir``, ``device``, ``progress`` and the checkpoint's own settings
+    (:data:`NOT_RECIPE`), with the architecture and the data's hash: a resume with any other
+    value (objective, seed, batch size, ...) is refused in one line naming each differing setting
+    with both values. A ``checkpoint`` that is a file, or a folder holding anything but a
+    training checkpoint, is refused before anything is built or written
+    (:func:`~fiber_plugins.training.loop.check_checkpoint`). ``on_checkpoint(step, prior)``
     gets, after each checkpoint, a :class:`~fiber_plugins.priors.DiffusionPrior` on a copy of
     the EMA weights so far (for evaluating the run while it trains).
     """
+    arguments = dict(locals())  # first: the call's arguments, for the checkpoint's recipe
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     _check_recipe(
@@ -204,6 +225,8 @@ def train_prior(
         off_law=off_law,
         off_law_t_max=off_law_t_max,
     )
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)  # a file or a foreign folder: refused before anything runs
     if steps is None:
         steps = SHIPPED_PRIOR_STEPS[ood]
     dev = resolve_device(device)
@@ -295,6 +318,15 @@ def train_prior(
         resume=resume,
         generators=[gen],
         on_checkpoint=hook,
+        recipe=resume_recipe(
+            "fiber_plugins.zoo.train_prior",
+            arguments,
+            NOT_RECIPE,
+            steps=steps,
+            architecture=PRIOR_ARCH,
+            schedule=schedule,
+            data_hash=cm.data_hash(g),
+        ),
     )
     out = Path(out_dir)
     unet.to("cpu").save_pretrained(out / "unet")

@@ -138,7 +138,7 @@ def _check_features(features: Any, d_sae: int | None) -> list[int] | slice | Non
         raise UserValueError("features is empty; pass None for all features")
     if d_sae is not None:
         for i in ids:
-            if not -d_sae <= i < d_sae:
+            if not 0 <= i < d_sae:  # no negatives: one feature, one name
                 raise UserIndexError(
                     f"feature {i} is out of range for an SAE with {d_sae} features "
                     f"(valid: 0..{d_sae - 1})"
