@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fiber_plugins import zoo
+from fiber_plugins._utils import median
 from fiber_plugins.color_mnist_bench import consistency
 from fiber_plugins.data import color_mnist as cm
 from fiber_plugins.objectives import FiberObjective
@@ -53,7 +54,7 @@ def main(argv=None) -> list[dict]:
                     "fiber_weight": info.get("fiber_weight"),
                     "fiber_t_max": info.get("fiber_t_max"),
                     "steps": steps,
-                    "median_fiber_loss": float(res.fiber_loss[ok].median()),
+                    "median_fiber_loss": median(res.fiber_loss[ok]),
                     "mean_fiber_loss": float(res.fiber_loss[ok].mean()),
                     **consistency(res.images[ok]),
                     "seconds_per_sample": res.wall_time / res.fiber_loss.numel(),

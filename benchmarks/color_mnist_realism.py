@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from fiber_plugins import zoo
-from fiber_plugins._utils import to_model_range
+from fiber_plugins._utils import median, to_model_range
 from fiber_plugins.color_mnist_bench import BENCH_INVERSION, BENCH_NDTM
 from fiber_plugins.data import color_mnist as cm
 from fiber_plugins.evaluation import realism as rl
@@ -192,11 +192,11 @@ def run(
             "kind": kind,
             "label": LABELS[kind],
             "n": int(s.numel()),
-            "median_score": float(s.median()),
+            "median_score": median(s),
             "p01_score": float(s.quantile(0.01)),
             "p99_score": float(s.quantile(0.99)),
             "flagged_share": float(check.flag(s).float().mean()),
-            "median_fiber_loss": float(losses[kind].median()) if kind in losses else None,
+            "median_fiber_loss": median(losses[kind]) if kind in losses else None,
             "role": "real"
             if kind == "real"
             else "off-manifold"
@@ -220,7 +220,7 @@ def run(
         "threshold": check.threshold,
         "false_positive_rate_real": float(check.flag(real).float().mean()),
         "detection_rate_pooled": float(check.flag(pooled).float().mean()),
-        "held_out_median_score": float(held_scores.median()),
+        "held_out_median_score": median(held_scores),
     }
     wall = time.perf_counter() - t_start
     report = {

@@ -26,6 +26,7 @@ import torch
 
 import fiber_plugins as fp
 from fiber_plugins import zoo
+from fiber_plugins._utils import median
 from fiber_plugins.color_mnist_bench import BENCH_NDTM, consistency
 from fiber_plugins.data import color_mnist as cm
 from fiber_plugins.samplers.config import GuidanceSchedule
@@ -125,7 +126,7 @@ def main(argv=None) -> list[dict]:
         rows.append(
             {
                 "setting": name,
-                "median": float(loss.median()),
+                "median": median(loss),
                 "q90": float(loss.quantile(0.9)),
                 **{k: v for k, v in consistency(res.images).items() if k != "num_colours"},
                 "band_share": band_share(b),

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fiber_plugins import zoo
+from fiber_plugins._utils import median
 from fiber_plugins.color_mnist_bench import (
     BENCH_NDTM,
     CONDITIONAL,
@@ -106,7 +107,7 @@ def run(args) -> dict:
     g_train, _ = cm.load_digits("train")
     pool, _ = cm.make_colored(g_train, torch.Generator().manual_seed(2))
     targets = objective.target(refs * 2 - 1)
-    nn_median = float(NearestNeighbourBaseline(objective, pool)(targets)[0].median())
+    nn_median = median(NearestNeighbourBaseline(objective, pool)(targets)[0])
     kw = {"progress": False}
     t_all = time.perf_counter()
 

@@ -212,6 +212,14 @@ def _vector_wrong_width(c: Ctx):
     return c.sample("--target-vector", str(path), ref=False)
 
 
+def _vector_two_tensors(c: Ctx):
+    from safetensors.torch import save_file
+
+    path = c.tmp / "vec.safetensors"
+    save_file({"a": torch.zeros(6), "b": torch.ones(6)}, str(path))
+    return c.sample("--target-vector", str(path), ref=False)
+
+
 def _prior_truncated(c: Ctx):
     prior = c.prior_copy()
     weights = prior / "unet" / "diffusion_pytorch_model.safetensors"
@@ -278,7 +286,7 @@ CLI_ROWS = [
     P(_out_unwritable, ["not writable", "locked"], id="out-unwritable"),
     P(
         lambda c: (c.earlier(), c.sample())[1],
-        ["earlier", "--overwrite", "--resume"],
+        ["earlier complete run", "--overwrite"],  # a finished run: nothing to --resume
         id="out-holds-earlier-run",
     ),
     P(_nonempty_no_run, ["not empty", "notes.txt"], id="out-nonempty-no-run-overwrite"),
@@ -353,6 +361,7 @@ CLI_ROWS = [
         id="target-vector-nan",
     ),
     P(_vector_wrong_width, ["5", "6"], id="target-vector-wrong-width"),
+    P(_vector_two_tensors, ["vec.safetensors", "2 tensors (a, b)"], id="target-vector-two"),
     P(
         lambda c: _vector_npy(c, np.zeros((2, 3, 6), np.float32)),
         ["(2, 3, 6)", "(6,)"],
@@ -456,6 +465,11 @@ CLI_ROWS = [
         lambda c: ["targets", SUBJECT, "--input-size", "3", "16"],
         ["--input-size", "3 16"],
         id="targets-input-size-two",
+    ),
+    P(
+        lambda c: ["targets", "zoo:color-mnist-classifier", "--input-size", "1", "32", "32"],
+        ["forward pass fails on an input of shape (1, 32, 32)", "3 channels", "--input-size"],
+        id="targets-wrong-channels",
     ),
     P(
         lambda c: ["targets", "onnx:model", "--input-size", "3", "16", "16"],
@@ -658,7 +672,7 @@ API_ROWS = [
     P(
         lambda a: a.sample(out=a.earlier),
         (V,),
-        ["earlier", "overwrite=True", "resume=True"],
+        ["earlier complete run", "overwrite=True"],
         id="sample-out-holds-earlier-run",
     ),
     P(

@@ -72,3 +72,19 @@ def test_frozen_options_and_nesting():
     fn = lambda x: x  # noqa: E731
     with frozen(fn) as same:  # not a module: passed through
         assert same is fn
+
+
+def test_median_is_numpys_for_even_and_odd_counts():
+    """The reported "median fiber loss" is the usual median (torch.median takes the lower of
+    the two middle values): what numpy, the atlas and a reader compute."""
+    import math
+
+    import numpy as np
+
+    from fiber_plugins._utils import median
+
+    for values in ([2.011e-4, 3.9e-4], [1.0, 4.0, 2.0, 3.0], [5.0, 1.0, 3.0], [7.0]):
+        t = torch.tensor(values)
+        assert median(t) == pytest.approx(float(np.median(t.numpy())), rel=1e-6)
+    assert median(torch.tensor([[1.0, 2.0], [3.0, 10.0]])) == 2.5  # all values, any shape
+    assert math.isnan(median(torch.tensor([])))

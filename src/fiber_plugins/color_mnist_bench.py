@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import zoo
-from ._utils import to_model_range
+from ._utils import median, to_model_range
 from .data import color_mnist as cm
 from .errors import UserValueError
 from .evaluation.metrics import (
@@ -134,7 +134,7 @@ def sample_sets(sampler, refs: torch.Tensor, num_samples: int, seeds, progress: 
         sets.append(
             {
                 "seed": s,
-                "median_fiber_loss": float(losses.median()) if ok.any() else math.nan,
+                "median_fiber_loss": median(losses),
                 "mean_fiber_loss": float(losses.mean()) if ok.any() else math.nan,
                 **consistency(res.images[ok]),
                 "failed": int(res.failed.sum()),
@@ -255,7 +255,7 @@ def run_color_mnist_bench(
                     "key": method,
                     "prior": prior_name,
                     **summary,
-                    "median_over_nn": summary["median_fiber_loss"] / float(nn_loss.median()),
+                    "median_over_nn": summary["median_fiber_loss"] / median(nn_loss),
                     "seconds_per_sample": secs,
                 }
             )
@@ -269,7 +269,7 @@ def run_color_mnist_bench(
     rows.append(
         {
             "method": "nearest neighbour (train split)",
-            "median_fiber_loss": float(nn_loss.median()),
+            "median_fiber_loss": median(nn_loss),
             "mean_fiber_loss": float(nn_loss.mean()),
             "median_over_nn": 1.0,
         }
@@ -277,9 +277,9 @@ def run_color_mnist_bench(
     rows.append(
         {
             "method": "augmented reference",
-            "median_fiber_loss": float(aug_loss.median()),
+            "median_fiber_loss": median(aug_loss),
             "mean_fiber_loss": float(aug_loss.mean()),
-            "median_over_nn": float(aug_loss.median() / nn_loss.median()),
+            "median_over_nn": median(aug_loss) / median(nn_loss),
         }
     )
     settings = {

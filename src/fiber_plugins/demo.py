@@ -15,6 +15,7 @@ from typing import cast
 import torch
 
 from . import zoo
+from ._utils import median
 from .color_mnist_bench import BENCH_NDTM, consistency
 from .data import color_mnist as cm
 from .evaluation.metrics import NearestNeighbourBaseline
@@ -75,7 +76,7 @@ def run_demo(
         rows.append(
             [f"digit {digits[r]}"]
             + [("failed" if result.failed[r, m] else float(losses[m])) for m in range(n)]
-            + [float(nn_loss[r]), float(losses[~result.failed[r]].median() / nn_loss[r])]
+            + [float(nn_loss[r]), median(losses[~result.failed[r]]) / float(nn_loss[r])]
         )
     page.table(
         ["reference"] + [f"sample {m}" for m in range(n)] + ["nearest neighbour", "median / NN"],
@@ -101,7 +102,7 @@ def run_demo(
     )
     page.write(out / "report.html")
     print(result.summary())
-    print(f"nearest-neighbour baseline (median): {float(nn_loss.median()):.4g}")
+    print(f"nearest-neighbour baseline (median): {median(nn_loss):.4g}")
     return out
 
 

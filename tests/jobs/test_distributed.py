@@ -40,11 +40,12 @@ def _torchrun(store: Path) -> subprocess.Popen:
 def single(tmp_path_factory) -> dict:
     """The uninterrupted single-process run of the example plan."""
     store = tmp_path_factory.mktemp("single") / "store"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process
     try:
         assert main(["run", str(EXAMPLE), "--out", str(store)]) == 0
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    finally:  # as before: later tests compare in-process runs with 1-thread subprocesses
+        torch.set_num_threads(threads)
     return store_samples(store)
 
 

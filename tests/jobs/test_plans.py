@@ -126,11 +126,18 @@ def test_a_crashed_chunk_is_retried_then_committed_as_failed(tmp_path, monkeypat
 
     monkeypatch.setattr(NDTMSampler, "sample", flaky)
     path, store = small_plan(tmp_path, **{"retries = 2": "retries = 1"}), tmp_path / "store"
-    assert main(["run", str(path), "--out", str(store)]) == 0
-    assert "chunk 1 failed (attempt 1 of 2" in capsys.readouterr().out
+    assert main(["run", str(path), "--out", str(store)]) == 1  # a chunk crashed: not silent
+    out, err = capsys.readouterr()
+    assert "chunk 1 failed (attempt 1 of 2" in out
+    err = err.splitlines()[-1]  # after the progress bar's
+    assert err.startswith("fiber-plugins: 1 of 2 chunks failed (0 committed as failed")
+    assert "RuntimeError: device lost" in err and str(store / "attempts" / "000001.json") in err
     assert Store.open(store).committed() == {0}
-    assert main(["run", str(path), "--out", str(store)]) == 0  # second and last attempt
+    assert main(["run", str(path), "--out", str(store)]) == 1  # second and last attempt
+    err = capsys.readouterr().err
+    assert "1 of 1 chunks failed (1 committed as failed" in err and "reason column" in err
     assert Store.open(store).committed() == {0, 1} and calls["n"] == 2
+    assert main(["run", str(path), "--out", str(store)]) == 0  # nothing left to try
     failed = [r for r in Store.open(store).index().to_pylist() if r["chunk"] == 1]
     assert len(failed) == 8 and all(r["status"] == "failed" for r in failed)
     assert "device lost" in failed[0]["reason"] and "2 times" in failed[0]["reason"]

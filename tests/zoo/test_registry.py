@@ -87,3 +87,20 @@ def test_a_zoo_name_given_as_a_prior_folder_says_how_to_load_it():
 
     with pytest.raises(UserValueError, match=r"zoo\.load_prior\('color-mnist-prior'\)"):
         fp.load_prior("zoo:color-mnist-prior")
+
+
+def test_targets_of_a_shipped_subject_need_no_input_size(capsys):
+    """Each shipped subject records its input; ``fiber-plugins targets zoo:NAME`` uses it."""
+    from fiber_plugins.cli.main import main
+
+    sizes = {n: zoo.model_entry(n).input_size for n in zoo.list_models()}
+    assert sizes["color-mnist-classifier"] == (3, 32, 32)
+    assert sizes["color-mnist-autoencoder"] == (1, 32, 32)  # the grey digits
+    assert all(sizes[n] is None for n in zoo.prior_names())
+    for name, first in (
+        ("color-mnist-classifier", "features.0"),
+        ("color-mnist-autoencoder", "encoder.conv.0"),
+    ):
+        assert main(["targets", f"zoo:{name}"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f"input {sizes[name]}" in lines[0] and lines[1].startswith(first)

@@ -178,7 +178,7 @@ VECTOR_SUFFIXES = (".safetensors", ".npy", ".pt", ".pth")
 
 
 def _read_vector(path: str):
-    """A target vector from .safetensors (first tensor), .npy (no pickles) or .pt/.pth
+    """A target vector from .safetensors (its one tensor), .npy (no pickles) or .pt/.pth
     (``torch.load(weights_only=True)``), through the package's one weights policy
     (:mod:`fiber_plugins.weights`); anything else is refused in one line."""
     import torch
@@ -195,6 +195,12 @@ def _read_vector(path: str):
         tensors = read_safetensors(p, what=what)
         if not tensors:
             raise UserValueError(f"{what} {path!r} holds no tensor")
+        if len(tensors) > 1:  # which one was meant cannot be guessed
+            names = ", ".join(list(tensors)[:4]) + (" ..." if len(tensors) > 4 else "")
+            raise UserValueError(
+                f"{what} {path!r} holds {len(tensors)} tensors ({names}); save the target vector "
+                "alone"
+            )
         value = next(iter(tensors.values()))
     elif p.suffix == ".npy":
         import numpy as np
@@ -221,8 +227,10 @@ def _read_vector(path: str):
 def cmd_targets(args) -> int:
     from ..adapters.lens import list_hook_points
     from ..specs.subjects import load_subject
+    from ..zoo import model_entry
 
     model, pre = load_subject(args.subject, args.weights)
+    zoo_size = model_entry(args.subject[4:]).input_size if args.subject.startswith("zoo:") else None
     if args.input_size:
         if len(args.input_size) != 3 or min(args.input_size) < 1:
             raise UserValueError(
@@ -232,6 +240,8 @@ def cmd_targets(args) -> int:
         shape = (1, *args.input_size)
     elif pre is not None and pre.fixes_size:
         shape = (1, pre.channels or 3, *pre.output_size((1, 1)))
+    elif zoo_size is not None:  # a shipped subject knows its input
+        shape = (1, *zoo_size)
     else:
         raise UserValueError("give the subject's input size, e.g. --input-size 3 224 224")
     from ..adapters.hf import hf_outputs, is_hf_model
@@ -242,7 +252,13 @@ def cmd_targets(args) -> int:
         points = lister(model, shape)
         usage = "  (--target output:NAME[:INDEX][:token=cls|mean|max|all|N])"
     else:
-        points = list_hook_points(model, shape)
+        try:
+            points = list_hook_points(model, shape)
+        except RuntimeError as err:  # the model's own forward refuses the input (channels, size)
+            raise UserValueError(
+                f"the subject's forward pass fails on an input of shape {tuple(shape[1:])} "
+                f"({str(err).splitlines()[0][:160]}); give its input size with --input-size C H W"
+            ) from None
         usage = ""
     width = max((len(n) for n, _ in points), default=10)
     print(f"{'name':{width}s}  shape (batch 1, input {tuple(shape[1:])}){usage}")

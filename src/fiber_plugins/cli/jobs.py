@@ -1,11 +1,17 @@
 """``fiber-plugins plan expand PLAN`` and ``fiber-plugins run PLAN --out STORE``: many units from a
-plan file, sharded under torchrun or as submitit array jobs, resumable (see docs/scaling.md)."""
+plan file, sharded under torchrun or as submitit array jobs, resumable (see docs/scaling.md).
+
+``run`` exits 0 when every chunk it tried was committed with its samples, 1 when a chunk crashed
+in this run (it is tried again by the next run, or was committed as failed after its last
+attempt; a line on stderr says where the errors are), 2 on a user mistake (one line, nothing
+written) and 130 when interrupted."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import RunInterrupted, UserValueError
 
@@ -38,6 +44,10 @@ def cmd_run(args) -> int:
     from ..jobs.plan import Plan
 
     plan = Plan.load(args.plan)
+    if args.launcher != "submitit":  # SLURM jobs check --device on their own nodes
+        from ..jobs.run import run_device
+
+        run_device(args.device, 0)  # an unknown or absent device: one line, before any model
     if args.dry_run:
         from ..jobs.run import dry_run
         from ..jobs.work import Work
@@ -62,11 +72,11 @@ def cmd_run(args) -> int:
 
         results = submit(
             args.plan, args.out, jobs=args.jobs, local=args.launcher == "submitit-local",
-            replan=args.replan, slurm=_slurm(args),
+            replan=args.replan, slurm=_slurm(args), device=args.device,
         )  # fmt: skip
         done = sum(r["committed"] for r in results)
         print(f"{len(results)} jobs finished; {done} chunks committed to {args.out}")
-        return 0
+        return _failures(results, args.out)
     from ..jobs.run import run_plan
 
     try:
@@ -83,7 +93,28 @@ def cmd_run(args) -> int:
         f"{stats['done_before']} before, {stats['failed_attempts']} failed attempts, "
         f"{stats['samples']} samples -> {args.out}"
     )
-    return 0
+    return _failures([stats], args.out)
+
+
+def _failures(results: list[dict], out: str) -> int:
+    """Exit status 1, with one line on stderr saying where the errors are, when a chunk crashed
+    in this run (of any of ``results``, one per process or job); 0 otherwise."""
+    failed = sorted(c for r in results for c in r.get("failed_chunks", ()))
+    if not failed:
+        return 0
+    tried = sum(r["chunks"] - r["done_before"] for r in results)
+    final = sum(r.get("committed_failed", 0) for r in results)
+    first = next((r["first_error"] for r in results if r.get("first_error")), "unknown error")
+    files = [str(Path(out) / "attempts" / f"{c:06d}.json") for c in failed]
+    where = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    print(
+        f"fiber-plugins: {len(failed)} of {tried} chunks failed ({final} committed as failed after "
+        f"their last attempt, {len(failed) - final} tried again by the next run); first error: "
+        f"{first}; the errors are in {where}"
+        + (" and the failed rows' reason column of the index" if final else ""),
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _slurm(args) -> dict:
@@ -120,7 +151,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--jobs", type=int, default=1, help="array jobs for --launcher (default 1)")
     r.add_argument("--slurm", nargs="*", metavar="KEY=VALUE",
                    help="submitit SLURM parameters, e.g. partition=gpu gpus_per_node=1 timeout_min=240")  # fmt: skip
-    r.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    r.add_argument("--device",
+                   help="cpu, cuda, cuda:N, mps or auto (default: cuda:LOCAL_RANK when CUDA is "
+                   "there, else cpu)")  # fmt: skip
     r.add_argument("--replan", action="store_true",
                    help="continue a store written by a changed plan (keeps committed chunks)")  # fmt: skip
     r.set_defaults(func=cmd_run)

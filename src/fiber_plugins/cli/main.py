@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fiber-plugins: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`fiber-plugins plan expand PLAN | head`)
+        # point stdout at /dev/null so that Python's flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a pipe closed on
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,21 +17,24 @@ class PlanJob:
     """A picklable callable: rank ``rank`` of ``world`` of a plan; submitit requeues it with
     :meth:`checkpoint` (the store resumes where it stopped)."""
 
-    def __init__(self, plan_path: str, out: str, world: int, replan: bool):
+    def __init__(
+        self, plan_path: str, out: str, world: int, replan: bool, device: str | None = None
+    ):
         self.plan_path, self.out, self.world, self.replan = plan_path, out, world, replan
+        self.device = device
 
     def __call__(self, rank: int) -> dict:
         from .plan import Plan
         from .run import run_plan
 
         return run_plan(Plan.load(self.plan_path), self.out, rank=rank, world=self.world,
-                        replan=self.replan, progress=False)  # fmt: skip
+                        device=self.device, replan=self.replan, progress=False)  # fmt: skip
 
     def checkpoint(self, rank: int):
         """Requeue the same rank (submitit calls this on preemption and timeout)."""
         helpers = require("submitit.helpers")
         return helpers.DelayedSubmission(
-            PlanJob(self.plan_path, self.out, self.world, self.replan), rank
+            PlanJob(self.plan_path, self.out, self.world, self.replan, self.device), rank
         )
 
 
@@ -43,6 +46,7 @@ def submit(
     replan: bool = False,
     slurm: dict | None = None,
     wait: bool = True,
+    device: str | None = None,
 ) -> list[dict]:
     """Submit ``jobs`` array jobs for the plan and (by default) wait for them.
 
@@ -59,6 +63,9 @@ def submit(
         ``executor.update_parameters`` with the ``slurm_`` prefix where submitit needs it.
     wait:
         Wait for the jobs and return their counts (else return ``[]`` at once).
+    device:
+        The device of every job (default: ``cuda:LOCAL_RANK`` where CUDA is there, else cpu),
+        checked by each job on its own machine.
     """
     submitit = require("submitit")
     if jobs < 1:
@@ -71,7 +78,7 @@ def submit(
         executor = submitit.AutoExecutor(folder=str(folder))
         executor.update_parameters(**{("slurm_" + k if k in _SLURM_ONLY else k): v
                                       for k, v in (slurm or {}).items()})  # fmt: skip
-    task = PlanJob(str(Path(plan_path).resolve()), str(Path(out).resolve()), jobs, replan)
+    task = PlanJob(str(Path(plan_path).resolve()), str(Path(out).resolve()), jobs, replan, device)
     submitted = executor.map_array(task, list(range(jobs)))
     if not wait:
         return []

@@ -39,7 +39,9 @@ A plan file::
     spec = "zoo:color-mnist-classifier"
 
 Relative paths are read from the plan file's folder. Every key is checked: an unknown one is
-refused with the valid names.
+refused with the valid names, and the ``[sampler]`` settings are built into the sampler's config
+class once, so every value it refuses (``guidance = nan``) is refused when the plan is read. A
+``.json`` file holds the same tables as JSON (the ``plan`` of a store's ``store.json`` is one).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 REQUIRED = (("subject", "spec"), ("target", "spec"), ("prior", "path"))
 METHODS = ("ndtm", "dps", "noise-opt")
+PRIOR_DTYPES = ("fp32", "bf16", "fp16")  # the prior's weights (DiffusionPrior.accelerate)
 SOURCES = ("files", "folder", "dataset")
 
 
@@ -110,14 +113,38 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        """Read and check a plan file."""
+        """Read and check a plan file: TOML, or JSON (the same tables) for a ``.json`` file."""
         p = Path(path)
+        if p.is_dir():
+            raise UserValueError(
+                f"plan file {str(path)!r} is a folder; give a TOML plan file (or a .json one)"
+            )
         if not p.is_file():
             raise MissingFileError(f"plan file {str(path)!r} does not exist")
         try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise UserValueError(f"plan {str(path)!r} is not valid TOML: {err}") from None
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserValueError(
+                f"plan file {str(path)!r} is not a text TOML or JSON plan file (byte "
+                f"{err.object[err.start]:#04x} at offset {err.start} is not UTF-8 text)"
+            ) from None
+        except OSError as err:
+            raise UserValueError(f"cannot read plan file {str(path)!r}: {err.strerror}") from None
+        if p.suffix.lower() == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UserValueError(f"plan {str(path)!r} is not valid JSON: {err}") from None
+            if not isinstance(data, dict):
+                raise UserValueError(
+                    f"plan {str(path)!r} must hold a JSON object of tables, got a "
+                    f"{type(data).__name__}"
+                )
+        else:
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as err:
+                raise UserValueError(f"plan {str(path)!r} is not valid TOML: {err}") from None
         return cls.from_dict(data, root=p.resolve().parent, source=str(path))
 
     @classmethod
@@ -150,7 +177,9 @@ class Plan:
             if needed not in settings.get(name, {}):
                 raise UserValueError(f"plan {source}: [{name}] needs {needed} = ...")
         _check(settings, source)
-        return cls(settings, Path(root), source)
+        plan = cls(settings, Path(root), source)
+        plan.sampler_config()  # every setting the sampler's config class checks, checked now
+        return plan
 
     # ------------------------------------------------------------------ views
     def __getitem__(self, section: str) -> dict:
@@ -168,6 +197,32 @@ class Plan:
             return value
         p = Path(value).expanduser()
         return str(p if p.is_absolute() else self.root / p)
+
+    def sampler_config(self):
+        """The ``[sampler]`` settings as the sampler's own config (:class:`NDTMConfig`,
+        :class:`DPSConfig` or :class:`NoiseOptConfig`), built as the run builds it, so a value
+        the config refuses (``guidance = nan``, ``inner_steps = -1``) is a one-line error when
+        the plan is read, not a crash of every chunk."""
+        from ..errors import UserError
+
+        s = self["sampler"]
+        try:
+            if s["method"] == "ndtm":
+                from ..samplers.config import NDTMConfig
+
+                return NDTMConfig(
+                    num_steps=s["steps"], inner_steps=s["inner_steps"], guidance=s["guidance"]
+                )
+            if s["method"] == "dps":
+                from ..samplers.dps import DPSConfig
+
+                return DPSConfig(num_steps=s["steps"], guidance=s["guidance"])
+            from ..samplers.noise_opt import NoiseOptConfig
+
+            return NoiseOptConfig(num_steps=s["steps"])
+        except UserError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise type(err)(f"plan {self.source}: [sampler] {first}") from None
 
     def fingerprint(self) -> dict:
         """What decides the samples (everything but the run's own bookkeeping)."""
@@ -198,6 +253,11 @@ def _check(settings: dict, source: str) -> None:
     for key in ("steps", "n", "batch_size"):
         if sampler[key] < 1:
             raise UserValueError(f"plan {source}: sampler.{key} must be >= 1, got {sampler[key]}")
+    dtype = settings["prior"]["dtype"]
+    if dtype not in PRIOR_DTYPES:
+        raise UserValueError(
+            f"plan {source}: prior.dtype {dtype!r}; choose one of {list(PRIOR_DTYPES)}"
+        )
     given = [s for s in SOURCES if s in refs]
     if len(given) != 1:
         raise UserValueError(

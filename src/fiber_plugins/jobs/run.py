@@ -15,13 +15,15 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .._utils import resolve_device
 from ..errors import RunInterrupted, UserError
 from ..samplers.run_folder import RUN_FILE, remove_run
-from ..samplers.store import Store
+from ..samplers.store import Store, is_store
 from .plan import Plan
 from .work import Work
 
@@ -48,6 +50,19 @@ def default_device(local_rank: int) -> str:
     if torch.cuda.is_available():
         return f"cuda:{local_rank % torch.cuda.device_count()}"
     return "cpu"
+
+
+def run_device(device: str | None, local_rank: int) -> str:
+    """This process's device: ``None`` or ``"auto"`` is :func:`default_device`; any other name
+    is read by :func:`~fiber_plugins._utils.resolve_device`, so an unknown device (``tpu9``) or
+    one this machine lacks (``cuda`` without CUDA) is a one-line error. ``cuda`` without an
+    index is this process's own GPU, ``cuda:LOCAL_RANK``, as by default."""
+    if device is None or device == "auto":
+        return default_device(local_rank)
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return default_device(local_rank)
+    return str(resolved)
 
 
 def version() -> str:
@@ -81,14 +96,13 @@ def dry_run(work: Work) -> dict:
 def _sampler(plan: Plan, prior, units):
     from ..samplers import DPSSampler, NDTMSampler, NoiseOptSampler
 
-    s = plan["sampler"]
-    if s["method"] == "ndtm":
-        return NDTMSampler(
-            prior, units, num_steps=s["steps"], inner_steps=s["inner_steps"], guidance=s["guidance"]
-        )
-    if s["method"] == "dps":
-        return DPSSampler(prior, units, num_steps=s["steps"], guidance=s["guidance"])
-    return NoiseOptSampler(prior, units, num_steps=s["steps"])
+    config = plan.sampler_config()  # the config the plan was checked with when it was read
+    method = plan["sampler"]["method"]
+    if method == "ndtm":
+        return NDTMSampler(prior, units, config)
+    if method == "dps":
+        return DPSSampler(prior, units, config)
+    return NoiseOptSampler(prior, units, config)
 
 
 class Extras:
@@ -168,35 +182,53 @@ def run_plan(
 ) -> dict:
     """Run this process's share of ``plan`` into the store ``out``; committed chunks are skipped,
     an interrupted chunk resumes, a chunk that crashed is tried again (``run.retries`` times in
-    all, then committed as failed). Returns counts of this process's work."""
+    all, then committed as failed). Returns counts of this process's work: ``failed_chunks``
+    lists the chunks that crashed in this run (their errors are in ``STORE/attempts/``),
+    ``committed_failed`` counts those committed as failed, ``first_error`` is the first error.
+
+    The plan's subject, units, prior, pool and labeller are loaded (and so checked) before a
+    new store is written, so a run refused with a one-line error leaves no store behind."""
     env_rank, env_world, local = distributed_rank()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world
-    device = device or default_device(local)
-    work = Work(plan, device)
-    store = Store.create_or_open(
-        out,
-        {
-            "plan": plan.settings,
-            "plan_hash": plan.hash(),
-            "version": version(),
-            "num_units": work.units.num_units,
-            "units": list(work.units.labels),
-            "labeller": (plan.settings.get("labeller") or {}).get("spec"),
-        },  # fmt: skip
-        replan=replan,
-    )
+    device = run_device(device, local)
+    # Everything the plan names is loaded and checked before the store is written: a plan that
+    # fails (a unit its layer does not have, a prior or pool that is not there) leaves no store
+    # behind that would then refuse the corrected plan as "another plan".
+    Store.check_new(out)  # a file or a folder of other files: refused before models load
+    work = Work(plan, device)  # the subject, the references, one pass that checks the units
     chunks = work.chunks()
     mine = [c for c in range(len(chunks)) if c % world == rank]
-    pending = [c for c in mine if c not in store.committed()]
-    stats = {"rank": rank, "world": world, "chunks": len(mine), "done_before": len(mine) - len(pending),
-             "committed": 0, "failed_attempts": 0, "samples": 0}  # fmt: skip
+    manifest = {
+        "plan": plan.settings,
+        "plan_hash": plan.hash(),
+        "version": version(),
+        "num_units": work.units.num_units,
+        "units": list(work.units.labels),
+        "labeller": (plan.settings.get("labeller") or {}).get("spec"),
+    }
+    store: Store | None = None
+    committed: set[int] = set()
+    if is_store(out):
+        # this plan's store, or one refused as another plan's; --replan rewrites its manifest
+        # only once everything has loaded
+        store = None if replan else Store.create_or_open(out, manifest)
+        committed = (store or Store.open(out)).committed()
+    pending = [c for c in mine if c not in committed]
+    stats: dict[str, Any] = {"rank": rank, "world": world, "chunks": len(mine), "done_before": len(mine) - len(pending),
+             "committed": 0, "failed_attempts": 0, "samples": 0, "failed_chunks": [],
+             "committed_failed": 0, "first_error": None}  # fmt: skip
     if not pending:
+        if store is None and is_store(out):
+            Store.create_or_open(out, manifest, replan=replan)
         return stats
     prior = _prior(plan, device)
-    if plan["prior"]["dtype"] == "bf16":
-        prior.accelerate(weights="bf16")
+    if plan["prior"]["dtype"] != "fp32":
+        prior.accelerate(weights=plan["prior"]["dtype"])
+    work.check_units(prior.image_size)  # the units again, at the size the sampler reads
     extras = Extras(plan, work, prior.image_size)
+    if store is None:
+        store = Store.create_or_open(out, manifest, replan=replan)
     bar = tqdm(total=sum(len(chunks[c]) for c in mine), initial=sum(len(chunks[c]) for c in mine if c not in pending),
                desc=f"rank {rank}/{world}", unit="unit", position=rank, disable=not progress)  # fmt: skip
     start = time.perf_counter()
@@ -218,7 +250,7 @@ def _prior(plan: Plan, device: str):
     if spec.startswith("zoo:"):
         from .. import zoo
 
-        return zoo.load(spec[4:], device=device)
+        return zoo.load_prior(spec[4:], device=device)
     from ..priors.loading import load_prior
 
     return load_prior(spec).to(device)
@@ -245,7 +277,9 @@ def _run_chunk(plan, work, store, extras, prior, c, units, device, stats) -> lis
         raise
     except Exception as err:  # a crash of the chunk, not a failed sample: retried on a rerun
         stats["failed_attempts"] += 1
-        message = f"{type(err).__name__}: {err}"
+        stats["failed_chunks"].append(c)
+        message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        stats["first_error"] = stats["first_error"] or message
         attempts = store.record_attempt(c, message + "\n" + traceback.format_exc(limit=3))
         if attempts <= retries:
             print(
@@ -255,6 +289,7 @@ def _run_chunk(plan, work, store, extras, prior, c, units, device, stats) -> lis
         rows = _failed_rows(plan, work, store, c, units, message, device)
         store.commit(c, rows)
         stats["committed"] += 1
+        stats["committed_failed"] += 1
         return rows
     seconds = (time.perf_counter() - t0) / max(1, result.failed.numel())
     rows = _rows(plan, work, store, extras, result, c, units, seconds, device)

@@ -93,6 +93,30 @@ class Work:
             objective = UnitSet.of(objective, units=[0], labels=[spec])
         self.units: UnitSet = objective
         self.references = self._references()
+        if self.plan["references"].get("top_k") is None:  # top_k has passed over them already
+            self.check_units()
+
+    def check_units(self, size: tuple[int, int] | int | None = None) -> None:
+        """One subject pass over the first reference (at ``size``: the prior's image size, where
+        the run knows it), so that a unit its site does not have (channel 200 of a 128-channel
+        layer) is refused before a store is written, not by every chunk. Only the package's
+        one-line errors are raised here: a pass that fails for another reason (an image the
+        subject cannot take at this size) is left to the sampler."""
+        from ..errors import UserError
+        from ..images import load_image
+
+        reference = self.references[0][0]
+        image = load_image(reference.image, size=size)
+        try:
+            with self.units.attached(), torch.no_grad():
+                self.units.features(image[None].to(self._device()) * 2 - 1)
+        except UserError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise type(err)(
+                f"plan {self.plan.source}: target {self.plan['target']['spec']!r}: {first}"
+            ) from None
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return
 
     # ------------------------------------------------------------------ references
     def _references(self) -> list[list[Reference]]:

@@ -18,6 +18,7 @@ from typing import cast
 
 import torch
 
+from .._utils import median
 from ..errors import MissingFileError, UserValueError
 from ..evaluation.metrics import (
     LOWPASS_CUTOFFS,
@@ -104,7 +105,7 @@ def evaluate_run(
     )
     if result.references is not None:
         aug = augmentation_baseline(objective, result.references, targets, n=m)
-        ev["augmentation_median"] = [float(aug[i].median()) for i in range(r)]
+        ev["augmentation_median"] = [median(aug[i]) for i in range(r)]
     if pool01 is not None:
         nn_loss, nn_idx = NearestNeighbourBaseline(objective, pool01)(targets)
         ev["nearest_neighbour"] = nn_loss.tolist()
@@ -114,7 +115,7 @@ def evaluate_run(
 
 
 def _median(t: torch.Tensor) -> float:
-    return float(t.median()) if t.numel() else math.nan
+    return median(t)
 
 
 def _realism(result: FiberResult, prior, given: float | RealismCheck | None) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .._utils import median
 from ..errors import UserTypeError
 from ..objectives.preprocess import Preprocess
 from ..priors.conditional import ConditionalFiberModel
@@ -104,7 +105,7 @@ class ConditionalFiberSampler(FiberSampler):
                     if cfg.trace and (step.index % 5 == 0 or step.index == len(steps) - 1):
                         vals = trace[:, step.index][alive]
                         if vals.numel():
-                            progress.set_postfix(fiber_loss=f"{vals.median().item():.4g}")
+                            progress.set_postfix(fiber_loss=f"{median(vals):.4g}")
         return x, trace
 
     def _check_gradient_path(self, refs) -> None:

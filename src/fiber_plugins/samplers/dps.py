@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from .._utils import median
 from ._common import SettingsMixin, check_bool, check_float, check_int, finite_rows, row_mask
 from .batch import Batch, mark_nonfinite
 from .config import GuidanceSchedule, check_guidance
@@ -127,7 +128,7 @@ class DPSSampler(FiberSampler):
                 if step.index % 5 == 0 or step.index == len(steps) - 1:
                     vals = fl[alive]
                     if vals.numel():
-                        progress.set_postfix(fiber_loss=f"{vals.median().item():.4g}")
+                        progress.set_postfix(fiber_loss=f"{median(vals):.4g}")
         with torch.no_grad(), self.autocast():
             img = prior.decode(x)
         return img.float(), trace

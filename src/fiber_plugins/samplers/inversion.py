@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .._utils import median
 from ..errors import UserValueError
 from ._common import (
     OPTIMISERS,
@@ -147,5 +148,5 @@ class PixelInversionSampler(FiberSampler):
                 if k % 10 == 0 or k == cfg.num_steps - 1:
                     vals = fl[alive]
                     if vals.numel():
-                        progress.set_postfix(fiber_loss=f"{vals.median().item():.4g}")
+                        progress.set_postfix(fiber_loss=f"{median(vals):.4g}")
         return x.detach(), trace

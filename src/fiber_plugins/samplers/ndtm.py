@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from .._utils import median
 from ..objectives.targets import Targets
 from ._common import RowOptimiser, finite_rows
 from .batch import Batch, mark_nonfinite
@@ -110,7 +111,7 @@ class NDTMSampler(FiberSampler):
                 if step.index % 5 == 0 or step.index == len(steps) - 1:
                     vals = trace[:, step.index][alive]
                     if vals.numel():
-                        progress.set_postfix(fiber_loss=f"{vals.median().item():.4g}")
+                        progress.set_postfix(fiber_loss=f"{median(vals):.4g}")
         with torch.no_grad(), self.autocast():
             img = prior.decode(x)
         return img.float(), trace

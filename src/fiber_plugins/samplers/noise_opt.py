@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .._utils import median
 from ..errors import UserValueError
 from ..filters import lowpass as lowpass_filter
 from ..objectives.targets import Targets
@@ -259,7 +260,7 @@ class NoiseOptSampler(FiberSampler):
                 if k % 5 == 0 or k == cfg.max_iters - 1:
                     vals = fl_d[finite]
                     if vals.numel():
-                        progress.set_postfix(fiber_loss=f"{vals.median().item():.4g}")
+                        progress.set_postfix(fiber_loss=f"{median(vals):.4g}")
         return best_img, trace
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import warn
+from .._utils import median, warn
 from ..errors import MissingFileError, UserValueError
 from ..objectives.targets import Targets
 from .rows import row_unit_labels
@@ -66,7 +66,7 @@ class FiberResult:
     def median_loss(self) -> float:
         """Median final fiber loss over the samples that did not fail (NaN if all failed)."""
         ok = self.fiber_loss[~self.failed]
-        return float(ok.median()) if ok.numel() else math.nan
+        return median(ok)
 
     def summary(self) -> str:
         """One line: references x samples, median fiber loss, failures, wall time."""

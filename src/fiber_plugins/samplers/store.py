@@ -83,8 +83,7 @@ class Store:
         committed chunks and records the new plan (chunks are numbered by plan position, so
         only a plan whose chunks are unchanged should be continued that way)."""
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserValueError(f"store {str(path)!r} is a file, not a folder")
+        cls.check_new(path)
         if is_store(path):
             store = cls.open(path)
             old = store.manifest.get("plan_hash")
@@ -99,8 +98,24 @@ class Store:
                 store.manifest.update(manifest, replanned=_now())
                 _write_json(path / STORE_FILE, store.manifest)
             return store
+        path.mkdir(parents=True, exist_ok=True)
+        full = {"format": STORE_FORMAT, "kind": "fiber-store", "created": _now(), **manifest}
+        if not is_store(path):  # several ranks may start at once: each writes the same manifest
+            _write_json(path / STORE_FILE, full)
+        return cls.open(path)
+
+    @staticmethod
+    def check_new(path: str | Path) -> None:
+        """Refuse a ``path`` no store can be written to: a file, or a folder of other files
+        (a folder holding a store passes; :meth:`create_or_open` checks its plan). Cheap: called
+        before any model loads."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserValueError(f"store {str(path)!r} is a file, not a folder")
+        if not path.is_dir() or is_store(path):
+            return
         ours = (CHUNK_DIR, INDEX_DIR, ATTEMPT_DIR)  # another process may be starting it now
-        foreign = path.is_dir() and [
+        foreign = [
             p
             for p in path.iterdir()
             if p.name not in ours and not p.name.startswith(f".{STORE_FILE}.")
@@ -110,11 +125,6 @@ class Store:
                 f"{str(path)!r} is not empty and holds no store ({foreign[0].name}); give an "
                 "empty or new folder"
             )
-        path.mkdir(parents=True, exist_ok=True)
-        full = {"format": STORE_FORMAT, "kind": "fiber-store", "created": _now(), **manifest}
-        if not is_store(path):  # several ranks may start at once: each writes the same manifest
-            _write_json(path / STORE_FILE, full)
-        return cls.open(path)
 
     @classmethod
     def open(cls, path: str | Path) -> Store:

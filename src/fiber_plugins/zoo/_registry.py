@@ -30,6 +30,8 @@ class ZooEntry:
     summary: one line for the table of models (the loader's docstring's first line).
     prior: whether the model is a prior for the samplers (a ``DiffusionPrior`` or a conditional
         fiber model), which ``--prior zoo:NAME`` and plans' ``prior.path`` accept.
+    input_size: (C, H, W) of the images a subject model takes (``fiber-plugins targets`` runs
+        one forward pass of that size); None for models that are not subjects.
     """
 
     name: str
@@ -38,13 +40,19 @@ class ZooEntry:
     loader: Loader
     summary: str
     prior: bool = False
+    input_size: tuple[int, int, int] | None = None
 
 
 _MODELS: dict[str, ZooEntry] = {}
 
 
 def register_model(
-    name: str, *, folder: str, train: str, prior: bool = False
+    name: str,
+    *,
+    folder: str,
+    train: str,
+    prior: bool = False,
+    input_size: tuple[int, int, int] | None = None,
 ) -> Callable[[Loader], Loader]:
     """Decorator: add ``loader(folder, device) -> model`` to the zoo under ``name``.
 
@@ -60,7 +68,13 @@ def register_model(
             raise ValueError(f"zoo model {name!r} is registered twice")
         summary = (loader.__doc__ or "").strip().splitlines()
         _MODELS[name] = ZooEntry(
-            name, folder, train, loader, summary[0] if summary else "", prior=prior
+            name,
+            folder,
+            train,
+            loader,
+            summary[0] if summary else "",
+            prior=prior,
+            input_size=input_size,
         )
         return loader
 

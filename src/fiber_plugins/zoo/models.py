@@ -10,6 +10,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ..data import color_mnist as cm
 from ..data.color_mnist import Decolorize
 from ._registry import register_model
 
@@ -181,30 +182,44 @@ def color_mnist_conditional_nofiber(folder: Path, device):
     return _prior(folder, device)
 
 
+# the input of the shipped subjects: Color-MNIST images, or the grey digits (autoencoder)
+RGB = (3, cm.SIZE, cm.SIZE)
+GREY = (1, cm.SIZE, cm.SIZE)
+
+
 def _autoencoder(folder: Path, device) -> AutoEncoder:
     latent_dim = int(_training_record(folder).get("latent_dim", 32))
     return _load_state(AutoEncoder(latent_dim=latent_dim), folder, device)
 
 
-@register_model("color-mnist-subject", folder="color_mnist/autoencoder", train="autoencoder")
+@register_model(
+    "color-mnist-subject", folder="color_mnist/autoencoder", train="autoencoder", input_size=RGB
+)
 def color_mnist_subject(folder: Path, device):
     """phi = E(decolorize(x)), E the grey-digit autoencoder encoder"""
     return _on(ColorMNISTSubject(_autoencoder(folder, None).encoder), device)
 
 
-@register_model("color-mnist-autoencoder", folder="color_mnist/autoencoder", train="autoencoder")
+@register_model(
+    "color-mnist-autoencoder",
+    folder="color_mnist/autoencoder",
+    train="autoencoder",
+    input_size=GREY,
+)
 def color_mnist_autoencoder(folder: Path, device):
     """the whole grey-digit autoencoder"""
     return _autoencoder(folder, device)
 
 
-@register_model("color-mnist-classifier", folder="color_mnist/classifier", train="classifier")
+@register_model(
+    "color-mnist-classifier", folder="color_mnist/classifier", train="classifier", input_size=RGB
+)
 def color_mnist_classifier(folder: Path, device):
     """small CNN digit classifier on coloured images"""
     return _load_state(DigitCNN(), folder, device)
 
 
-@register_model("color-mnist-vit", folder="color_mnist/vit", train="vit")
+@register_model("color-mnist-vit", folder="color_mnist/vit", train="vit", input_size=RGB)
 def color_mnist_vit(folder: Path, device):
     """tiny vit-prisma HookedViT digit classifier (needs the prisma extra)"""
     from .training import build_vit
