@@ -40,14 +40,18 @@ def test_a_unit_set_call_equals_one_call_per_unit(pixel_prior, subject, referenc
     multi = NDTMSampler(pixel_prior, units, **FAST).sample(references=references, n=2, seed=3)
     assert multi.images.shape[:2] == (8, 2)
     per_unit = multi.by_unit()
-    assert list(per_unit) == [f"{units.sites[0].name}[{u}]" for u in range(4)]
+    # labels name the channels, not the columns (and not the whole index list)
+    layer = units.sites[0].layer_name
+    assert list(per_unit) == [f"{type(subject).__name__}:{layer}[{c}]" for c in channels]
     for u, c in enumerate(channels):
         alone = NDTMSampler(pixel_prior, _layer(subject, [c]), **FAST).sample(
             references=references, n=2, seed=3
         )
         got = per_unit[units.labels[u]]
         assert got.images.shape == alone.images.shape
-        assert torch.allclose(got.images, alone.images, atol=1e-5)
+        # float rounding only: the batches differ in size, so do the BLAS reduction orders, and
+        # Adam's normalised steps carry that on (measured with 1 thread: 8e-7 to 5e-5)
+        assert torch.allclose(got.images, alone.images, atol=2e-4)
         assert torch.allclose(got.fiber_loss, alone.fiber_loss, rtol=1e-4, atol=1e-7)
         assert torch.allclose(got.targets, alone.targets, atol=1e-6)
     # the units' guidance differs (same noise, different channels): not one unit's samples four

@@ -117,8 +117,7 @@ class UnitSet(FiberObjective):
             for unit in units:
                 cols = _columns(unit, s)
                 self._units.append((s, cols))
-                label = cols[0] if len(cols) == 1 else cols
-                names.append(f"{objective.name}[{label}]")
+                names.append(_unit_label(objective, cols))
         if not self._units:
             raise UserValueError("a UnitSet needs at least one unit")
         if labels is not None and len(labels) != len(self._units):
@@ -313,6 +312,21 @@ class UnitSet(FiberObjective):
 
     def __repr__(self) -> str:
         return f"UnitSet({self.name!r})"
+
+
+def _unit_label(objective: FiberObjective, cols: list[int]) -> str:
+    """A unit's default label: the channels it reads where the objective selects a list of
+    channels (``index=[5, 7]``: column 1 is ``DigitCNN:features.8[7]``), else its columns."""
+    index = objective.index
+    if isinstance(index, torch.Tensor) and index.dim() == 1:
+        index = index.tolist()
+    if isinstance(index, (list, range)) and all(isinstance(i, int) for i in index):
+        suffix = f"[{objective.index}]"
+        base = objective.name[: -len(suffix)] if objective.name.endswith(suffix) else objective.name
+        picked = [index[c] for c in cols if c < len(index)]
+        if len(picked) == len(cols):
+            return f"{base}[{picked[0] if len(picked) == 1 else picked}]"
+    return f"{objective.name}[{cols[0] if len(cols) == 1 else cols}]"
 
 
 def _columns(unit: object, site: int) -> list[int]:
