@@ -36,8 +36,12 @@ def refused(capsys, argv: list[str]) -> str:
         ({"guidance = 1.0": "guidance = nan"}, "[sampler] guidance must be a finite number >= 0, got nan"),
         ({"inner_steps = 1": "inner_steps = -1"}, "[sampler] inner_steps must be an integer >= 0, got -1"),
         ({"guidance = 1.0": "guidance = -3.0"}, "[sampler] guidance must be >= 0, got -3.0"),
-        ({'method = "ndtm"': 'method = "dps"', "guidance = 1.0": "guidance = inf"},
+        ({'method = "ndtm"': 'method = "dps"', "inner_steps = 1": "", "guidance = 1.0": "guidance = inf"},
          "[sampler] guidance must be a finite number >= 0, got inf"),
+        # settings the method has no use for would be stored, hashed and change nothing
+        ({'method = "ndtm"': 'method = "dps"'}, "[sampler] method 'dps' does not use inner_steps; leave it out"),
+        ({'method = "ndtm"': 'method = "noise-opt"'},
+         "[sampler] method 'noise-opt' does not use inner_steps, guidance; leave them out"),
         ({'path = "zoo:color-mnist-prior"': 'path = "zoo:color-mnist-prior"\ndtype = "fp8"'},
          "prior.dtype 'fp8'; choose one of ['fp32', 'bf16', 'fp16']"),
     ],
@@ -202,3 +206,19 @@ def test_a_reader_that_goes_away_is_no_traceback():
     proc.stdout.close()  # before the interpreter has even started: every write finds no reader
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_a_noise_opt_plans_dry_run_counts_its_own_iterations(tmp_path, capsys):
+    """Noise optimisation runs NoiseOptConfig.max_iters iterations of a whole T-step decode;
+    the dry run's passes count those (at most: it stops early at its threshold)."""
+    from fiber_plugins.jobs.run import passes_per_sample
+    from fiber_plugins.samplers.noise_opt import NoiseOptConfig
+
+    edit = {'method = "ndtm"': 'method = "noise-opt"', "inner_steps = 1": "", "guidance = 1.0": ""}
+    plan = small_plan(tmp_path, **edit)
+    k, t = NoiseOptConfig().max_iters, 2
+    assert passes_per_sample(Plan.load(plan)) == {
+        "prior_fwd": t * k, "prior_bwd": t * k, "subject_fwd": k, "subject_bwd": k
+    }  # fmt: skip
+    assert main(["run", str(plan), "--dry-run"]) == 0
+    assert f"{t * k} prior fwd" in capsys.readouterr().out

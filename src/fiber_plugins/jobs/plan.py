@@ -81,6 +81,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "labeller": {"spec": str, "weights": str},
 }
 TOP_LEVEL = {"name": str, "seed": int}
+# [sampler] keys a method has no use for: inner_steps is NDTM's N, guidance the strength of NDTM
+# and DPS; noise optimisation runs its own iterations (NoiseOptConfig.max_iters)
+IGNORED_BY = {"dps": ("inner_steps",), "noise-opt": ("inner_steps", "guidance")}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sampler": {
         "method": "ndtm",
@@ -165,6 +168,13 @@ class Plan:
                             f"{sorted(SCHEMA[key])}"
                         )
                     section[k] = _typed(v, SCHEMA[key][k], f"{key}.{k}", source)
+                if key == "sampler":
+                    unused = [k for k in IGNORED_BY.get(section["method"], ()) if k in value]
+                    if unused:  # they would be stored, hashed and change nothing
+                        raise UserValueError(
+                            f"plan {source}: [sampler] method {section['method']!r} does not use "
+                            f"{', '.join(unused)}; leave {'them' if len(unused) > 1 else 'it'} out"
+                        )
                 settings[key] = section
             else:
                 valid = sorted([*TOP_LEVEL, *SCHEMA])

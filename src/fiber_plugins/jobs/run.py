@@ -74,7 +74,8 @@ def version() -> str:
 
 
 def passes_per_sample(plan: Plan) -> dict:
-    """Network passes one sample costs, by the sampler's algorithm (forward / backward)."""
+    """Network passes one sample costs, by the sampler's algorithm (forward / backward; for
+    noise optimisation the most it can cost, as it stops early at its threshold)."""
     s = plan["sampler"]
     t, n = s["steps"], s["inner_steps"]
     if s["method"] == "ndtm":  # per step: 1 prior fwd, N x (prior + subject fwd+bwd)
@@ -82,7 +83,9 @@ def passes_per_sample(plan: Plan) -> dict:
                 "subject_bwd": t * n}  # fmt: skip
     if s["method"] == "dps":
         return {"prior_fwd": t, "prior_bwd": t, "subject_fwd": t, "subject_bwd": t}
-    return {"prior_fwd": t * n, "prior_bwd": t * n, "subject_fwd": n, "subject_bwd": n}
+    # noise optimisation: at most max_iters iterations, each a whole T-step decode
+    k = plan.sampler_config().max_iters
+    return {"prior_fwd": t * k, "prior_bwd": t * k, "subject_fwd": k, "subject_bwd": k}
 
 
 def dry_run(work: Work) -> dict:
