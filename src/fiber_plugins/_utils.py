@@ -129,7 +129,7 @@ def module_device(module, default: str | torch.device = "cpu") -> torch.device:
 def median(values: torch.Tensor) -> float:
     """The median of all values: the mean of the two middle ones for an even count (numpy's;
     ``torch.median`` returns the lower one); NaN for none."""
-    flat = values.detach().flatten().double()
+    flat = values.detach().flatten().cpu().double()  # on the CPU: MPS has no float64
     return float(flat.quantile(0.5)) if flat.numel() else float("nan")
 
 

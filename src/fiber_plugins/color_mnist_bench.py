@@ -168,14 +168,16 @@ BENCH_FILES = (
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, a folder of other things, or an earlier benchmark without ``overwrite``;
-    with it, remove the earlier benchmark's files (a grid of a method not run again would
-    otherwise stay beside the new results)."""
+    """Refuse a file, a folder of other things, or an earlier benchmark (any of its files: an
+    interrupted one too) without ``overwrite``. Its files are replaced as the new ones are
+    written, and the stale ones removed at the end (:func:`_remove_stale`), so an interrupted
+    run leaves the earlier results, not none."""
     if out.exists() and not out.is_dir():
         raise UserValueError(f"--out {str(out)!r} is a file; give a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / "results.json").is_file():
+    earlier = [name for name in BENCH_FILES if (out / name).is_file()]
+    if not earlier:
         names = sorted(p.name for p in out.iterdir())
         raise UserValueError(
             f"--out {str(out)!r} is not empty and holds no benchmark ({', '.join(names[:3])}"
@@ -183,11 +185,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
     if not overwrite:
         raise UserValueError(
-            f"--out {str(out)!r} holds an earlier benchmark (results.json); pass --overwrite "
-            "(overwrite=True) to replace it, or give a new folder"
+            f"--out {str(out)!r} holds an earlier benchmark ({', '.join(earlier[:2])}); pass "
+            "--overwrite (overwrite=True) to replace it, or give a new folder"
         )
+
+
+def _remove_stale(out: Path, written: set[str]) -> None:
+    """After a run: the earlier benchmark's files this run did not write again (a grid of a
+    method not run this time would otherwise stand beside the new results)."""
     for name in BENCH_FILES:
-        (out / name).unlink(missing_ok=True)
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
 
 
 def run_color_mnist_bench(
@@ -308,6 +316,12 @@ def run_color_mnist_bench(
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(_markdown(report))
     _plot(rows, out / "fidelity_consistency.png")
+    grids = {
+        f"{r['key']}_{'ood' if r['prior'].endswith('ood') else 'in'}.png"
+        for r in rows
+        if "key" in r
+    }  # the sampled rows (the baselines have no grid)
+    _remove_stale(out, {"results.json", "results.md", "fidelity_consistency.png", *grids})
     return report
 
 

@@ -40,7 +40,7 @@ def refused(capsys, argv: list[str]) -> str:
          "[sampler] guidance must be a finite number >= 0, got inf"),
         # settings the method has no use for would be stored, hashed and change nothing
         ({'method = "ndtm"': 'method = "dps"'}, "[sampler] method 'dps' does not use inner_steps; leave it out"),
-        ({'method = "ndtm"': 'method = "noise-opt"'},
+        ({'method = "ndtm"': 'method = "noise-opt"', "guidance = 1.0": "guidance = 2.0"},
          "[sampler] method 'noise-opt' does not use inner_steps, guidance; leave them out"),
         ({'path = "zoo:color-mnist-prior"': 'path = "zoo:color-mnist-prior"\ndtype = "fp8"'},
          "prior.dtype 'fp8'; choose one of ['fp32', 'bf16', 'fp16']"),
@@ -151,10 +151,14 @@ def test_a_plan_file_that_is_an_image_or_a_folder_is_one_line(tmp_path, capsys, 
 
 def test_a_json_plan_holds_the_same_tables(tmp_path, capsys):
     """The normalised plan (as a store's store.json holds it) is a plan file of its own."""
-    toml = Plan.load(small_plan(tmp_path))
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(toml.settings))
-    assert Plan.load(path).hash() == toml.hash()
+    for method in ("ndtm", "dps", "noise-opt"):  # the defaults it holds for every method pass
+        edit = {'method = "ndtm"': f'method = "{method}"'}
+        if method != "ndtm":
+            edit["inner_steps = 1"] = ""
+        toml = Plan.load(small_plan(tmp_path, **edit))
+        path.write_text(json.dumps(toml.settings))
+        assert Plan.load(path).hash() == toml.hash()
     path.write_text("{not json")
     assert "is not valid JSON" in refused(capsys, ["plan", "expand", str(path)])
     path.write_text("[1, 2]")
@@ -174,7 +178,16 @@ def test_a_foreign_out_folder_is_refused_before_any_model_loads(tmp_path, capsys
     assert "holds no store (notes.txt)" in err
     (tmp_path / "file").write_text("")
     err = refused(capsys, ["run", str(small_plan(tmp_path)), "--out", str(tmp_path / "file")])
-    assert "is a file, not a folder" in err
+    assert "store" in err and "is a file; give a folder path" in err
+    # under a file, or a name the system will not create: refused before loading too
+    err = refused(
+        capsys, ["run", str(small_plan(tmp_path)), "--out", str(tmp_path / "file" / "store")]
+    )
+    assert "cannot create store" in err and "is a file" in err
+    err = refused(capsys, ["run", str(small_plan(tmp_path)), "--out", str(tmp_path / ("s" * 300))])
+    assert "cannot use store" in err and not any(
+        p.name.startswith("sss") for p in tmp_path.iterdir()
+    )
     assert Path(tmp_path / "store" / "notes.txt").read_text() == "mine"
 
 
@@ -222,3 +235,9 @@ def test_a_noise_opt_plans_dry_run_counts_its_own_iterations(tmp_path, capsys):
     }  # fmt: skip
     assert main(["run", str(plan), "--dry-run"]) == 0
     assert f"{t * k} prior fwd" in capsys.readouterr().out
+
+
+def test_an_empty_file_list_is_one_line(tmp_path, capsys):
+    plan = small_plan(tmp_path, **{'dataset = "color-mnist:test"': "files = []"})
+    for argv in (["plan", "expand", str(plan)], ["run", str(plan), "--dry-run"]):
+        assert "references.files is empty" in refused(capsys, argv)

@@ -63,7 +63,7 @@ def test_a_checkpoint_path_that_is_a_file_or_another_folder_is_refused(tmp_path,
     for folder, resume, message in [
         (png, ["--resume"], f"checkpoint {str(png)!r} is a file; give a folder"),
         (png, [], f"checkpoint {str(png)!r} is a file; give a folder"),
-        (run, ["--resume"], f"checkpoint folder {str(run)!r} is not empty and holds no training"),
+        (run, ["--resume"], f"checkpoint folder {str(run)!r} holds files that are not a training"),
         (run, [], repr(str(run))),  # cmd_train's own check: refused too, the folder named
     ]:
         argv = [*BASE, "--out", str(tmp_path / "out"), "--checkpoint", str(folder), *resume]

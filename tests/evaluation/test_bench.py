@@ -61,7 +61,7 @@ def test_benchmark_keeps_out_of_other_folders_and_replaces_only_with_overwrite(t
     """Like every command that writes a folder: a folder of other things is refused, an earlier
     benchmark is replaced only with overwrite, and then only its own files go (checked before
     any model is loaded)."""
-    from fiber_plugins.color_mnist_bench import _check_out
+    from fiber_plugins.color_mnist_bench import _check_out, _remove_stale
 
     other = tmp_path / "other"
     other.mkdir()
@@ -74,8 +74,14 @@ def test_benchmark_keeps_out_of_other_folders_and_replaces_only_with_overwrite(t
         (earlier / name).write_text("{}")
     with pytest.raises(ValueError, match=r"holds an earlier benchmark .*pass --overwrite"):
         run_color_mnist_bench(earlier, progress=False)
+    _check_out(earlier, overwrite=True)  # accepted; nothing is removed before the run
+    assert len(list(earlier.iterdir())) == 4
+    # an interrupted --overwrite run may leave only some of its files: still a benchmark
+    (earlier / "results.json").unlink()
     _check_out(earlier, overwrite=True)
-    assert sorted(p.name for p in earlier.iterdir()) == ["study.json"]
+    # after a run, the earlier files it did not write again go; other files stay
+    _remove_stale(earlier, {"results.md"})
+    assert sorted(p.name for p in earlier.iterdir()) == ["results.md", "study.json"]
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file; give a folder"):
         run_color_mnist_bench(tmp_path / "file", progress=False)

@@ -124,14 +124,21 @@ def test_a_rank_killed_mid_run_then_the_same_command(single, tmp_path):
     assert _same(rows, single) <= 1e-5
 
 
-def test_submitit_local_executor_runs_the_plan(tmp_path, capsys):
+def test_submitit_local_executor_runs_the_plan(tmp_path, capsys, monkeypatch):
     """The smaller plan of test_plans as 2 array jobs of submitit's LocalExecutor: the store equals
-    the single-process run's."""
+    the single-process run's. Both run on one thread (the jobs through OMP_NUM_THREADS, which
+    they inherit), whatever thread count earlier tests left: float sums differ across counts."""
     pytest.importorskip("submitit", reason="submitit not installed (extra 'jobs')")
     from tests.jobs.test_plans import small_plan
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     plan = small_plan(tmp_path)
-    assert main(["run", str(plan), "--out", str(tmp_path / "single")]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", str(plan), "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     store = tmp_path / "store"
     code = main(["run", str(plan), "--out", str(store), "--launcher", "submitit-local",
                  "--jobs", "2"])  # fmt: skip

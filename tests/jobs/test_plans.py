@@ -197,3 +197,19 @@ def test_a_chunk_killed_while_starting_starts_again(tmp_path):
     after = store_samples(store)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k][0], before[k][0]) for k in after)
+
+
+def test_a_rank_under_torchrun_reports_a_crash_but_exits_0(tmp_path, monkeypatch, capsys):
+    """torchrun stops every rank when one exits non-zero: a rank whose chunk crashed says so on
+    stderr and exits 0, so the ranks still working finish theirs."""
+    import fiber_plugins.jobs.run as run
+
+    stats = {"rank": 1, "world": 2, "chunks": 2, "done_before": 0, "committed": 1,
+             "failed_attempts": 1, "samples": 8, "failed_chunks": [3], "committed_failed": 0,
+             "first_error": "RuntimeError: device lost"}  # fmt: skip
+    monkeypatch.setattr(run, "run_plan", lambda *a, **k: stats)
+    path, store = small_plan(tmp_path), tmp_path / "store"
+    assert main(["run", str(path), "--out", str(store)]) == 0
+    assert "1 of 2 chunks failed" in capsys.readouterr().err
+    monkeypatch.setitem(stats, "world", 1)  # one process: the crash is the exit status
+    assert main(["run", str(path), "--out", str(store)]) == 1

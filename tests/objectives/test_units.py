@@ -102,3 +102,14 @@ def test_unit_set_mistakes(pixel_prior, subject, references):
         NDTMSampler(pixel_prior, UnitSet.of(layer, units=[0, [0, 1]]), **FAST).sample(
             references=references
         )
+
+
+def test_default_labels_name_channels_only_where_a_column_is_a_channel(subject):
+    """index=[5, 7] with a spatial reduction: one column per channel, labelled by channel; with
+    reduction="none" a channel has H x W columns, so the labels stay columns."""
+    reduced = FiberObjective(subject, layer="conv2", index=[5, 7], reduction="spatial_mean")
+    assert UnitSet.of(reduced).labels == [f"{type(subject).__name__}:conv2[{c}]" for c in (5, 7)]
+    full = FiberObjective(subject, layer="conv2", index=[5, 7])
+    assert UnitSet.of(full, units=[0, 1, [2, 3]]).labels == [
+        f"{full.name}[0]", f"{full.name}[1]", f"{full.name}[[2, 3]]"
+    ]  # fmt: skip

@@ -410,6 +410,25 @@ def test_tau_reuses_the_first_inner_forward_and_matches_the_straightforward_code
     torch.testing.assert_close(res.images[0, 0], expected[0], rtol=0, atol=3e-3)
 
 
+def test_sgd_at_adams_rates_warns_once_per_sampler(pixel_prior, subject, references):
+    """The warning comes when the settings are made, not again from the memory probe or the
+    run itself."""
+    with pytest.warns(UserWarning, match="'sgd' with the default learning rates") as rec:
+        sampler = _sampler(
+            pixel_prior,
+            fp.FiberObjective(subject),
+            num_steps=2,
+            optimiser="sgd",
+            lr_start=0.05,
+            lr_end=0.01,
+        )
+        sampler.sample(references=references[:1], n=1, seed=0, progress=False, batch_size="auto")
+    assert [str(w.message)[:30] for w in rec] == [str(rec[0].message)[:30]], [
+        (w.filename, w.lineno) for w in rec
+    ]
+    assert rec[0].filename == __file__
+
+
 def test_sgd_control_matches_torch_optim_sgd(pixel_prior, subject, references):
     """optimiser='sgd': plain gradient steps on u, as torch.optim.SGD takes them."""
     objective = fp.FiberObjective(subject)

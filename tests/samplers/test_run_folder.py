@@ -411,9 +411,11 @@ def test_every_sampler_writes_its_own_config_entries_into_the_run(pixel_prior, s
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_run_files_get_the_umasks_mode(tmp_path, umask):
+def test_run_files_get_the_umasks_mode(tmp_path, umask, monkeypatch):
     """Atomic writes go through a temporary file (owner-only by mkstemp); the file they leave
-    has the mode a plain open() gives under the user's umask, like the PNGs beside it."""
+    has the mode a plain open() gives under the user's umask (read at import), like the PNGs
+    beside it."""
+    monkeypatch.setattr(rf, "_UMASK", umask)
     old = os.umask(umask)
     try:
         rf.atomic_write(tmp_path / "metrics.json", lambda p: p.write_text("{}"))

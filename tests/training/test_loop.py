@@ -201,6 +201,12 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_in_one_line(tmp_path):
         _toy_run(folder, steps=8)
     _one_line(err)
 
+    # a checkpoint of the first format recorded no recipe: its own reason, not a settings list
+    state.write_text(good.replace("fiber_plugins.train_loop/2", "fiber_plugins.train_loop/1"))
+    with pytest.raises(UserValueError, match=r"earlier fiber-plugins .*train_loop/1") as err:
+        _toy_run(folder, steps=8)
+    assert "start afresh" in _one_line(err) and "other settings" not in str(err.value)
+
 
 def test_checkpoint_every_must_be_positive(tmp_path):
     w = torch.nn.Parameter(torch.ones(1))
@@ -299,7 +305,7 @@ def test_the_checkpoint_folder_is_checked_before_anything_is_written(tmp_path):
             png / "ck",
             f"cannot create checkpoint folder {str(png / 'ck')!r}: {str(png)!r} is a file",
         ),
-        (run, "is not empty and holds no training checkpoint (grid.png, run.json)"),
+        (run, "holds files that are not a training checkpoint (grid.png, run.json)"),
     ]:
         for resume in (True, False):
             with pytest.raises(UserValueError) as err:

@@ -340,7 +340,10 @@ def test_train_prior_refuses_a_checkpoint_path_that_is_no_checkpoint_folder(tmp_
     kw = dict(steps=1, batch_size=2, progress=False)
     with monkeypatch.context() as m:
         m.setattr(cm, "load_digits", no_data)
-        for folder, message in [(png, "is a file; give a folder"), (run, "holds no training")]:
+        for folder, message in [
+            (png, "is a file; give a folder"),
+            (run, "not a training checkpoint"),
+        ]:
             for resume in (True, False):
                 with pytest.raises(UserValueError, match=message) as err:
                     prior_training.train_prior(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..errors import (
     MissingExtraError,
     MissingFileError,
+    UserError,
     UserValueError,
 )
 
@@ -254,10 +255,13 @@ def cmd_targets(args) -> int:
     else:
         try:
             points = list_hook_points(model, shape)
-        except RuntimeError as err:  # the model's own forward refuses the input (channels, size)
+        except UserError:
+            raise
+        except (RuntimeError, ValueError, AssertionError) as err:  # the model's forward refuses
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise UserValueError(
                 f"the subject's forward pass fails on an input of shape {tuple(shape[1:])} "
-                f"({str(err).splitlines()[0][:160]}); give its input size with --input-size C H W"
+                f"({first}); give its input size with --input-size C H W"
             ) from None
         usage = ""
     width = max((len(n) for n, _ in points), default=10)

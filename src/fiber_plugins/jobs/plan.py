@@ -168,8 +168,12 @@ class Plan:
                             f"{sorted(SCHEMA[key])}"
                         )
                     section[k] = _typed(v, SCHEMA[key][k], f"{key}.{k}", source)
-                if key == "sampler":
-                    unused = [k for k in IGNORED_BY.get(section["method"], ()) if k in value]
+                if key == "sampler":  # a default stays (a store's normalised plan holds them)
+                    unused = [
+                        k
+                        for k in IGNORED_BY.get(section["method"], ())
+                        if k in value and value[k] != DEFAULTS["sampler"][k]
+                    ]
                     if unused:  # they would be stored, hashed and change nothing
                         raise UserValueError(
                             f"plan {source}: [sampler] method {section['method']!r} does not use "
@@ -273,6 +277,8 @@ def _check(settings: dict, source: str) -> None:
         raise UserValueError(
             f"plan {source}: [references] needs exactly one of {list(SOURCES)}, got {given or 'none'}"
         )
+    if "files" in refs and not refs["files"]:
+        raise UserValueError(f"plan {source}: references.files is empty; list at least one image")
     if refs.get("top_k") is not None and refs["top_k"] < 1:
         raise UserValueError(f"plan {source}: references.top_k must be >= 1")
     if refs["count"] < 1:

@@ -228,7 +228,8 @@ def run_plan(
     prior = _prior(plan, device)
     if plan["prior"]["dtype"] != "fp32":
         prior.accelerate(weights=plan["prior"]["dtype"])
-    work.check_units(prior.image_size)  # the units again, at the size the sampler reads
+    # the units again, at the size and channels the sampler reads
+    work.check_units(prior.image_size, prior.image_channels)
     extras = Extras(plan, work, prior.image_size)
     if store is None:
         store = Store.create_or_open(out, manifest, replan=replan)

@@ -96,9 +96,9 @@ class Work:
         if self.plan["references"].get("top_k") is None:  # top_k has passed over them already
             self.check_units()
 
-    def check_units(self, size: tuple[int, int] | int | None = None) -> None:
+    def check_units(self, size: tuple[int, int] | int | None = None, channels: int = 3) -> None:
         """One subject pass over the first reference (at ``size``: the prior's image size, where
-        the run knows it), so that a unit its site does not have (channel 200 of a 128-channel
+        the run knows it, with the prior's ``channels``), so that a unit its site does not have (channel 200 of a 128-channel
         layer) is refused before a store is written, not by every chunk. Only the package's
         one-line errors are raised here: a pass that fails for another reason (an image the
         subject cannot take at this size) is left to the sampler."""
@@ -106,7 +106,7 @@ class Work:
         from ..images import load_image
 
         reference = self.references[0][0]
-        image = load_image(reference.image, size=size)
+        image = load_image(reference.image, size=size, channels=channels)
         try:
             with self.units.attached(), torch.no_grad():
                 self.units.features(image[None].to(self._device()) * 2 - 1)

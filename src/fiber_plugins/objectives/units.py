@@ -85,7 +85,9 @@ class UnitSet(FiberObjective):
         its units, each a column index or a list of column indices (every unit of a call must have
         the same number of columns). ``None`` for units means one unit per column.
     labels:
-        One name per unit (default ``"<site name>[<column>]"``), used by results and stores.
+        One name per unit, used by results and stores. Default: ``"<site name>[<column>]"``, or
+        ``"<subject>:<layer>[<channel>]"`` where the site selects a list of channels reduced to
+        one column each (``reduction="spatial_mean"``, ``"cls"``, ...).
 
     Raises
     ------
@@ -314,13 +316,23 @@ class UnitSet(FiberObjective):
         return f"UnitSet({self.name!r})"
 
 
+# reductions that leave one column per channel (per selected entry), so column c reads index[c]
+_ONE_COLUMN_PER_CHANNEL = ("spatial_mean", "spatial_max", "cls", "token_mean", "token_max")
+
+
 def _unit_label(objective: FiberObjective, cols: list[int]) -> str:
     """A unit's default label: the channels it reads where the objective selects a list of
-    channels (``index=[5, 7]``: column 1 is ``DigitCNN:features.8[7]``), else its columns."""
+    channels and reduces each to one column (``index=[5, 7], reduction="spatial_mean"``: column
+    1 is ``DigitCNN:features.8[7]``), else its columns (``reduction="none"`` keeps a channel's
+    H x W columns)."""
     index = objective.index
     if isinstance(index, torch.Tensor) and index.dim() == 1:
         index = index.tolist()
-    if isinstance(index, (list, range)) and all(isinstance(i, int) for i in index):
+    if (
+        objective.reduction in _ONE_COLUMN_PER_CHANNEL
+        and isinstance(index, (list, range))
+        and all(isinstance(i, int) for i in index)
+    ):
         suffix = f"[{objective.index}]"
         base = objective.name[: -len(suffix)] if objective.name.endswith(suffix) else objective.name
         picked = [index[c] for c in cols if c < len(index)]

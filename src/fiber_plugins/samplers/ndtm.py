@@ -20,6 +20,7 @@ the sampler is exactly :class:`~fiber_plugins.samplers.ConditionalFiberSampler`'
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
@@ -55,9 +56,11 @@ class NDTMSampler(FiberSampler):
 
     def probe_config(self) -> NDTMConfig:
         """One guided step with the same inner loop: the peak memory of a whole run."""
-        return replace(
-            self.config, num_steps=1, guidance=1.0, inner_steps=max(1, self.config.inner_steps)
-        )
+        with warnings.catch_warnings():  # the config's warnings were given when it was built
+            warnings.simplefilter("ignore")
+            return replace(
+                self.config, num_steps=1, guidance=1.0, inner_steps=max(1, self.config.inner_steps)
+            )
 
     def _step_target(self, batch: Batch, step, noise_ref: torch.Tensor | None):
         """The static y*, or the re-approximated y*_t = phi(D(x0_hat(x*_t)))."""

@@ -163,7 +163,7 @@ class FiberResult:
         A folder holding an earlier run is refused unless ``overwrite=True``, which removes that
         whole run first. Returns the folder.
         """
-        mode = check_out_dir(out_dir, overwrite=overwrite)
+        mode = check_out_dir(out_dir, overwrite=overwrite, can_resume=False)
         folder = RunFolder.start(
             out_dir,
             self.fingerprint(),

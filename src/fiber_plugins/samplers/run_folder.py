@@ -90,10 +90,15 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# read once, at import: setting it (the only way to read it) is process-wide, so doing that
+# while other threads create files would race
+_UMASK = _read_umask()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -105,7 +110,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(Path(tmp))
         # mkstemp makes the file owner-only; give it the mode a plain open() would (umask)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -192,21 +197,36 @@ def _probe_create(path: Path) -> None:
                 p.rmdir()
 
 
+def check_writable_folder(path, what: str = "output folder") -> None:
+    """Refuse, in one line, a ``path`` that is a file, lies under a file, is not writable, or
+    cannot be created (a name too long, a file system that creates nothing); a folder that does
+    not exist is created and removed again to find out. What is in an existing folder is the
+    caller's to check."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserValueError(f"{what} {str(path)!r} is a file; give a folder path")
+        existing = (
+            path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+        )
+        if not existing.is_dir():
+            raise UserValueError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserValueError(
+                f"{what} {str(path)!r} is not writable (no write permission on "
+                f"{str(existing)!r}); give another folder"
+            )
+        if not path.is_dir():
+            _probe_create(path)
+    except OSError as err:  # a name too long, a path the system will not create, ...
+        raise UserValueError(
+            f"cannot use {what} {str(path)!r}: {err.strerror or err}; give another folder"
+        ) from None
+
+
 def _check_out_dir(path: Path, overwrite: bool, resume: bool, can_resume: bool) -> str:
-    if path.exists() and not path.is_dir():
-        raise UserValueError(f"output folder {str(path)!r} is a file; give a folder path")
-    existing = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise UserValueError(
-            f"cannot create output folder {str(path)!r}: {str(existing)!r} is a file"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserValueError(
-            f"output folder {str(path)!r} is not writable (no write permission on "
-            f"{str(existing)!r}); give another folder"
-        )
+    check_writable_folder(path)
     if not path.is_dir():
-        _probe_create(path)
         return "new"
     entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     if not holds_run(path):

@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserValueError
-from .run_folder import _now, _write_json, atomic_write
+from .run_folder import _now, _write_json, atomic_write, check_writable_folder
 
 STORE_FORMAT = 1
 STORE_FILE = "store.json"
@@ -110,8 +110,7 @@ class Store:
         (a folder holding a store passes; :meth:`create_or_open` checks its plan). Cheap: called
         before any model loads."""
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserValueError(f"store {str(path)!r} is a file, not a folder")
+        check_writable_folder(path, "store")
         if not path.is_dir() or is_store(path):
             return
         ours = (CHUNK_DIR, INDEX_DIR, ATTEMPT_DIR)  # another process may be starting it now

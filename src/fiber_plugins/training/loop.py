@@ -43,7 +43,8 @@ from ..errors import UserTypeError, UserValueError
 
 __all__ = ["cosine_lr", "TrainingRecord", "train_loop", "check_checkpoint", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "fiber_plugins.train_loop/1"
+CHECKPOINT_FORMAT = "fiber_plugins.train_loop/2"  # /2: the settings hold the whole recipe
+_EARLIER_FORMATS = ("fiber_plugins.train_loop/1",)
 
 LrSchedule = Callable[[int, int, float], float]
 
@@ -291,9 +292,9 @@ def check_checkpoint(folder: str | Path, *, required: bool = False) -> bool:
     foreign = [e for e in entries if not _CHECKPOINT_FILE.fullmatch(e)]
     if foreign:
         raise UserValueError(
-            f"checkpoint folder {str(path)!r} is not empty and holds no training checkpoint "
-            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); give a new or "
-            "empty folder"
+            f"checkpoint folder {str(path)!r} holds files that are not a training checkpoint "
+            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); give a folder of "
+            "its own (new, empty, or holding only state.json and state-N.safetensors)"
         )
     found = _STATE_JSON in entries
     if required and not found:
@@ -481,6 +482,13 @@ def _load_state(
         meta = json.loads((folder / _STATE_JSON).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _bad(folder, f"{_STATE_JSON} is not valid JSON ({err})") from None
+    if isinstance(meta, dict) and meta.get("format") in _EARLIER_FORMATS:
+        raise _bad(
+            folder,
+            f"it was written by an earlier fiber-plugins ({meta['format']}) that did not record "
+            "the run's recipe, so a resume cannot be checked against it",
+            "give another checkpoint folder (or delete this one) to start afresh",
+        )
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise _bad(folder, f"{_STATE_JSON} is not a train_loop checkpoint ({CHECKPOINT_FORMAT})")
     try:

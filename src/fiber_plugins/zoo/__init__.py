@@ -60,8 +60,8 @@ def load_prior(name: str, device: str | torch.device | None = None):
     "zoo:NAME"`` name); a shipped model that is not a prior is refused in one line."""
     if not model_entry(name).prior:
         raise UserValueError(
-            f"shipped model {name!r} is not a prior (it is a subject model); shipped priors: "
-            f"{', '.join(prior_names())}"
+            f"shipped model {name!r} is not a prior (not registered with prior=True); shipped "
+            f"priors: {', '.join(prior_names())}"
         )
     return load(name, device=device)
 

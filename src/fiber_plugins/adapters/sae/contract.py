@@ -136,11 +136,9 @@ def _check_features(features: Any, d_sae: int | None) -> list[int] | slice | Non
         )
     if not ids:
         raise UserValueError("features is empty; pass None for all features")
-    if d_sae is not None:
-        for i in ids:
-            if not 0 <= i < d_sae:  # no negatives: one feature, one name
-                raise UserIndexError(
-                    f"feature {i} is out of range for an SAE with {d_sae} features "
-                    f"(valid: 0..{d_sae - 1})"
-                )
+    for i in ids:
+        if i < 0 or (d_sae is not None and i >= d_sae):  # no negatives: one feature, one name
+            valid = f"valid: 0..{d_sae - 1}" if d_sae is not None else "valid: ids >= 0"
+            size = f"an SAE with {d_sae} features" if d_sae is not None else "an SAE"
+            raise UserIndexError(f"feature {i} is out of range for {size} ({valid})")
     return ids
