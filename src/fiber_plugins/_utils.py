@@ -10,12 +10,13 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TypeVar
 
 import torch
 
-from .errors import MissingExtraError
+from .errors import MissingExtraError, UserValueError
 
 # toolkit module -> pip extra that installs it
 _EXTRAS = {
@@ -196,3 +197,42 @@ def randn_rows(
     """Stack one standard-normal draw of `shape` per generator: (len(generators), *shape)."""
     out = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
     return out.to(device=device, dtype=dtype)
+
+
+def _probe_create(path: Path) -> None:
+    """Create the missing folders of ``path`` and remove them again: what cannot be created
+    (a read-only or virtual file system, a name too long) fails here, before models load."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True)
+    finally:
+        for p in missing:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def check_writable_folder(path, what: str = "output folder") -> None:
+    """Refuse, in one line, a ``path`` that is a file, lies under a file, is not writable, or
+    cannot be created (a name too long, a file system that creates nothing); a folder that does
+    not exist is created and removed again to find out. What is in an existing folder is the
+    caller's to check."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserValueError(f"{what} {str(path)!r} is a file; give a folder path")
+        existing = (
+            path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+        )
+        if not existing.is_dir():
+            raise UserValueError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserValueError(
+                f"{what} {str(path)!r} is not writable (no write permission on "
+                f"{str(existing)!r}); give another folder"
+            )
+        if not path.is_dir():
+            _probe_create(path)
+    except OSError as err:  # a name too long, a path the system will not create, ...
+        raise UserValueError(
+            f"cannot use {what} {str(path)!r}: {err.strerror or err}; give another folder"
+        ) from None

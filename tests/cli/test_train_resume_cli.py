@@ -61,8 +61,8 @@ def test_a_checkpoint_path_that_is_a_file_or_another_folder_is_refused(tmp_path,
     (run / "run.json").write_text("{}")
     (run / "grid.png").write_bytes(b"png")
     for folder, resume, message in [
-        (png, ["--resume"], f"checkpoint {str(png)!r} is a file; give a folder"),
-        (png, [], f"checkpoint {str(png)!r} is a file; give a folder"),
+        (png, ["--resume"], f"checkpoint folder {str(png)!r} is a file; give a folder"),
+        (png, [], f"checkpoint folder {str(png)!r} is a file; give a folder"),
         (run, ["--resume"], f"checkpoint folder {str(run)!r} holds files that are not a training"),
         (run, [], repr(str(run))),  # cmd_train's own check: refused too, the folder named
     ]:

@@ -300,7 +300,7 @@ def test_the_checkpoint_folder_is_checked_before_anything_is_written(tmp_path):
     (run / "run.json").write_text("{}")
     (run / "grid.png").write_bytes(b"png")
     for folder, message in [
-        (png, f"checkpoint {str(png)!r} is a file; give a folder"),
+        (png, f"checkpoint folder {str(png)!r} is a file; give a folder"),
         (
             png / "ck",
             f"cannot create checkpoint folder {str(png / 'ck')!r}: {str(png)!r} is a file",

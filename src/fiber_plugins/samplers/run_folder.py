@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .._utils import check_writable_folder
 from ..errors import UserValueError
 
 FORMAT = 1
@@ -182,45 +183,6 @@ def check_out_dir(
     except OSError as err:  # a name too long, a path the system will not create, ...
         raise UserValueError(
             f"cannot use output folder {str(path)!r}: {err.strerror or err}; give another folder"
-        ) from None
-
-
-def _probe_create(path: Path) -> None:
-    """Create the missing folders of ``path`` and remove them again: what cannot be created
-    (a read-only or virtual file system, a name too long) fails here, before models load."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        path.mkdir(parents=True)
-    finally:
-        for p in missing:
-            with contextlib.suppress(OSError):
-                p.rmdir()
-
-
-def check_writable_folder(path, what: str = "output folder") -> None:
-    """Refuse, in one line, a ``path`` that is a file, lies under a file, is not writable, or
-    cannot be created (a name too long, a file system that creates nothing); a folder that does
-    not exist is created and removed again to find out. What is in an existing folder is the
-    caller's to check."""
-    path = Path(path)
-    try:
-        if path.exists() and not path.is_dir():
-            raise UserValueError(f"{what} {str(path)!r} is a file; give a folder path")
-        existing = (
-            path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
-        )
-        if not existing.is_dir():
-            raise UserValueError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a file")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserValueError(
-                f"{what} {str(path)!r} is not writable (no write permission on "
-                f"{str(existing)!r}); give another folder"
-            )
-        if not path.is_dir():
-            _probe_create(path)
-    except OSError as err:  # a name too long, a path the system will not create, ...
-        raise UserValueError(
-            f"cannot use {what} {str(path)!r}: {err.strerror or err}; give another folder"
         ) from None
 
 

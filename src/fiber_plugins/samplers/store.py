@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._utils import check_writable_folder
 from ..errors import UserValueError
-from .run_folder import _now, _write_json, atomic_write, check_writable_folder
+from .run_folder import _now, _write_json, atomic_write
 
 STORE_FORMAT = 1
 STORE_FILE = "store.json"

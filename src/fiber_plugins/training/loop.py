@@ -39,6 +39,7 @@ from typing import Any, cast
 
 import torch
 
+from .._utils import check_writable_folder
 from ..errors import UserTypeError, UserValueError
 
 __all__ = ["cosine_lr", "TrainingRecord", "train_loop", "check_checkpoint", "CHECKPOINT_FORMAT"]
@@ -271,19 +272,7 @@ def check_checkpoint(folder: str | Path, *, required: bool = False) -> bool:
     fits the run is checked when :func:`train_loop` loads it.
     """
     path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise UserValueError(f"checkpoint {str(path)!r} is a file; give a folder")
-    existing = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise UserValueError(
-            f"cannot create checkpoint folder {str(path)!r}: {str(existing)!r} is a file; give "
-            "another folder"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserValueError(
-            f"checkpoint folder {str(path)!r} is not writable (no write permission on "
-            f"{str(existing)!r}); give another folder"
-        )
+    check_writable_folder(path, "checkpoint folder")
     entries = (
         sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
         if path.is_dir()
