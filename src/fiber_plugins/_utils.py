@@ -122,11 +122,7 @@ def module_device(module, default: str | torch.device = "cpu") -> torch.device:
     return p.device if p is not None else torch.device(default)
 
 
-# ---------------------------------------------------------------- image value ranges
-# Images cross the package's boundary in [0, 1] (files, references, results) and live in the
-# prior's space [-1, 1] inside it (samplers, objectives). These two maps are the only place the
-# conversion is written; the formulas are the ones every sampler has always used, so results
-# stay bit-identical.
+# ---------------------------------------------------------------- statistics
 def median(values: torch.Tensor) -> float:
     """The median of all values: the mean of the two middle ones for an even count (numpy's;
     ``torch.median`` returns the lower one); NaN for none."""
@@ -134,6 +130,11 @@ def median(values: torch.Tensor) -> float:
     return float(flat.quantile(0.5)) if flat.numel() else float("nan")
 
 
+# ---------------------------------------------------------------- image value ranges
+# Images cross the package's boundary in [0, 1] (files, references, results) and live in the
+# prior's space [-1, 1] inside it (samplers, objectives). These two maps are the only place the
+# conversion is written; the formulas are the ones every sampler has always used, so results
+# stay bit-identical.
 def to_model_range(x01: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [-1, 1]: ``x * 2 - 1`` (a new tensor; dtype and device kept)."""
     return x01 * 2 - 1

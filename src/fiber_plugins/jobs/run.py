@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._utils import resolve_device
+from .._utils import resolve_device, to_model_range
 from ..errors import RunInterrupted, UserError
 from ..samplers.run_folder import RUN_FILE, remove_run
 from ..samplers.store import Store, is_store
@@ -121,7 +121,7 @@ class Extras:
             with work.units.attached(), torch.no_grad():
                 dev = work._device()
                 self.pool_features = torch.cat(
-                    [work.units.features(p.to(dev) * 2 - 1).cpu() for p in pool.split(64)]
+                    [work.units.features(to_model_range(p.to(dev))).cpu() for p in pool.split(64)]
                 )
         lab = plan.settings.get("labeller")
         if lab:
@@ -151,7 +151,7 @@ class Extras:
         with torch.no_grad():
             return torch.cat(
                 [
-                    self.labeller.target(x.to(dev) * 2 - 1).argmax(1).cpu()
+                    self.labeller.target(to_model_range(x.to(dev))).argmax(1).cpu()
                     for x in images01.split(64)
                 ]
             )

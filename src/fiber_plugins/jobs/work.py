@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import row_generator
+from .._utils import row_generator, to_model_range
 from ..errors import UserValueError
 from ..objectives.base import FiberObjective
 from ..objectives.units import UnitSet
@@ -109,7 +109,7 @@ class Work:
         image = load_image(reference.image, size=size, channels=channels)
         try:
             with self.units.attached(), torch.no_grad():
-                self.units.features(image[None].to(self._device()) * 2 - 1)
+                self.units.features(to_model_range(image[None].to(self._device())))
         except UserError as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise type(err)(
@@ -142,7 +142,7 @@ class Work:
                 if len(batch) == 64 or i == len(candidates) - 1 or not same:
                     groups = [batch] if same else [batch[:-1], batch[-1:]]
                     for group in groups:
-                        x = torch.stack(group).to(self._device()) * 2 - 1
+                        x = to_model_range(torch.stack(group).to(self._device()))
                         scores.append(self.units.features(x).float().cpu())
                     batch = []
         feats = torch.cat(scores)  # (N, sum of unit widths), unit by unit
