@@ -370,7 +370,7 @@ def cmd_train(args) -> int:
     if args.resume and not args.checkpoint:
         raise UserValueError("--resume continues from a checkpoint folder: give --checkpoint DIR")
     if args.checkpoint:
-        from ..training.loop import check_checkpoint
+        from ..training.checkpoint import check_checkpoint
 
         # a file or a folder of other files is refused; --resume needs a checkpoint to continue
         if check_checkpoint(args.checkpoint, required=args.resume) and not args.resume:

@@ -18,7 +18,7 @@ from .._utils import resolve_device, to_model_range
 from ..data import color_mnist as cm
 from ..errors import UserValueError
 from ..training import train_loop
-from ..training.loop import check_checkpoint
+from ..training.checkpoint import check_checkpoint
 from ._record import recipe, resume_recipe, write_meta
 
 PRIOR_ARCH = {
