@@ -66,6 +66,7 @@ def _fake_sets(values):
 def _args(script, **kw):
     class A:
         tune_references, tune_seed, samples, steps, inner_steps = 2, 100, 1, 2, 1
+        tuning_from = None
 
     for k, v in kw.items():
         setattr(A, k, v)
@@ -90,6 +91,34 @@ def test_tune_picks_the_lowest_kl_among_schedules_within_the_fidelity_bound(scri
     monkeypatch.setattr(script, "sample_sets", _fake_sets([(1e-3, 0.2)] + [(1.0, 0.1)] * n))
     with pytest.raises(SystemExit, match="no schedule reached"):
         script.tune(None, None, None, ndtm, _args(script))
+
+
+def test_tuning_from_an_earlier_run_measures_only_row_a_again(script, monkeypatch, tmp_path):
+    """--tuning-from keeps the candidates' rows (they sample the conditional model alone) and
+    re-picks against a new row (a): a bound that moves changes which candidates are eligible."""
+    monkeypatch.setattr(script, "_make_sampler", lambda *a, **k: None)
+    ndtm = script.NDTMConfig(num_steps=2, inner_steps=1)
+    candidates = [
+        {"schedule": script.describe(c), **c.to_dict(), "median_fiber_loss": m, "kl": kl,
+         "w1": 0.0, "eligible": True}
+        for c, (m, kl) in zip(script.SCHEDULES[:3], [(2e-3, 0.1), (5e-4, 0.3), (1e-4, 0.4)])
+    ]  # fmt: skip
+    a_row = {"schedule": "(a) NDTM (prior), the reference", "median_fiber_loss": 1e-3}
+    settings = {"tune_references": 2, "tune_seed": 100, "num_samples": 1, "steps": 2,
+                "inner_steps": 1}  # fmt: skip
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps({"settings": settings, "tuning": [a_row, *candidates]}))
+    # the new prior's (a) has median 1e-5: only the third candidate stays within 10x
+    monkeypatch.setattr(script, "sample_sets", _fake_sets([(1e-5, 0.2)]))
+    chosen, table = script.tune(None, None, None, ndtm, _args(script, tuning_from=earlier))
+    assert chosen == script.SCHEDULES[2]
+    assert [r["eligible"] for r in table] == [None, False, False, True]
+    assert table[0]["median_fiber_loss"] == 1e-5 and all(r["carried"] for r in table[1:])
+    # a table of other settings is refused, naming the difference
+    earlier.write_text(json.dumps({"settings": {**settings, "steps": 25}, "tuning": [a_row]}))
+    monkeypatch.setattr(script, "sample_sets", _fake_sets([(1e-5, 0.2)]))
+    with pytest.raises(SystemExit, match="steps 25 \\(now 2\\)"):
+        script.tune(None, None, None, ndtm, _args(script, tuning_from=earlier))
 
 
 def test_small_run_writes_the_four_rows_and_the_tuning_table(script, tmp_path):

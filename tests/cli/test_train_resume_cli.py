@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from fiber_plugins.cli.main import main  # noqa: E402
 
-BASE = ["train", "prior", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+BASE = ["train", "prior", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
 
 
 def _weights(folder):
@@ -37,7 +37,7 @@ def test_a_resume_under_another_recipe_is_refused_and_the_same_one_is_bit_identi
     for extra, named in [
         (["--objective", "epsilon"], "objective: checkpoint 'flow', now 'epsilon'"),
         (["--seed", "5"], "seed: checkpoint 0, now 5"),
-        (["--batch-size", "3"], "batch_size: checkpoint 2, now 3"),
+        (["--batch-size", "3"], "batch_size: checkpoint 4, now 3"),
         (["--steps", "3"], "steps: checkpoint 2, now 3"),
     ]:
         out = tmp_path / "X"

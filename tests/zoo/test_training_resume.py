@@ -24,7 +24,7 @@ def _weights(folder):
 
 @pytest.mark.parametrize("objective", ["flow", "v"])
 def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
-    kw = dict(steps=4, batch_size=2, progress=False, objective=objective, checkpoint_every=2)
+    kw = dict(steps=4, batch_size=4, progress=False, objective=objective, checkpoint_every=2)
     if objective == "v":
         kw["loss_weighting"] = "min-snr"
     else:
@@ -54,7 +54,7 @@ def test_train_prior_resumes_bit_identical(tmp_path, monkeypatch, objective):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final_loss_mean_last100"] == whole["final_loss_mean_last100"]
     info = json.loads((tmp_path / "resumed" / "training.json").read_text())
-    assert info["objective"] == objective and info["steps"] == 4 and info["batch_size"] == 2
+    assert info["objective"] == objective and info["steps"] == 4 and info["batch_size"] == 4
     assert info["loss_weighting"] == kw.get("loss_weighting", "none")
     prior = fp.load_prior(tmp_path / "resumed")
     assert prior.kind == ("flow" if objective == "flow" else "pixel")
@@ -70,7 +70,7 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
     meta = prior_training.train_prior(
         tmp_path / "p",
         steps=2,
-        batch_size=2,
+        batch_size=4,
         progress=False,
         checkpoint=tmp_path / "ck",
         checkpoint_every=1,
@@ -78,7 +78,31 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
     )
     assert seen == [(1, "flow"), (2, "flow")]
     assert meta["objective"] == "flow" and meta["loss_weighting"] == "none"
-    assert meta["scheduler"] == "FlowMatchEulerDiscreteScheduler" and meta["batch_size"] == 2
+    assert meta["scheduler"] == "FlowMatchEulerDiscreteScheduler" and meta["batch_size"] == 4
+    # the shipped in-distribution recipe (SHIPPED_PRIOR_RECIPES[False])
+    assert meta["time_sampling"] == "t = u, u ~ sigmoid(N(0, 1)) (logit-normal)"
+    assert "colours integrated out" in meta["target"] and meta["off_law"]["fraction"] == 0.25
+    recipe = json.loads((tmp_path / "ck" / "state.json").read_text())["settings"]["recipe"]
+    assert {k: recipe[k] for k in ("time_sampling", "target", "off_law")} == {
+        "time_sampling": "logit-normal", "target": "colour-posterior", "off_law": 0.25
+    }  # fmt: skip
+
+
+def test_train_prior_defaults_are_the_shipped_recipes(tmp_path):
+    """ood=False defaults to the in-distribution prior's recipe, ood=True to the OOD prior's
+    (no colour-posterior target or off-law states: they are built on h), a DDPM objective to
+    uniform times and the sampled target; an explicit value wins over the default."""
+    kw = dict(steps=1, batch_size=4, progress=False)
+    ood = prior_training.train_prior(tmp_path / "ood", ood=True, **kw)
+    assert ood["time_sampling"] == "uniform t in [0, 1)" and "target" not in ood
+    assert "off_law" not in ood
+    assert prior_training.SHIPPED_PRIOR_RECIPES[True]["steps"] == 2000
+    assert prior_training.SHIPPED_PRIOR_RECIPES[False]["steps"] == 10000
+    ddpm = prior_training.train_prior(tmp_path / "v", objective="v", **kw)
+    assert ddpm["time_sampling"] == "uniform t in 0..999" and "off_law" not in ddpm
+    sampled = prior_training.train_prior(tmp_path / "s", target="sampled", **kw)
+    assert "target" not in sampled and "off_law" not in sampled
+    assert sampled["time_sampling"] == "t = u, u ~ sigmoid(N(0, 1)) (logit-normal)"
 
 
 @pytest.mark.parametrize(
@@ -95,16 +119,18 @@ def test_train_prior_default_recipe_is_recorded_and_evaluated_at_checkpoints(tmp
         ({"target": "x0"}, "target must be one of"),
         ({"target": "colour-posterior", "ood": True}, "with in-distribution colours"),
         ({"target": "colour-posterior", "objective": "v"}, "is for objective='flow'"),
-        ({"off_law": 0.25}, "needs target='colour-posterior'"),
+        ({"off_law": 0.25, "target": "sampled"}, "needs target='colour-posterior'"),
         ({"off_law": 1.0, "target": "colour-posterior"}, "off_law must be in"),
         ({"off_law": -0.1, "target": "colour-posterior"}, "off_law must be in"),
         ({"off_law": 0.25, "target": "colour-posterior", "off_law_t_max": 0.0}, "off_law_t_max"),
-        ({"off_law": 0.2, "target": "colour-posterior"}, "rounds to no off-law state"),
+        ({"off_law": 0.1, "target": "colour-posterior"}, "rounds to no off-law state"),
+        ({}, "off_law=0.25 of a batch of 1 rounds to no off-law state"),
     ],
 )
 def test_train_prior_refuses_unknown_recipes(tmp_path, kw, match):
+    batch = 1 if not kw else 4  # {}: the default recipe's off-law states need a batch >= 3
     with pytest.raises(ValueError, match=match):
-        prior_training.train_prior(tmp_path, steps=1, batch_size=2, progress=False, **kw)
+        prior_training.train_prior(tmp_path, steps=1, batch_size=batch, progress=False, **kw)
 
 
 def test_logit_normal_time_sampling_trains_more_at_middle_noise(tmp_path, monkeypatch):
@@ -180,8 +206,10 @@ def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch
 
     _zero_network(monkeypatch, seen)
     monkeypatch.setattr(cm, "make_colored", spy)
-    kw = dict(steps=1, batch_size=8, progress=False)
-    meta = prior_training.train_prior(tmp_path / "post", target="colour-posterior", **kw)
+    kw = dict(steps=1, batch_size=8, progress=False, time_sampling="uniform")
+    meta = prior_training.train_prior(
+        tmp_path / "post", target="colour-posterior", off_law=0.0, **kw
+    )
     xt, t, g, x0 = (seen[k][0] for k in ("xt", "t", "g", "x0"))
     tb = t.view(-1, 1, 1, 1)
     v = (xt.double() - cm.posterior_clean(xt.double(), t, g)) / tb
@@ -189,7 +217,7 @@ def test_colour_posterior_target_is_the_posterior_velocity(tmp_path, monkeypatch
     sampled = ((xt - (1 - tb) * x0) / tb - x0).pow(2).mean()  # eps - x0 of the drawn image
     assert abs(float(sampled) - meta["final_loss_mean_last100"]) > 1e-3
     assert "colours integrated out" in meta["target"]
-    plain = prior_training.train_prior(tmp_path / "plain", **kw)
+    plain = prior_training.train_prior(tmp_path / "plain", target="sampled", **kw)
     assert plain["final_loss_mean_last100"] == pytest.approx(float(sampled), rel=1e-4)
     assert "target" not in plain
 
@@ -258,22 +286,22 @@ def test_off_law_colours_break_the_law_half_the_time():
 
 # ---------------------------------------------------------------------- what a resume must share
 _BASES = {
-    "plain": {},
+    "plain": {},  # the shipped in-distribution recipe: logit-normal, colour-posterior, off-law
     "posterior": {"target": "colour-posterior", "off_law": 0.25},
     "ddpm": {"objective": "v", "loss_weighting": "min-snr"},
 }
 _CHANGES = [
     ("plain", "ood", True),
     ("plain", "steps", 2),
-    ("plain", "batch_size", 2),
+    ("plain", "batch_size", 8),
     ("plain", "lr", 2e-3),
     ("plain", "ema_decay", 0.99),
     ("plain", "seed", 5),
     ("plain", "objective", "epsilon"),
     ("plain", "flow_shift", 2.0),
-    ("plain", "time_sampling", "logit-normal"),
+    ("plain", "time_sampling", "uniform"),
     ("plain", "mean_weight", 1.0),
-    ("plain", "target", "colour-posterior"),
+    ("plain", "target", "sampled"),
     ("posterior", "off_law", 0.5),
     ("posterior", "off_law_t_max", 0.9),
     ("ddpm", "loss_weighting", "none"),
@@ -314,6 +342,8 @@ def test_a_resume_with_a_changed_recipe_is_refused_naming_it(
     folder, kw = base_checkpoints[base]
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     old = kw.get(name, inspect.signature(prior_training.train_prior).parameters[name].default)
+    if old is None:  # a default resolved from the shipped recipe, as the checkpoint records it
+        old = prior_training.SHIPPED_PRIOR_RECIPES[False][name]
     changed = {**kw, name: value}
     with pytest.raises(ValueError, match="cannot be resumed") as err:
         prior_training.train_prior(tmp_path / "out", checkpoint=folder, resume=True, **changed)
@@ -337,7 +367,7 @@ def test_train_prior_refuses_a_checkpoint_path_that_is_no_checkpoint_folder(tmp_
     def no_data(*args, **kwargs):
         raise AssertionError("the checkpoint folder is checked before the data is loaded")
 
-    kw = dict(steps=1, batch_size=2, progress=False)
+    kw = dict(steps=1, batch_size=4, progress=False)
     with monkeypatch.context() as m:
         m.setattr(cm, "load_digits", no_data)
         for folder, message in [

@@ -285,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into the installed package's assets, replacing the shipped model",
     )
     t.add_argument("--overwrite", action="store_true", help="replace what is in --out")
-    t.add_argument("--steps", type=_positive_int, default=None)
+    t.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="training steps (default: the shipped model's; prior 10,000, prior-ood 2,000)",
+    )
     t.add_argument(
         "--fiber-weight",
         type=_finite_float,
@@ -303,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective",
         choices=["epsilon", "v", "flow"],
         default=None,
-        help="prior: flow (rectified flow, the shipped recipe), epsilon (DDPM) or v",
+        help="prior: flow (rectified flow, the shipped recipe; for 'prior' with logit-normal "
+        "times, the colour-posterior target and off-law states at h's wrap), epsilon (DDPM) or v",
     )
     t.add_argument("--batch-size", type=_positive_int, default=None, help="prior: batch size")
     t.add_argument(

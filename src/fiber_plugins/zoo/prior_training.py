@@ -46,8 +46,17 @@ PRIOR_TARGETS = ("sampled", "colour-posterior")
 # the flow-matching prior's scheduler: rectified flow x_t = (1 - t) x0 + t eps, the network
 # predicts v = eps - x0 at timestep 1000 t (as the conditional fiber models)
 PRIOR_FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
-# training steps of the shipped priors (in-distribution, OOD): unguided colour KL <= 0.2 on both
-SHIPPED_PRIOR_STEPS = {False: 4000, True: 2000}
+# the recipes of the shipped priors, keyed by ``ood`` (train_prior's defaults for the settings left
+# None). In-distribution: logit-normal t, the colour-posterior target and off-law states at the wrap
+# of h, 10,000 steps (unguided colour KL 0.04-0.05; wrong-branch share in [0.4, 0.5) 0.07-0.17
+# over three noise seeds, docs/color_mnist.md). OOD: the colour-posterior target and off-law states
+# are defined by h, which the OOD colouring does not follow; uniform t, 2,000 steps (KL 0.11).
+SHIPPED_PRIOR_RECIPES: dict[bool, dict[str, Any]] = {
+    False: {"steps": 10000, "time_sampling": "logit-normal", "target": "colour-posterior",
+            "off_law": 0.25},
+    True: {"steps": 2000, "time_sampling": "uniform", "target": "sampled", "off_law": 0.0},
+}  # fmt: skip
+SHIPPED_PRIOR_STEPS = {ood: r["steps"] for ood, r in SHIPPED_PRIOR_RECIPES.items()}
 # train_prior's arguments that do not shape the trained weights; every other argument is part of
 # the recipe that a resumed run must share with its checkpoint
 NOT_RECIPE = (
@@ -146,10 +155,10 @@ def train_prior(
     loss_weighting: str = "none",
     snr_gamma: float = 5.0,
     flow_shift: float = 1.0,
-    time_sampling: str = "uniform",
+    time_sampling: str | None = None,
     mean_weight: float = 0.0,
-    target: str = "sampled",
-    off_law: float = 0.0,
+    target: str | None = None,
+    off_law: float | None = None,
     off_law_t_max: float = 0.6,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 250,
@@ -163,9 +172,12 @@ def train_prior(
     as a diffusers folder (``unet/``, ``scheduler/``) loadable with :func:`load_prior`, with
     ``training.json`` holding the whole recipe.
 
-    The defaults are the recipe of the shipped priors: rectified flow, batch 32, ``steps``
-    4,000 (``ood=False``) or 2,000 (``ood=True``), chosen by measuring the unguided colour law
-    at checkpoints (``benchmarks/color_mnist_prior_quality.py``; docs/color_mnist.md).
+    The defaults are the recipe of the shipped priors (:data:`SHIPPED_PRIOR_RECIPES`), chosen by
+    measuring the unguided colour law (``benchmarks/color_mnist_prior_quality.py``;
+    docs/color_mnist.md): rectified flow, batch 32, and for ``ood=False`` 10,000 steps of
+    logit-normal t with the colour-posterior target and ``off_law=0.25``; for ``ood=True``
+    2,000 steps of uniform t on the sampled target. ``steps``, ``time_sampling``, ``target``
+    and ``off_law`` left ``None`` take the shipped recipe's value for ``ood``.
 
     ``objective``: ``"epsilon"`` (DDPM, cosine schedule, epsilon prediction: the recipe of the
     priors shipped before 0.2), ``"v"`` (the same DDPM schedule, v prediction) or ``"flow"``
@@ -213,6 +225,17 @@ def train_prior(
     arguments = dict(locals())  # first: the call's arguments, for the checkpoint's recipe
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
+    shipped = SHIPPED_PRIOR_RECIPES[bool(ood)]
+    if objective != "flow":  # the shipped choices below are the flow prior's
+        shipped = {**shipped, "time_sampling": "uniform", "target": "sampled", "off_law": 0.0}
+    steps = shipped["steps"] if steps is None else steps
+    time_sampling = shipped["time_sampling"] if time_sampling is None else time_sampling
+    target = shipped["target"] if target is None else target
+    if off_law is None:
+        off_law = shipped["off_law"] if target == "colour-posterior" else 0.0
+    resolved = {"steps": steps, "time_sampling": time_sampling, "target": target,
+                "off_law": off_law}  # fmt: skip
+    arguments.update(resolved)  # the recipe as run: an explicit default equals a None
     _check_recipe(
         ood=ood,
         batch_size=batch_size,
@@ -227,8 +250,6 @@ def train_prior(
     )
     if checkpoint is not None:
         check_checkpoint(checkpoint)  # a file or a foreign folder: refused before anything runs
-    if steps is None:
-        steps = SHIPPED_PRIOR_STEPS[ood]
     dev = resolve_device(device)
     torch.manual_seed(seed)
     g, _ = cm.load_digits("train")
@@ -322,7 +343,6 @@ def train_prior(
             "fiber_plugins.zoo.train_prior",
             arguments,
             NOT_RECIPE,
-            steps=steps,
             architecture=PRIOR_ARCH,
             schedule=schedule,
             data_hash=cm.data_hash(g),
