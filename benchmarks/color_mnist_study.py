@@ -28,6 +28,12 @@ Writes ``study.json``, ``study.md`` and the three figures into ``--out``
 
     python benchmarks/color_mnist_study.py                                   # ~20 min, 2 threads
     python benchmarks/color_mnist_study.py --conditional /tmp/cond-0.1       # + a trained lambda
+    python benchmarks/color_mnist_study.py --carry-conditional benchmarks/results/color-mnist/study.json
+
+``--carry-conditional STUDY_JSON`` keeps the conditional rows of an earlier study of the same
+references, samples, sets and T whose models are not measured now (a ``--conditional`` folder
+that is no longer there): the conditional sampler does not use the prior, so a new prior does
+not change them. They are marked as carried in study.md.
 """
 
 from __future__ import annotations
@@ -98,6 +104,25 @@ def row(name: str, per_set: list[dict], secs: float, **extra) -> dict:
     return {"setting": name, **summarise(per_set), "seconds_per_sample": secs, **extra}
 
 
+def carried_conditional(path: Path, settings: dict, measured: set[str]) -> list[dict]:
+    """The conditional rows of an earlier study.json whose ``model`` is not in ``measured``, for
+    ``--carry-conditional``; the study must have the same references, samples, sets and T."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--carry-conditional {str(path)!r}: {e}") from None
+    s = earlier.get("settings", {})
+    keys = ("num_references", "num_samples", "sets", "steps")
+    differ = [f"{k} {s.get(k)!r} (now {settings[k]!r})" for k in keys if s.get(k) != settings[k]]
+    if differ:
+        raise SystemExit(f"--carry-conditional {str(path)!r}: another study: {', '.join(differ)}")
+    return [
+        {**r, "carried_from": r.get("carried_from") or str(path)}
+        for r in earlier.get("sweep", [])
+        if r.get("family") == "conditional" and r.get("model") not in measured
+    ]
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
     objective = FiberObjective(zoo.load("color-mnist-subject"), name="E(decolorize(x))")
@@ -149,6 +174,14 @@ def run(args) -> dict:
             )  # fmt: skip
         )
         log(sweep[-1])
+    if args.carry_conditional is not None:
+        now = {k: getattr(args, k.replace("num_", "")) for k in
+               ("num_references", "num_samples", "sets", "steps")}  # fmt: skip
+        carried = carried_conditional(args.carry_conditional, now, {c[1] for c in conditional})
+        sweep += carried
+        sweep.sort(key=lambda r: (r["family"] != "ndtm", r["strength"]))
+        for r in carried:
+            print(f"{r['setting']}: carried from {r['carried_from']}", flush=True)
 
     # 2. leakage of the re-approximated target
     c = args.leak_colour
@@ -266,7 +299,8 @@ def markdown(rep: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rep["sweep"]:
-        out.append(f"| {r['setting']} | {_pm(r, 'median_fiber_loss')} | {_pm(r, 'kl')} | "
+        name = r["setting"] + (" (carried from an earlier study)" if r.get("carried_from") else "")
+        out.append(f"| {name} | {_pm(r, 'median_fiber_loss')} | {_pm(r, 'kl')} | "
                    f"{_pm(r, 'w1')} | {r['seconds_per_sample']:.3f} |")  # fmt: skip
     lk = rep["leakage"]
     out += [
@@ -396,6 +430,9 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     p.add_argument("--conditional", type=Path, nargs="*", default=[],
                    help="more trained conditional fiber models (folders with training.json)")  # fmt: skip
+    p.add_argument("--carry-conditional", type=Path, default=None,
+                   help="an earlier study.json: keep its conditional rows whose models are not "
+                   "measured now (they do not use the prior)")  # fmt: skip
     p.add_argument("--leak-colour", type=float, default=0.35)
     p.add_argument("--unguided", type=int, default=512, help="unguided samples for part 3")
     p.add_argument("--threads", type=int, default=2)

