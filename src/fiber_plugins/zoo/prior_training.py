@@ -132,7 +132,7 @@ def _check_recipe(
     if off_law and round(batch_size * off_law) == 0:
         raise UserValueError(
             f"off_law={off_law} of a batch of {batch_size} rounds to no off-law state; use "
-            f"off_law > {0.5 / batch_size:g} or a larger batch"
+            f"off_law > {0.5 / batch_size:g} or a batch of at least {int(0.5 / off_law) + 1}"
         )
     if objective != "flow" and time_sampling != "uniform":
         raise UserValueError("time_sampling='logit-normal' is for objective='flow'")
