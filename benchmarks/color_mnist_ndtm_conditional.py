@@ -158,7 +158,7 @@ def earlier_tuning(path: Path, args) -> list[dict]:
             f"--tuning-from {str(path)!r}: no tuning table of these settings: "
             + (", ".join(differ) or "the run skipped the tuning")
         )
-    return [r for r in earlier["tuning"][1:]]
+    return list(earlier["tuning"][1:])
 
 
 def tune(prior, model, objective, ndtm, args) -> tuple[Candidate, list[dict]]:
@@ -348,7 +348,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     if args.tuning_from is not None and (args.schedule is not None or args.tune_references <= 0):
-        raise SystemExit("--tuning-from re-picks row (d)'s schedule: drop --schedule")
+        raise SystemExit(
+            "--tuning-from re-picks row (d)'s schedule on the tuning digits: drop --schedule and "
+            "keep --tune-references > 0"
+        )
     if args.tune_references <= 0 and args.schedule is None:
         raise SystemExit("--tune-references 0 needs --schedule")
     return on_one_thread(run, args)

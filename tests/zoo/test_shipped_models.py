@@ -72,7 +72,7 @@ def test_priors_load_with_training_record(name):
     info = zoo.training_info(name)
     # the shipped recipe is train_prior's default, so `fiber-plugins train prior` rebuilds it
     assert (info["objective"], info["batch_size"]) == ("flow", 32)
-    assert info["steps"] == prior_training.SHIPPED_PRIOR_STEPS[info["ood"]]
+    assert info["steps"] == prior_training.SHIPPED_PRIOR_RECIPES[info["ood"]]["steps"]
     assert info["unguided_quality"]["kl"] <= 0.2  # measured on 512 unguided samples
     assert info["ood"] == name.endswith("ood") and info["data_hash"] == cm.data_hash(
         cm.load_digits("train")[0]

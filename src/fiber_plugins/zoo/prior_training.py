@@ -56,7 +56,6 @@ SHIPPED_PRIOR_RECIPES: dict[bool, dict[str, Any]] = {
             "off_law": 0.25},
     True: {"steps": 2000, "time_sampling": "uniform", "target": "sampled", "off_law": 0.0},
 }  # fmt: skip
-SHIPPED_PRIOR_STEPS = {ood: r["steps"] for ood, r in SHIPPED_PRIOR_RECIPES.items()}
 # train_prior's arguments that do not shape the trained weights; every other argument is part of
 # the recipe that a resumed run must share with its checkpoint
 NOT_RECIPE = (
@@ -233,9 +232,8 @@ def train_prior(
     target = shipped["target"] if target is None else target
     if off_law is None:
         off_law = shipped["off_law"] if target == "colour-posterior" else 0.0
-    resolved = {"steps": steps, "time_sampling": time_sampling, "target": target,
-                "off_law": off_law}  # fmt: skip
-    arguments.update(resolved)  # the recipe as run: an explicit default equals a None
+    # the recipe as run, so that an explicit default and a None agree on resume
+    arguments.update(steps=steps, time_sampling=time_sampling, target=target, off_law=off_law)
     _check_recipe(
         ood=ood,
         batch_size=batch_size,
